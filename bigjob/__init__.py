@@ -1,0 +1,1 @@
+"""bigjob: big-model inference that fits."""
