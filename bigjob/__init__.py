@@ -1,1 +1,3 @@
 """bigjob: big-model inference that fits."""
+
+__version__ = "0.1.0"

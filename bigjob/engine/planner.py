@@ -1,0 +1,384 @@
+"""The planner: where every weight lives under per-device budgets. Pure functions over an :class:`Inventory`.
+
+Units (leaves, no-split modules, direct tensors of split modules) are taken in definition
+order and each goes to the fastest device, at or after the one being filled, that still has
+room. A device is not abandoned because one unit did not fit: smaller units after it still
+go there, and the planner only moves on once nothing left could fit. Tied tensors travel
+together. When anything is offloaded, room for bringing back the largest offloaded unit
+(times ``1 + prefetch``) is kept on the execution device, so the budget is what the process
+really uses. Time is linear in the number of units.
+
+>>> from torch import nn
+>>> model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(4)])  # 4 x 263,168 bytes
+>>> dm = infer_auto_device_map(model, max_memory={"cpu": 900_000})  # 2 x 263,168 kept for streaming
+>>> dict(dm)
+{'0': 'cpu', '1': 'disk', '2': 'disk', '3': 'disk'}
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from bigjob.engine.device_map import DeviceMap, PlanSummary, assign_tensors, summarize
+from bigjob.engine.devices import CPU, DISK, UNLIMITED, format_size, get_max_memory, is_accelerator, normalize_device
+from bigjob.engine.sizes import Inventory, Unit, build_inventory, no_gc, resolve_dtype
+from bigjob.errors import BudgetError, ConfigError
+
+__all__ = [
+    "PLANNER_VERSION",
+    "STRATEGIES",
+    "get_balanced_memory",
+    "infer_auto_device_map",
+    "plan",
+    "resolve_device_map",
+]
+
+log = logging.getLogger(__name__)
+
+# Bump whenever a change could make the same inputs give a different map: it is part of cache keys.
+PLANNER_VERSION = "1"
+STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+class _Cluster(NamedTuple):
+    """Units that must share a device (tied tensors), with their combined bytes counted once."""
+
+    units: tuple[int, ...]
+    nbytes: int
+
+
+def _clusters(inventory: Inventory) -> tuple[list[_Cluster], list[int]]:
+    """Group the units that hold aliases of one tensor; return clusters and each unit's cluster index.
+
+    Untied units are their own cluster; only tied tensor names are looked up, so this is
+    linear in the number of units plus the (few) tied names.
+    """
+    units = inventory.units
+    clusters = [_Cluster((i,), unit.nbytes) for i, unit in enumerate(units)]  # NamedTuple: cheap to make
+    cluster_of = list(range(len(units)))
+    if not inventory.tied_groups:
+        return clusters, cluster_of
+    unit_index = {unit.name: i for i, unit in enumerate(units)}
+
+    def unit_holding(tensor_name: str) -> int | None:
+        prefix = tensor_name
+        while True:
+            if prefix in unit_index:
+                return unit_index[prefix]
+            if not prefix:
+                return None
+            prefix = prefix.rpartition(".")[0]
+
+    parent = list(range(len(units)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    holding: list[list[int]] = []
+    for group in inventory.tied_groups:
+        members = sorted({i for i in (unit_holding(name) for name in group) if i is not None})
+        holding.append(members)
+        for other in members[1:]:
+            a, b = find(members[0]), find(other)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    groups: dict[int, list[int]] = {}
+    for i in sorted({i for members in holding for i in members}):
+        groups.setdefault(find(i), []).append(i)
+    # A tied tensor held by k units of one cluster was counted k times in their sizes.
+    extra: dict[int, int] = {}
+    for group, members in zip(inventory.tied_groups, holding):
+        if len(members) > 1:
+            root = find(members[0])
+            extra[root] = extra.get(root, 0) + (len(members) - 1) * inventory.tensor(group[0]).nbytes
+    for root, members in groups.items():
+        if len(members) == 1:
+            continue
+        merged = _Cluster(tuple(members), sum(units[i].nbytes for i in members) - extra.get(root, 0))
+        for i in members:
+            clusters[i] = merged
+            cluster_of[i] = members[0]
+    return clusters, cluster_of
+
+
+def _fill(
+    inventory: Inventory,
+    clusters: list[_Cluster],
+    cluster_of: list[int],
+    devices: list[str],
+    capacity: dict[str, int],
+    key_hint: str,
+) -> list[str]:
+    """Device of each unit: first device at or after the current one with room; linear in units."""
+    units = inventory.units
+    room = [capacity[d] for d in devices]
+    # Smallest cluster from unit i on: once the current device cannot hold it, nothing later fits there.
+    suffix_min = [UNLIMITED] * (len(units) + 1)
+    for i in range(len(units) - 1, -1, -1):
+        suffix_min[i] = min(suffix_min[i + 1], clusters[cluster_of[i]].nbytes)
+    placed: list[str | None] = [None] * len(units)
+    current = 0
+    for i in range(len(units)):
+        if placed[i] is not None:
+            continue
+        cluster = clusters[cluster_of[i]]
+        target = current
+        while target < len(devices) and room[target] < cluster.nbytes:
+            target += 1
+        if target == len(devices):
+            raise _too_big(units, cluster, devices, room, key_hint)
+        room[target] -= cluster.nbytes
+        for member in cluster.units:
+            placed[member] = devices[target]
+        while current < len(devices) - 1 and room[current] < suffix_min[i + 1]:
+            current += 1
+    return [device or devices[-1] for device in placed]
+
+
+def _too_big(units: list[Unit], cluster: _Cluster, devices: list[str], room: list[int], key_hint: str) -> BudgetError:
+    names = [units[i].name for i in cluster.units]
+    what = f"module {names[0]!r}" if len(names) == 1 else f"tied modules {names}"
+    best = max(range(len(devices)), key=lambda j: room[j])
+    disk = "" if DISK in devices else " or allow disk offload (max_memory['disk'] > 0)"
+    return BudgetError(
+        f"{what} needs {format_size(cluster.nbytes)} but the largest budget left is "
+        f"{format_size(room[best])} ({devices[best]}); raise {key_hint}[{devices[best]!r}]{disk}"
+    )
+
+
+def _main_device(budgets: Mapping[str, int]) -> str:
+    for device, size in budgets.items():
+        if is_accelerator(device) and size > 0:
+            return device
+    return CPU
+
+
+def get_balanced_memory(
+    model: nn.Module | Inventory,
+    max_memory: Mapping[str | int, str | int] | None = None,
+    no_split_module_classes: Iterable[str] | None = None,
+    dtype: torch.dtype | str | None = None,
+    special_dtypes: Mapping[str, torch.dtype | str] | None = None,
+    low_zero: bool = False,
+) -> dict[str, int]:
+    """Per-device budgets that spread the model evenly over the GPUs (GPU 0 kept light with ``low_zero``).
+
+    Each GPU's budget becomes about its share of the model plus one largest unit (so a
+    whole unit always fits), never more than it has. CPU, MPS and disk budgets are unchanged.
+
+    >>> from torch import nn
+    >>> model = nn.Sequential(*[nn.Linear(100, 100) for _ in range(4)])  # 4 x 40,400 bytes
+    >>> budgets = get_balanced_memory(model, {"cuda:0": 10**6, "cuda:1": 10**6, "cpu": 10**6})
+    >>> budgets["cuda:0"], budgets["cuda:1"]
+    (121200, 121200)
+    """
+    inventory = (
+        model if isinstance(model, Inventory) else build_inventory(model, dtype, special_dtypes, no_split_module_classes)
+    )
+    budgets = get_max_memory(max_memory)
+    return _balanced(inventory, budgets, low_zero)
+
+
+def _balanced(inventory: Inventory, budgets: Mapping[str, int], low_zero: bool) -> dict[str, int]:
+    gpus = [d for d, size in budgets.items() if d.startswith("cuda:") and size > 0]
+    if len(gpus) < 2:
+        return dict(budgets)
+    total = inventory.total_bytes
+    largest = max((unit.nbytes for unit in inventory.units), default=0)
+    out = dict(budgets)
+    sharing = gpus[1:] if low_zero else gpus
+    share = -(-total // len(sharing)) + largest
+    for gpu in sharing:
+        out[gpu] = min(budgets[gpu], share)
+    if low_zero:
+        rest = sum(out[g] for g in sharing)
+        out[gpus[0]] = min(budgets[gpus[0]], max(0, total - rest) + largest)
+    return out
+
+
+def plan(inventory: Inventory, budgets: Mapping[str, int], strategy: str = "auto", prefetch: int = 1) -> DeviceMap:
+    """The device map for ``inventory`` under ``budgets`` (canonical device -> bytes). Pure.
+
+    >>> from torch import nn
+    >>> inv = build_inventory(nn.Sequential(*[nn.Linear(10, 10) for _ in range(3)]))  # 440 bytes each
+    >>> dict(plan(inv, {"cuda:0": 1000, "cpu": 10_000, "disk": 0}, "sequential", prefetch=0))
+    {'0': 'cuda:0', '1': 'cpu', '2': 'cpu'}
+    """
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"unknown placement strategy {strategy!r}; use one of {list(STRATEGIES)} or an explicit map")
+    if prefetch < 0:
+        raise ConfigError(f"prefetch={prefetch} is negative; use 0 (no prefetch) or more")
+    if strategy in ("auto", "balanced", "balanced_low_0"):
+        budgets = _balanced(inventory, budgets, low_zero=strategy == "balanced_low_0")
+    devices = [d for d, size in budgets.items() if size > 0]
+    if not devices:
+        raise BudgetError(f"every budget is 0 ({dict(budgets)}); give at least one device room in max_memory")
+    main = _main_device(budgets)
+    clusters, cluster_of = _clusters(inventory)
+    key_hint = "max_memory"
+
+    def attempt(reserve: dict[str, int]) -> list[str]:
+        capacity = {d: max(0, budgets[d] - reserve.get(d, 0)) for d in devices}
+        return _fill(inventory, clusters, cluster_of, devices, capacity, key_hint)
+
+    def needed(placement: list[str]) -> dict[str, int]:
+        """Room the dispatcher needs to bring offloaded units to the execution device."""
+        streamed = [u.nbytes for u, d in zip(inventory.units, placement) if d != main and not is_accelerator(d)]
+        from_disk = [u.nbytes for u, d in zip(inventory.units, placement) if d == DISK]
+        reserve: dict[str, int] = {}
+        if streamed:
+            reserve[main] = (1 + prefetch) * max(streamed)
+        if is_accelerator(main) and from_disk and CPU in budgets:
+            reserve[CPU] = (1 + prefetch) * max(from_disk)  # pinned staging buffers
+        return reserve
+
+    # Where everything might fit on the devices that run it, try first without any reserve.
+    resident = sum(
+        size for d, size in budgets.items() if d == main or is_accelerator(d) or (d == CPU and not is_accelerator(main))
+    )
+    placement = attempt({}) if inventory.total_bytes <= resident else []
+    reserve: dict[str, int] = {}
+    if not placement or needed(placement):
+        # Start from the safe bound (any unit could be the one brought back), then tighten while it holds.
+        largest = (1 + prefetch) * max((u.nbytes for u in inventory.units), default=0)
+        reserve = {main: largest}
+        if is_accelerator(main) and CPU in budgets:
+            reserve[CPU] = largest
+        placement = attempt(reserve)
+        for _ in range(4):
+            tighter = needed(placement)
+            if tighter == reserve:
+                break
+            candidate = attempt(tighter)
+            if any(size > tighter.get(d, 0) for d, size in needed(candidate).items()):
+                break
+            placement, reserve = candidate, tighter
+    planned: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    for i, device in enumerate(placement):
+        counts[device] = counts.get(device, 0) + 1
+        if cluster_of[i] == i:  # a cluster's bytes are counted at its first unit
+            planned[device] = planned.get(device, 0) + clusters[i].nbytes
+    target = inventory.target_dtype
+    summary = PlanSummary(
+        strategy,
+        dict(budgets),
+        planned,
+        counts,
+        main,
+        reserve=reserve,
+        dtype=str(target).removeprefix("torch.") if target else None,
+        total_bytes=inventory.total_bytes,
+    )
+    return DeviceMap._trusted(_collapse(inventory, placement), summary)
+
+
+_MIXED = "<mixed>"
+
+
+def _collapse(inventory: Inventory, placement: list[str]) -> dict[str, str]:
+    """Map entries at the highest module prefixes whose units all share a device (amortised linear)."""
+    state: dict[str, str] = {}  # prefix -> its one device, or _MIXED
+    for unit, device in zip(inventory.units, placement):
+        prefix = unit.name
+        while True:
+            seen = state.get(prefix)
+            if seen == device or seen == _MIXED:
+                break  # ancestors already hold this device, or are mixed
+            state[prefix] = device if seen is None else _MIXED
+            if not prefix:
+                break
+            prefix = prefix.rpartition(".")[0]
+    entries: dict[str, str] = {}
+    for unit, device in zip(inventory.units, placement):
+        top = prefix = unit.name
+        while prefix:
+            prefix = prefix.rpartition(".")[0]
+            if state[prefix] == _MIXED:
+                break
+            top = prefix
+        entries.setdefault(top, device)
+    return entries
+
+
+def infer_auto_device_map(
+    model: nn.Module,
+    max_memory: Mapping[str | int, str | int] | None = None,
+    no_split_module_classes: Iterable[str] | None = None,
+    dtype: torch.dtype | str | None = None,
+    special_dtypes: Mapping[str, torch.dtype | str] | None = None,
+    strategy: str = "auto",
+    prefetch: int = 1,
+) -> DeviceMap:
+    """Plan where each module of ``model`` (empty or not) lives, GPUs first, then CPU, then disk.
+
+    ``max_memory`` overrides the detected free memory per device (keys: GPU index,
+    ``"cuda:N"``, ``"gpuN"``, ``"mps"``, ``"cpu"``, ``"disk"``; values: bytes or sizes such
+    as ``"10GiB"`` or ``"90%"``). Devices named but absent here are planned for all the same.
+
+    >>> from torch import nn
+    >>> model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)])  # 16,640 bytes each
+    >>> dm = infer_auto_device_map(model, max_memory={"cuda:0": 40_000, "cuda:1": 40_000, "cpu": 10**6}, strategy="sequential")
+    >>> dict(dm)
+    {'0': 'cuda:0', '1': 'cuda:0', '2': 'cuda:1', '3': 'cuda:1'}
+    """
+    no_split = list(no_split_module_classes or ())
+    budgets = get_max_memory(max_memory)
+    with no_gc():
+        inventory = build_inventory(model, dtype, special_dtypes, no_split)
+        classes = set(inventory.module_classes.values())
+        device_map = plan(inventory, budgets, strategy, prefetch)
+        del inventory  # freed here, with the collector still paused
+    for name in no_split:
+        if name not in classes:
+            log.warning("no_split_module_classes names %r, but no module of the model has that class", name)
+    return device_map
+
+
+def resolve_device_map(
+    model: nn.Module,
+    device_map: str | int | torch.device | Mapping[str, str | int] | DeviceMap,
+    max_memory: Mapping[str | int, str | int] | None = None,
+    no_split_module_classes: Iterable[str] | None = None,
+    dtype: torch.dtype | str | None = None,
+    special_dtypes: Mapping[str, torch.dtype | str] | None = None,
+    prefetch: int = 1,
+) -> DeviceMap:
+    """Any accepted ``device_map`` argument as a checked :class:`DeviceMap`.
+
+    A strategy name plans; a device (``"cpu"``, ``"cuda:0"``, ``0``, ``"disk"``) puts the whole
+    model there; a mapping is checked against the model.
+
+    >>> from torch import nn
+    >>> dict(resolve_device_map(nn.Linear(2, 2), "cpu"))
+    {'': 'cpu'}
+    """
+    if isinstance(device_map, str) and device_map in STRATEGIES:
+        return infer_auto_device_map(model, max_memory, no_split_module_classes, dtype, special_dtypes, device_map, prefetch)
+    if isinstance(device_map, (str, int, torch.device)):
+        try:
+            device = normalize_device(device_map, key="device_map")
+        except BudgetError:
+            raise ConfigError(
+                f"device_map={device_map!r} is neither a strategy {list(STRATEGIES)} nor a device ('cpu', 'cuda:0', 'disk', ...)"
+            ) from None
+        resolved = DeviceMap({"": device})
+    elif isinstance(device_map, Mapping):
+        resolved = device_map if isinstance(device_map, DeviceMap) else DeviceMap(device_map)
+    else:
+        raise ConfigError(f"device_map={device_map!r} is not a strategy name, a device or a mapping")
+    inventory = build_inventory(model, dtype, special_dtypes, no_split_module_classes)
+    assign_tensors(inventory, resolved)
+    if resolved.summary is None:
+        budgets = {d: 0 for d in resolved.devices}
+        main = _main_device({d: 1 for d in resolved.devices})
+        return DeviceMap(resolved, summarize(inventory, resolved, budgets, "explicit", main))
+    return resolved

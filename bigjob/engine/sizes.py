@@ -1,0 +1,436 @@
+"""Byte accounting of a model: what each tensor, module and placement unit costs.
+
+An :class:`Inventory` is built once from a (usually empty) model in one pass over its
+module tree, linear in the number of tensors. It answers every question the planner
+asks: the bytes of any module prefix in the target dtype, which tensors are tied, and
+which *placement units* exist (leaves, no-split modules, and the direct tensors of
+modules that get split).
+
+Floating tensors take the target dtype (or a per-module override); integer and bool
+tensors keep their own. Tied tensors (one tensor object under several names) count once.
+
+>>> import torch
+>>> from torch import nn
+>>> model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+>>> model[1].weight = model[0].weight
+>>> inv = build_inventory(model, dtype=torch.float16)
+>>> inv.module_sizes[""], inv.tied_groups
+(80, [('0.weight', '1.weight')])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import gc
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from bigjob.errors import ConfigError
+
+__all__ = ["Inventory", "TensorRecord", "Unit", "build_inventory", "compute_module_sizes", "resolve_dtype"]
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+    "double": torch.float64,
+}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, key: str = "dtype") -> torch.dtype | None:
+    """A torch floating dtype from a dtype or its name; ``None`` and ``"auto"`` mean "keep the stored dtype".
+
+    >>> resolve_dtype("bf16"), resolve_dtype(None), resolve_dtype("torch.float16")
+    (torch.bfloat16, None, torch.float16)
+    """
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype is not None and not dtype.is_floating_point:
+            raise ConfigError(f"{key}={dtype} is not a floating dtype; use float32, float16 or bfloat16")
+        return dtype
+    name = str(dtype).strip().lower().removeprefix("torch.")
+    if name in ("auto", "none", "checkpoint", ""):
+        return None
+    if name not in _DTYPES:
+        raise ConfigError(f"unknown {key} {dtype!r}; use one of float32, float16, bfloat16, float64 or 'auto'")
+    return _DTYPES[name]
+
+
+@contextlib.contextmanager
+def no_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector: walking a model of 100k modules allocates many small
+    objects, and each generation-2 collection would rescan the whole (acyclic) model graph."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+class TensorRecord(NamedTuple):
+    """One tensor of the model under its first name, in the dtype it will be loaded in."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+    is_buffer: bool
+    persistent: bool
+    aliases: tuple[str, ...] = ()
+
+
+class Unit(NamedTuple):
+    """The smallest thing the planner places: a leaf module, a no-split module, or one direct tensor.
+
+    ``name`` is the device-map key and a prefix of every tensor the unit covers; ``nbytes``
+    counts each tensor once.
+    """
+
+    name: str
+    nbytes: int
+    is_module: bool
+
+
+class _Rules(NamedTuple):
+    """How the target dtype of a floating tensor is chosen."""
+
+    target: torch.dtype | None
+    module_overrides: dict[str, torch.dtype]
+    special: Mapping[str, torch.dtype | str] | None
+    tensor_level: bool
+
+
+@dataclass
+class Inventory:
+    """Sizes of everything in a model for a target dtype, with its tied groups and placement units.
+
+    Planning needs only unit and module sizes; the per-tensor :attr:`tensors` records are
+    built on first access (a second walk), so planning a huge model stays fast.
+    """
+
+    units: list[Unit]
+    module_sizes: dict[str, int]
+    module_classes: dict[str, str]
+    tied_groups: list[tuple[str, ...]]
+    alias_of: dict[str, str]
+    _model: nn.Module = field(repr=False)
+    _rules: _Rules = field(repr=False)
+    _tensors: dict[str, TensorRecord] | None = field(default=None, repr=False)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.module_sizes.get("", 0)
+
+    @property
+    def target_dtype(self) -> torch.dtype | None:
+        """The dtype floating tensors are loaded in (``None``: each keeps its stored dtype)."""
+        return self._rules.target
+
+    @property
+    def tensors(self) -> dict[str, TensorRecord]:
+        """Every tensor under its first name (aliases listed in the record), in definition order."""
+        if self._tensors is None:
+            with no_gc():
+                self._tensors = _records(self._model, self._rules, self.tied_groups)
+        return self._tensors
+
+    def tensor(self, name: str) -> TensorRecord:
+        """The record of a tensor by any of its names."""
+        return self.tensors[self.alias_of.get(name, name)]
+
+    def unit_tensors(self, unit: Unit) -> list[str]:
+        """Every tensor name (aliases included) that ``unit`` covers."""
+        if not unit.is_module:
+            return [unit.name]
+        inside = unit.name + "." if unit.name else ""
+        names: list[str] = []
+        for record in self.tensors.values():
+            for name in (record.name, *record.aliases):
+                if name.startswith(inside):
+                    names.append(name)
+        return names
+
+
+def _dtype_overrides(
+    names: Iterable[str], special_dtypes: Mapping[str, torch.dtype | str] | None
+) -> dict[str, torch.dtype]:
+    """Module or tensor names that a ``special_dtypes`` key (prefix or glob pattern) selects, with their dtype."""
+    if not special_dtypes:
+        return {}
+    rules = [(key, resolve_dtype(value, key=f"special_dtypes[{key!r}]")) for key, value in special_dtypes.items()]
+    chosen: dict[str, torch.dtype] = {}
+    for name in names:
+        for key, dtype in rules:
+            if dtype is None:
+                continue
+            if name == key or fnmatch.fnmatchcase(name, key):
+                chosen[name] = dtype
+    return chosen
+
+
+def _walk(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules in definition (pre-)order, each object once, under its first name; iterative and fast."""
+    seen: set[int] = set()
+    order: list[tuple[str, nn.Module]] = []
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    pop, push, add = stack.pop, stack.append, order.append
+    while stack:
+        item = pop()
+        module = item[1]
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        add(item)
+        children = module._modules
+        if children:
+            prefix = item[0] + "." if item[0] else ""
+            for child, sub in reversed(children.items()):
+                if sub is not None:
+                    push((prefix + child, sub))
+    return order
+
+
+def _module_dtypes(modules: list[tuple[str, nn.Module]], overrides: dict[str, torch.dtype]) -> dict[str, torch.dtype]:
+    """The override each module inherits from itself or its nearest overridden ancestor."""
+    inherited: dict[str, torch.dtype] = {}
+    if not overrides:
+        return inherited
+    for name, _ in modules:
+        own = overrides.get(name)
+        if own is None and name:
+            own = inherited.get(name.rpartition(".")[0])
+        if own is not None:
+            inherited[name] = own
+    return inherited
+
+
+_ITEMSIZE = {
+    torch.float32: 4,
+    torch.float16: 2,
+    torch.bfloat16: 2,
+    torch.float64: 8,
+    torch.int64: 8,
+    torch.int32: 4,
+    torch.int16: 2,
+    torch.int8: 1,
+    torch.uint8: 1,
+    torch.bool: 1,
+}
+
+
+def _stored_dtype(tensor: torch.Tensor, name: str, module_dtype: torch.dtype | None, rules: _Rules) -> torch.dtype:
+    stored = tensor.dtype
+    if not stored.is_floating_point:
+        return stored
+    chosen = module_dtype
+    if rules.tensor_level:
+        chosen = _dtype_overrides([name], rules.special).get(name, chosen)
+    return chosen or rules.target or stored
+
+
+def build_inventory(
+    model: nn.Module,
+    dtype: torch.dtype | str | None = None,
+    special_dtypes: Mapping[str, torch.dtype | str] | None = None,
+    no_split_module_classes: Iterable[str] | None = None,
+) -> Inventory:
+    """Account for every tensor, module and placement unit of ``model`` (linear time).
+
+    ``special_dtypes`` maps module prefixes, tensor names or glob patterns (``"*.norm"``)
+    to the dtype their floating tensors keep, overriding ``dtype``.
+
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    >>> inv = build_inventory(model, dtype="bf16", special_dtypes={"1": "float32"})
+    >>> inv.module_sizes["0"], inv.module_sizes["1"], inv.tensors["1.weight"].dtype
+    (144, 64, torch.float32)
+    """
+    with no_gc():
+        return _build_inventory(model, dtype, special_dtypes, no_split_module_classes)
+
+
+def _build_inventory(
+    model: nn.Module,
+    dtype: torch.dtype | str | None,
+    special_dtypes: Mapping[str, torch.dtype | str] | None,
+    no_split_module_classes: Iterable[str] | None,
+) -> Inventory:
+    no_split = set(no_split_module_classes or ())
+    modules = _walk(model)
+    module_names = [name for name, _ in modules]
+    overrides = _dtype_overrides(module_names, special_dtypes)
+    known = set(module_names)
+    rules = _Rules(
+        resolve_dtype(dtype),
+        _module_dtypes(modules, overrides),
+        special_dtypes,
+        # Tensor-level keys (e.g. "lm_head.weight") are rare; only check tensors when some key is not a module.
+        bool(special_dtypes) and any(key not in known for key in special_dtypes or {}),
+    )
+    module_overrides = rules.module_overrides
+    target = rules.target
+    slow_dtype = bool(module_overrides) or rules.tensor_level
+
+    first: dict[int, tuple[str, str, int]] = {}  # id(tensor) -> (module name, local name, nbytes)
+    aliases: dict[str, list[str]] = {}
+    tied_bytes: dict[str, int] = {}
+    holders: set[str] = set()  # modules with at least one tensor of their own
+    alias_of: dict[str, str] = {}
+    direct_bytes: dict[str, int] = {}
+    module_classes: dict[str, str] = {}
+    itemsize = _ITEMSIZE
+
+    # The hot loop: per tensor only an id lookup and a byte count; names are built for ties alone.
+    for name, module in modules:
+        module_classes[name] = type(module).__name__
+        params, buffers = module._parameters, module._buffers
+        if not params and not buffers:
+            direct_bytes[name] = 0
+            continue
+        here = 0
+        for local, tensor in (*params.items(), *buffers.items()):
+            if tensor is None:
+                continue
+            seen = first.get(id(tensor))
+            if seen is not None:
+                owner = f"{seen[0]}.{seen[1]}" if seen[0] else seen[1]
+                full = f"{name}.{local}" if name else local
+                alias_of[full] = owner
+                aliases.setdefault(owner, []).append(full)
+                tied_bytes[owner] = seen[2]
+                here += seen[2]
+                holders.add(name)
+                continue
+            if slow_dtype:
+                full = f"{name}.{local}" if name else local
+                stored = _stored_dtype(tensor, full, module_overrides.get(name), rules)
+            else:
+                stored = tensor.dtype
+                if target is not None and stored.is_floating_point:
+                    stored = target
+            nbytes = tensor.numel() * (itemsize.get(stored) or stored.itemsize)
+            first[id(tensor)] = (name, local, nbytes)
+            here += nbytes
+            holders.add(name)
+        direct_bytes[name] = here
+
+    tied_groups = [(owner, *rest) for owner, rest in aliases.items()]
+    sizes = _accumulate(module_names, direct_bytes, tied_groups, tied_bytes)
+    units = _units(modules, no_split, sizes, first, holders)
+    return Inventory(units, sizes, module_classes, tied_groups, alias_of, model, rules)
+
+
+def _accumulate(
+    module_names: list[str],
+    direct_bytes: dict[str, int],
+    tied_groups: list[tuple[str, ...]],
+    tied_bytes: dict[str, int],
+) -> dict[str, int]:
+    """Bytes under each module prefix, every tensor counted once per prefix."""
+    sizes = dict(direct_bytes)
+    for name in reversed(module_names):  # children before parents
+        if name:
+            sizes[name.rpartition(".")[0]] += sizes[name]
+    # Tied tensors were added once per alias; take the extra copies back out of shared ancestors.
+    for group in tied_groups:
+        nbytes = tied_bytes[group[0]]
+        counts: dict[str, int] = {}
+        for tensor_name in group:
+            prefix = tensor_name.rpartition(".")[0]
+            while True:
+                counts[prefix] = counts.get(prefix, 0) + 1
+                if not prefix:
+                    break
+                prefix = prefix.rpartition(".")[0]
+        for prefix, count in counts.items():
+            if count > 1 and prefix in sizes:
+                sizes[prefix] -= (count - 1) * nbytes
+    return sizes
+
+
+def _units(
+    modules: list[tuple[str, nn.Module]],
+    no_split: set[str],
+    sizes: dict[str, int],
+    first: dict[int, tuple[str, str, int]],
+    holders: set[str],
+) -> list[Unit]:
+    """Placement units in definition order: leaves and no-split modules whole, split modules' direct tensors alone."""
+    units: list[Unit] = []
+    append = units.append
+    index = 0
+    count = len(modules)
+    while index < count:
+        name, module = modules[index]
+        index += 1
+        if not module._modules:  # a leaf
+            if name in holders:
+                append(Unit(name, sizes[name], True))
+            continue
+        if type(module).__name__ in no_split:
+            inside = name + "."
+            has_tensors = name in holders
+            while index < count and (not name or modules[index][0].startswith(inside)):
+                has_tensors = has_tensors or modules[index][0] in holders
+                index += 1
+            if has_tensors:
+                append(Unit(name, sizes[name], True))
+            continue
+        prefix = name + "." if name else ""
+        for local, tensor in (*module._parameters.items(), *module._buffers.items()):
+            if tensor is None:
+                continue
+            full = prefix + local
+            seen = first[id(tensor)]
+            append(Unit(full, seen[2], False))
+    return units
+
+
+def _records(model: nn.Module, rules: _Rules, tied_groups: list[tuple[str, ...]]) -> dict[str, TensorRecord]:
+    """Per-tensor records in definition order (the slow, complete walk)."""
+    alias_names = {group[0]: tuple(group[1:]) for group in tied_groups}
+    records: dict[str, TensorRecord] = {}
+    seen: set[int] = set()
+    for name, module in _walk(model):
+        prefix = name + "." if name else ""
+        module_dtype = rules.module_overrides.get(name)
+        non_persistent = module._non_persistent_buffers_set
+        for is_buffer, tensors in ((False, module._parameters), (True, module._buffers)):
+            for local, tensor in tensors.items():
+                if tensor is None or id(tensor) in seen:
+                    continue
+                seen.add(id(tensor))
+                full = prefix + local
+                stored = _stored_dtype(tensor, full, module_dtype, rules)
+                nbytes = tensor.numel() * (_ITEMSIZE.get(stored) or stored.itemsize)
+                persistent = not (is_buffer and local in non_persistent)
+                records[full] = TensorRecord(
+                    full, tuple(tensor.shape), stored, nbytes, is_buffer, persistent, alias_names.get(full, ())
+                )
+    return records
+
+
+def compute_module_sizes(
+    model: nn.Module,
+    dtype: torch.dtype | str | None = None,
+    special_dtypes: Mapping[str, torch.dtype | str] | None = None,
+) -> dict[str, int]:
+    """Bytes of every module prefix of ``model`` (``""`` is the whole model) in the target dtype.
+
+    >>> from torch import nn
+    >>> compute_module_sizes(nn.Linear(3, 2))[""]
+    32
+    """
+    return build_inventory(model, dtype=dtype, special_dtypes=special_dtypes).module_sizes
