@@ -1,3 +1,60 @@
-"""bigjob: big-model inference that fits."""
+"""bigjob: run models that do not fit in memory, and keep the runs reproducible.
+
+The engine's public names follow the big-model-inference tutorial:
+
+>>> import torch
+>>> from bigjob import init_empty_weights, infer_auto_device_map
+>>> with init_empty_weights():
+...     model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(4)])  # 4 MiB each
+>>> dict(infer_auto_device_map(model, max_memory={"cpu": "14MiB"}))  # room kept to stream 2 layers back
+{'0': 'cpu', '1': 'disk', '2': 'disk', '3': 'disk'}
+"""
 
 __version__ = "0.1.0"
+
+from bigjob.engine import (  # noqa: E402
+    Checkpoint,
+    DeviceMap,
+    DispatchInfo,
+    PlanSummary,
+    check_device_map,
+    compute_module_sizes,
+    cpu_offload,
+    disk_offload,
+    dispatch_model,
+    get_balanced_memory,
+    get_dispatch_info,
+    get_max_memory,
+    infer_auto_device_map,
+    init_empty_weights,
+    init_on_device,
+    load_checkpoint_and_dispatch,
+    load_checkpoint_in_model,
+    open_checkpoint,
+    parse_size,
+    remove_dispatch,
+)
+
+__all__ = [
+    "Checkpoint",
+    "DeviceMap",
+    "DispatchInfo",
+    "PlanSummary",
+    "__version__",
+    "check_device_map",
+    "compute_module_sizes",
+    "cpu_offload",
+    "disk_offload",
+    "dispatch_model",
+    "get_balanced_memory",
+    "get_dispatch_info",
+    "get_max_memory",
+    "infer_auto_device_map",
+    "init_empty_weights",
+    "init_on_device",
+    "load_checkpoint_and_dispatch",
+    "load_checkpoint_in_model",
+    "open_checkpoint",
+    "parse_size",
+    "remove_dispatch",
+]

@@ -1,0 +1,47 @@
+"""The big-model inference engine: a library on its own (it never imports Hydra or the job layer).
+
+Empty models (:mod:`.empty`), byte accounting (:mod:`.sizes`), budgets (:mod:`.devices`),
+the planner (:mod:`.planner`) and its :class:`DeviceMap`, checkpoint readers
+(:mod:`.checkpoint`), offload folders (:mod:`.store`), the loader (:mod:`.loading`) and
+the dispatcher with its hooks (:mod:`.dispatch`, :mod:`.hooks`).
+"""
+
+from bigjob.engine.checkpoint import Checkpoint, open_checkpoint
+from bigjob.engine.device_map import DeviceMap, PlanSummary, check_device_map
+from bigjob.engine.devices import get_max_memory, parse_size
+from bigjob.engine.dispatch import (
+    DispatchInfo,
+    cpu_offload,
+    disk_offload,
+    dispatch_model,
+    get_dispatch_info,
+    load_checkpoint_and_dispatch,
+    remove_dispatch,
+)
+from bigjob.engine.empty import init_empty_weights, init_on_device
+from bigjob.engine.loading import load_checkpoint_in_model
+from bigjob.engine.planner import get_balanced_memory, infer_auto_device_map
+from bigjob.engine.sizes import compute_module_sizes
+
+__all__ = [
+    "Checkpoint",
+    "DeviceMap",
+    "DispatchInfo",
+    "PlanSummary",
+    "check_device_map",
+    "compute_module_sizes",
+    "cpu_offload",
+    "disk_offload",
+    "dispatch_model",
+    "get_balanced_memory",
+    "get_dispatch_info",
+    "get_max_memory",
+    "infer_auto_device_map",
+    "init_empty_weights",
+    "init_on_device",
+    "load_checkpoint_and_dispatch",
+    "load_checkpoint_in_model",
+    "open_checkpoint",
+    "parse_size",
+    "remove_dispatch",
+]

@@ -1,0 +1,380 @@
+"""Dispatch: attach the hooks that run a loaded model across GPUs, CPU RAM and disk.
+
+:func:`load_checkpoint_and_dispatch` is the one-call path of the big-model tutorial::
+
+    with init_empty_weights():
+        model = MyModel(...)
+    model = load_checkpoint_and_dispatch(model, checkpoint=path, device_map="auto")
+
+The returned model is the same object, with hooks; :func:`remove_dispatch` takes them off
+again, and :func:`get_dispatch_info` says where the weights went and what loading cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+import weakref
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bigjob.engine.checkpoint import Checkpoint
+from bigjob.engine.device_map import DeviceMap
+from bigjob.engine.devices import CPU, DISK, is_accelerator, normalize_device
+from bigjob.engine.hooks import HookHandle, MoveInputs, PagedUnit, Prefetcher, RootHook, Schedule, StagingPool, StreamedUnit, TensorSlot
+from bigjob.engine.device_map import assign_tensors
+from bigjob.engine.loading import LoadResult, load_checkpoint_in_model, set_tensor
+from bigjob.engine.pages import Range, merge
+from bigjob.engine.planner import resolve_device_map
+from bigjob.engine.sizes import build_inventory
+from bigjob.engine.store import OffloadEntry, prepare_offload_folder
+from bigjob.errors import DeviceError, OffloadError
+
+__all__ = [
+    "DispatchInfo",
+    "cpu_offload",
+    "disk_offload",
+    "dispatch_model",
+    "get_dispatch_info",
+    "load_checkpoint_and_dispatch",
+    "remove_dispatch",
+]
+
+log = logging.getLogger(__name__)
+
+_ATTR = "_bigjob_dispatch"
+
+
+@dataclass
+class DispatchInfo:
+    """What a dispatched model is: its map, execution device, bytes per tier and load figures."""
+
+    device_map: DeviceMap
+    main_device: str
+    bytes_per_tier: dict[str, int]
+    load_seconds: float
+    offload_folder: str | None
+    offload_reused: bool | None
+    prefetch: int
+    streamed_units: int
+    paged_units: int
+    handles: list[HookHandle] = field(default_factory=list, repr=False)
+    prefetcher: Prefetcher | None = field(default=None, repr=False)
+
+    def detach(self) -> None:
+        """Remove every hook and stop the prefetch thread; the weights stay where they are."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
+
+
+def get_dispatch_info(model: nn.Module) -> DispatchInfo | None:
+    """The :class:`DispatchInfo` of a dispatched model, or ``None``."""
+    return getattr(model, _ATTR, None)
+
+
+def remove_dispatch(model: nn.Module) -> nn.Module:
+    """Take bigjob's hooks off ``model`` and return it as a plain module."""
+    info = get_dispatch_info(model)
+    if info is not None:
+        info.detach()
+        object.__delattr__(model, _ATTR) if _ATTR in model.__dict__ else None
+    return model
+
+
+def _check_devices(devices: Iterable[str]) -> None:
+    missing = []
+    for device in devices:
+        if device.startswith("cuda:"):
+            index = int(device.split(":")[1])
+            if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+                missing.append(device)
+        elif device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            missing.append(device)
+    if missing:
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise DeviceError(
+            f"the device map uses {missing}, but this machine has {have} CUDA GPU(s); "
+            "plan for this machine's devices (max_memory / placement.max_memory) or run where they exist"
+        )
+
+
+def _units_of(result: LoadResult) -> list[tuple[str, bool]]:
+    assert result.inventory is not None
+    return [(unit.name, unit.is_module) for unit in result.inventory.units]
+
+
+def dispatch_loaded(model: nn.Module, result: LoadResult, prefetch: int = 1, main_device: str | None = None) -> nn.Module:
+    """Attach hooks to a model that :func:`load_checkpoint_in_model` filled, following its placement."""
+    remove_dispatch(model)
+    inventory = result.inventory
+    assert inventory is not None
+    main = normalize_device(main_device) if main_device else result.main_device
+    _check_devices([main, *result.placement.values()])
+    main_dev = torch.device(main)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    tiers = result.placement
+    prefetcher = Prefetcher(prefetch)
+    schedule = Schedule(prefetcher)
+    handles: list[HookHandle] = []
+    tied = {name for group in inventory.tied_groups for name in group}
+    tied_ranges: list[Range] = []
+    streamed = paged = 0
+
+    staging = None
+    if is_accelerator(main):
+        disk_sizes = [
+            sum(inventory.tensors[n].nbytes + 256 for n in _owned_names(inventory, unit)) for unit in inventory.units
+            if any(tiers.get(n) == DISK for n in _owned_names(inventory, unit))
+        ]
+        if disk_sizes:
+            staging = StagingPool(max(disk_sizes), 1 + prefetch, pin=main_dev.type == "cuda")
+
+    for unit in inventory.units:
+        owned = _owned_names(inventory, unit)
+        unit_tiers = {tiers[n] for n in owned}
+        module = modules[unit.name] if unit.is_module else modules[unit.name.rpartition(".")[0]]
+        if not unit.is_module:
+            # A direct tensor of a split module: it must be where the module computes (the main device).
+            # Leave it to the containing module's forward; move it there once if it lives elsewhere.
+            if unit_tiers != {main} and not unit_tiers <= {CPU, DISK} - ({CPU} if not is_accelerator(main) else set()):
+                for name in owned:
+                    _place(modules, name, main_dev)
+            elif is_accelerator(main):
+                for name in owned:
+                    _place(modules, name, main_dev)
+            continue
+        offloaded = [n for n in owned if tiers[n] == DISK or (tiers[n] == CPU and is_accelerator(main))]
+        if not offloaded:
+            devices = {torch.device(t) for t in unit_tiers}
+            if len(devices) == 1 and next(iter(devices)) != main_dev:
+                handles.append(HookHandle(module, MoveInputs(next(iter(devices)))))
+            continue
+        if is_accelerator(main):
+            slots = [_slot(modules, n) for n in offloaded if n not in tied]
+            for n in offloaded:
+                if n in tied:
+                    _place(modules, n, main_dev)  # tied tensors: brought once and kept on the device
+            unit_staging = staging if any(tiers[n] == DISK for n in offloaded) else None
+            stream_unit = StreamedUnit(unit.name, slots, main_dev, schedule, unit_staging)
+            stream_unit.position = schedule.add(stream_unit)
+            handles.append(HookHandle(module, stream_unit))
+            streamed += 1
+        else:
+            ranges = [_range(modules, n) for n in offloaded if n not in tied]
+            tied_ranges.extend(_range(modules, n) for n in offloaded if n in tied)
+            paged_unit = PagedUnit(unit.name, merge(ranges), schedule)
+            paged_unit.position = schedule.add(paged_unit)
+            handles.append(HookHandle(module, paged_unit))
+            paged += 1
+    handles.insert(0, HookHandle(model, RootHook(main_dev, schedule, tied_ranges)))
+    info = DispatchInfo(
+        result.device_map,
+        main,
+        dict(result.bytes_per_tier),
+        result.load_seconds,
+        result.offload_folder,
+        result.offload_reused,
+        prefetch,
+        streamed,
+        paged,
+        handles,
+        prefetcher,
+    )
+    object.__setattr__(model, _ATTR, info)
+    weakref.finalize(model, prefetcher.close)
+    return model
+
+
+def _owned_names(inventory, unit) -> list[str]:  # type: ignore[no-untyped-def]
+    """First names of the tensors a unit holds (aliases resolved, each once)."""
+    names = inventory.unit_tensors(unit)
+    seen: dict[str, None] = {}
+    for name in names:
+        seen.setdefault(inventory.alias_of.get(name, name), None)
+    return list(seen)
+
+
+def _tensor(modules: Mapping[str, nn.Module], name: str) -> tuple[nn.Module, str, bool, torch.Tensor]:
+    owner, _, local = name.rpartition(".")
+    module = modules[owner]
+    if local in module._parameters:
+        return module, local, True, module._parameters[local]
+    return module, local, False, module._buffers[local]
+
+
+def _slot(modules: Mapping[str, nn.Module], name: str) -> TensorSlot:
+    module, local, is_param, tensor = _tensor(modules, name)
+    return TensorSlot(module, local, is_param, tensor.data if is_param else tensor)
+
+
+def _range(modules: Mapping[str, nn.Module], name: str) -> Range:
+    _, _, _, tensor = _tensor(modules, name)
+    return Range(tensor.data_ptr(), tensor.numel() * tensor.element_size())
+
+
+def _place(modules: Mapping[str, nn.Module], name: str, device: torch.device) -> None:
+    module, local, is_param, tensor = _tensor(modules, name)
+    if tensor.device == device:
+        return
+    moved = tensor.data.to(device) if is_param else tensor.to(device)
+    if is_param:
+        param = nn.Parameter(moved, requires_grad=tensor.requires_grad)
+        # Keep ties: every module holding this same Parameter gets the moved one.
+        for other in modules.values():
+            for key, value in other._parameters.items():
+                if value is tensor:
+                    other._parameters[key] = param
+    else:
+        module._buffers[local] = moved
+
+
+def load_checkpoint_and_dispatch(
+    model: nn.Module,
+    checkpoint: str | os.PathLike[str] | Checkpoint,
+    device_map: str | Mapping[str, str | int] | DeviceMap | None = "auto",
+    max_memory: Mapping[str | int, str | int] | None = None,
+    no_split_module_classes: Iterable[str] | None = None,
+    dtype: torch.dtype | str | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+    offload_buffers: bool = False,
+    prefetch: int = 1,
+    strict: bool = True,
+    special_dtypes: Mapping[str, torch.dtype | str] | None = None,
+) -> nn.Module:
+    """Load ``checkpoint`` into the (empty) ``model`` following ``device_map`` and attach the hooks that run it.
+
+    ``device_map`` is a strategy (``"auto"``, ``"balanced"``, ``"balanced_low_0"``,
+    ``"sequential"``), a device (``"cpu"``, ``"cuda:0"``, ``"disk"``) or an explicit map.
+    Outputs equal the same model loaded in RAM, wherever its weights live.
+
+    >>> import tempfile, torch
+    >>> from torch import nn
+    >>> from bigjob.engine.empty import init_empty_weights
+    >>> from bigjob.engine.safetensors_io import write_file
+    >>> reference = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> path = Path(tempfile.mkdtemp()) / "model.safetensors"
+    >>> write_file(path, reference.state_dict())
+    >>> with init_empty_weights():
+    ...     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> model = load_checkpoint_and_dispatch(model, path, device_map={"0": "cpu", "2": "disk"})
+    >>> x = torch.randn(4, 8)
+    >>> torch.equal(model(x), reference(x))
+    True
+    """
+    result = load_checkpoint_in_model(
+        model,
+        checkpoint,
+        device_map=device_map,
+        dtype=dtype,
+        offload_folder=offload_folder,
+        strict=strict,
+        special_dtypes=special_dtypes,
+        max_memory=max_memory,
+        no_split_module_classes=no_split_module_classes,
+        offload_buffers=offload_buffers,
+    )
+    return dispatch_loaded(model, result, prefetch=prefetch)
+
+
+def dispatch_model(
+    model: nn.Module,
+    device_map: Mapping[str, str | int] | DeviceMap,
+    main_device: str | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+    offload_buffers: bool = False,
+    prefetch: int = 1,
+) -> nn.Module:
+    """Dispatch a model whose weights are already materialised (e.g. loaded in RAM) following ``device_map``.
+
+    Weights mapped to ``"disk"`` are written once to an offload folder under
+    ``offload_folder`` (as safetensors) and served from there.
+
+    >>> import tempfile, torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    >>> x = torch.randn(2, 4); expected = model(x)
+    >>> model = dispatch_model(model, {"0": "cpu", "1": "disk"}, offload_folder=tempfile.mkdtemp())
+    >>> torch.equal(model(x), expected)
+    True
+    """
+    remove_dispatch(model)
+    started = time.perf_counter()
+    resolved = resolve_device_map(model, device_map)
+    inventory = build_inventory(model)
+    tiers = assign_tensors(inventory, resolved)
+    main = normalize_device(main_device) if main_device else (resolved.summary.main_device if resolved.summary else CPU)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    entries: list[OffloadEntry] = []
+    values: dict[str, torch.Tensor] = {}
+    for record in inventory.tensors.values():
+        tier = tiers[record.name]
+        if tier == DISK and (offload_buffers or not record.is_buffer):
+            _, _, _, tensor = _tensor(modules, record.name)
+            values[record.name] = tensor.detach()
+            entries.append(OffloadEntry(record.name, record.name, tensor.dtype, tuple(tensor.shape)))
+    offload = None
+    if entries:
+        if offload_folder is None:
+            raise OffloadError("device_map puts weights on 'disk'; pass offload_folder to dispatch_model")
+        offload = prepare_offload_folder(offload_folder, _TensorSource(values), entries)
+    placement: dict[str, str] = {}
+    bytes_per_tier: dict[str, int] = {}
+    for record in inventory.tensors.values():
+        tier = tiers[record.name]
+        if record.name in values:
+            view = offload.checkpoint.view(record.name)  # type: ignore[union-attr]
+            for name in (record.name, *record.aliases):
+                set_tensor(modules, name, view) if name == record.name else set_tensor(modules, name, _tensor(modules, record.name)[3])
+        else:
+            home = tier if tier != DISK else (CPU if is_accelerator(main) else main)
+            _place(modules, record.name, torch.device(home))
+            tier = home
+        placement[record.name] = tier
+        bytes_per_tier[tier] = bytes_per_tier.get(tier, 0) + record.nbytes
+    result = LoadResult(resolved, main, placement, bytes_per_tier, time.perf_counter() - started, offload, set(), inventory)
+    return dispatch_loaded(model, result, prefetch=prefetch, main_device=main)
+
+
+class _TensorSource:
+    """In-memory tensors as an offload source; identified by a hash of their content."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def identity(self, content_hash: bool = True) -> dict[str, str]:
+        digest = hashlib.sha256()
+        for name in sorted(self.tensors):
+            tensor = self.tensors[name].contiguous().cpu()
+            digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+            digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        return {"format": "tensors", "sha256": digest.hexdigest()}
+
+    def load(self, name: str, dtype: torch.dtype | None = None, device: str = "cpu") -> torch.Tensor:
+        tensor = self.tensors[name]
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        return tensor.to(device).contiguous()
+
+
+def cpu_offload(model: nn.Module, execution_device: str | torch.device | None = None, prefetch: int = 1) -> nn.Module:
+    """Keep every weight in CPU RAM and run each module on ``execution_device``, streaming its weights."""
+    device = normalize_device(execution_device or ("cuda:0" if torch.cuda.is_available() else CPU))
+    return dispatch_model(model, {"": CPU}, main_device=device, prefetch=prefetch)
+
+
+def disk_offload(
+    model: nn.Module, offload_folder: str | os.PathLike[str], execution_device: str | torch.device | None = None, prefetch: int = 1
+) -> nn.Module:
+    """Keep every weight on disk (an offload folder) and run each module on ``execution_device``."""
+    device = normalize_device(execution_device or ("cuda:0" if torch.cuda.is_available() else CPU))
+    return dispatch_model(model, {"": DISK}, main_device=device, offload_folder=offload_folder, prefetch=prefetch)

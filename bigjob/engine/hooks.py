@@ -1,0 +1,361 @@
+"""Hooks that run a dispatched model: inputs to the right device, offloaded weights just in time.
+
+Three kinds of unit, chosen at dispatch from where each unit's weights live:
+
+* :class:`MoveInputs` - a unit resident on another GPU than its inputs (model parallel):
+  its tensor arguments are moved to its device.
+* :class:`PagedUnit` - a disk-tier unit executed on the CPU: its parameters are zero-copy
+  views of memory-mapped files. Before it runs, its pages are mapped in bulk (by the
+  prefetcher, one unit ahead); after, they are unmapped so resident memory stays within
+  the budget (the page cache keeps them for the next forward).
+* :class:`StreamedUnit` - a unit whose weights live in CPU RAM or on disk and run on an
+  accelerator: they are packed in one pinned buffer, copied in one transfer (on a side
+  stream, ahead of time, by the prefetcher), swapped in for the forward and dropped after.
+
+A :class:`Prefetcher` (one background thread) prepares the next ``depth`` units while the
+current one computes. :class:`RootHook` moves the model's inputs to the execution device,
+primes the prefetcher, and returns outputs to the device the inputs came from.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from bigjob.engine.pages import Range, merge, populate, release
+
+__all__ = ["MoveInputs", "PagedUnit", "Prefetcher", "RootHook", "StreamedUnit", "TensorSlot", "move_to"]
+
+log = logging.getLogger(__name__)
+
+_ALIGN = 256  # bytes: every tensor in a packed buffer starts at a multiple of this
+
+
+def move_to(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor inside (tuples, lists, dicts, dataclass-like outputs) on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value if value.device == device else value.to(device, non_blocking=True)
+    if isinstance(value, (list, tuple)):
+        moved = [move_to(v, device) for v in value]
+        if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+            return type(value)(*moved)
+        return type(value)(moved)
+    if isinstance(value, dict):
+        out = {k: move_to(v, device) for k, v in value.items()}
+        try:
+            return type(value)(out)
+        except TypeError:
+            return out
+    return value
+
+
+def first_device(args: Sequence[Any], kwargs: dict[str, Any]) -> torch.device | None:
+    """The device of the first tensor among the arguments, if any."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.device
+        if isinstance(value, (list, tuple)):
+            found = first_device(value, {})
+            if found is not None:
+                return found
+    return None
+
+
+@dataclass
+class TensorSlot:
+    """One tensor of a unit: where it sits in the module tree and its home (CPU or file) value."""
+
+    module: nn.Module
+    local: str
+    is_param: bool
+    home: torch.Tensor
+    requires_grad: bool = False
+    offset: int = 0  # in the unit's packed buffer
+
+    def install(self, value: torch.Tensor) -> None:
+        if self.is_param:
+            self.module._parameters[self.local] = nn.Parameter(value, requires_grad=False)
+        else:
+            self.module._buffers[self.local] = value
+
+    def restore(self) -> None:
+        if self.is_param:
+            self.module._parameters[self.local] = self._home_param
+        else:
+            self.module._buffers[self.local] = self.home
+
+    def __post_init__(self) -> None:
+        current = self.module._parameters.get(self.local) if self.is_param else None
+        self._home_param = current if isinstance(current, nn.Parameter) else nn.Parameter(self.home, requires_grad=False)
+
+
+class Prefetcher:
+    """One background thread preparing upcoming units; ``depth`` units ahead of the current one."""
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigjob-prefetch") if depth > 0 else None
+        self._pending: dict[int, Future[Any]] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, key: int, task: Callable[[], Any]) -> None:
+        if self._pool is None:
+            return
+        with self._lock:
+            if key not in self._pending:
+                self._pending[key] = self._pool.submit(task)
+
+    def take(self, key: int) -> Any:
+        """The result of the prefetch for ``key`` (waiting for it), or ``None`` if there was none."""
+        with self._lock:
+            future = self._pending.pop(key, None)
+        return None if future is None else future.result()
+
+    def drain(self) -> None:
+        with self._lock:
+            pending, self._pending = list(self._pending.values()), {}
+        for future in pending:
+            try:
+                future.result()
+            except Exception:  # noqa: BLE001 - a failed prefetch is redone synchronously when needed
+                log.debug("prefetch failed", exc_info=True)
+
+    def close(self) -> None:
+        self.drain()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+class Schedule:
+    """The offloaded units in execution order, so each can ask for the next ones to be prefetched."""
+
+    def __init__(self, prefetcher: Prefetcher) -> None:
+        self.prefetcher = prefetcher
+        self.units: list[Any] = []
+
+    def add(self, unit: Any) -> int:
+        self.units.append(unit)
+        return len(self.units) - 1
+
+    def ahead(self, position: int) -> None:
+        for nxt in range(position + 1, min(position + 1 + self.prefetcher.depth, len(self.units))):
+            unit = self.units[nxt]
+            self.prefetcher.submit(nxt, unit.prepare)
+
+
+class MoveInputs:
+    """Moves a module's tensor arguments to its device (model parallel across GPUs)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return move_to(args, self.device), move_to(kwargs, self.device)
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        return output
+
+
+@dataclass
+class PagedUnit:
+    """A disk-tier unit on the CPU: page its views in ahead of use and out after."""
+
+    name: str
+    ranges: list[Range]
+    schedule: Schedule
+    keep: list[Range] = field(default_factory=list)  # tied tensors: released at the end of the forward
+    position: int = -1
+
+    def prepare(self) -> None:
+        populate(self.ranges)
+
+    def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        prefetched = self.schedule.prefetcher.take(self.position)
+        self.schedule.ahead(self.position)
+        if prefetched is None and self.schedule.prefetcher.depth == 0:
+            self.prepare()
+        return args, kwargs
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        release(self.ranges)
+        return output
+
+
+def _pack_layout(slots: Sequence[TensorSlot]) -> int:
+    """Assign each slot its offset in a packed buffer; return the buffer's size in bytes."""
+    offset = 0
+    for slot in slots:
+        offset += -offset % _ALIGN
+        slot.offset = offset
+        offset += slot.home.numel() * slot.home.element_size()
+    return offset
+
+
+class StreamedUnit:
+    """A unit whose weights live in CPU RAM or on disk and run on an accelerator, one transfer per forward."""
+
+    def __init__(self, name: str, slots: list[TensorSlot], device: torch.device, schedule: Schedule, staging: StagingPool | None) -> None:
+        self.name = name
+        self.slots = slots
+        self.device = device
+        self.schedule = schedule
+        self.position = -1
+        self.size = _pack_layout(slots)
+        self.staging = staging  # None: the homes are already packed in one pinned buffer
+        self.packed: torch.Tensor | None = None
+        if staging is None:
+            self._pack_home()
+
+    def _pack_home(self) -> None:
+        """Move CPU-tier homes into one (pinned) buffer so the unit travels in a single copy."""
+        pin = self.device.type == "cuda"
+        buffer = torch.empty(self.size, dtype=torch.uint8, pin_memory=pin)
+        for slot in self.slots:
+            view = _view(buffer, slot)
+            view.copy_(slot.home)
+            slot.home = view
+            if slot.is_param:
+                slot._home_param = nn.Parameter(view, requires_grad=False)
+                slot.module._parameters[slot.local] = slot._home_param
+            else:
+                slot.module._buffers[slot.local] = view
+        self.packed = buffer
+
+    def prepare(self) -> tuple[torch.Tensor, Any]:
+        """Copy the unit to the device on a side stream; returns the device buffer and a ready event."""
+        if self.packed is not None:
+            source = self.packed
+            slot_pool = None
+        else:
+            assert self.staging is not None
+            slot_pool, source = self.staging.acquire(self.size)
+            for slot in self.slots:  # CPU memcpy from the file mapping; releases the GIL
+                _view(source, slot).copy_(slot.home)
+        if self.device.type == "cuda":
+            stream = self.schedule_stream()
+            with torch.cuda.stream(stream):
+                target = torch.empty(self.size, dtype=torch.uint8, device=self.device)
+                target.copy_(source[: self.size], non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream)
+            if slot_pool is not None:
+                self.staging.release(slot_pool, event)  # type: ignore[union-attr]
+            return target, event
+        target = source[: self.size].to(self.device)
+        if slot_pool is not None:
+            self.staging.release(slot_pool, None)  # type: ignore[union-attr]
+        return target, None
+
+    _streams: dict[torch.device, Any] = {}
+
+    def schedule_stream(self) -> Any:
+        stream = StreamedUnit._streams.get(self.device)
+        if stream is None:
+            stream = StreamedUnit._streams[self.device] = torch.cuda.Stream(self.device)
+        return stream
+
+    def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        ready = self.schedule.prefetcher.take(self.position)
+        self.schedule.ahead(self.position)
+        target, event = ready if ready is not None else self.prepare()
+        if event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            target.record_stream(current)
+        for slot in self.slots:
+            slot.install(_view(target, slot))
+        return args, kwargs
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        for slot in self.slots:
+            slot.restore()
+        return output
+
+
+def _view(buffer: torch.Tensor, slot: TensorSlot) -> torch.Tensor:
+    nbytes = slot.home.numel() * slot.home.element_size()
+    return buffer[slot.offset : slot.offset + nbytes].view(slot.home.dtype).view(slot.home.shape)
+
+
+class StagingPool:
+    """Pinned staging buffers, allocated once and reused, for disk-tier units bound for a GPU."""
+
+    def __init__(self, size: int, count: int, pin: bool) -> None:
+        self.buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for _ in range(count)]
+        self.events: list[Any] = [None] * count
+        self.free = list(range(count))
+        self.cond = threading.Condition()
+
+    def acquire(self, size: int) -> tuple[int, torch.Tensor]:
+        with self.cond:
+            while not self.free:
+                self.cond.wait()
+            index = self.free.pop()
+        event = self.events[index]
+        if event is not None:
+            event.synchronize()  # the last copy out of this buffer has finished
+        return index, self.buffers[index]
+
+    def release(self, index: int, event: Any) -> None:
+        with self.cond:
+            self.events[index] = event
+            self.free.append(index)
+            self.cond.notify()
+
+
+class RootHook:
+    """Inputs to the execution device, prefetch primed, outputs back where the inputs were."""
+
+    def __init__(self, device: torch.device, schedule: Schedule, tied_ranges: list[Range]) -> None:
+        self.device = device
+        self.schedule = schedule
+        self.tied_ranges = merge(tied_ranges)
+        self._origin = threading.local()
+
+    def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        origin = first_device(args, kwargs)
+        stack = getattr(self._origin, "stack", None)
+        if stack is None:
+            stack = self._origin.stack = []
+        stack.append(origin)
+        self.schedule.ahead(-1)
+        return move_to(args, self.device), move_to(kwargs, self.device)
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        origin = self._origin.stack.pop()
+        if self.tied_ranges:
+            release(self.tied_ranges)
+        if origin is not None and origin != self.device:
+            return move_to(output, origin)
+        return output
+
+
+class HookHandle:
+    """Attaches a hook object's ``pre_forward``/``post_forward`` to a module; ``remove()`` detaches."""
+
+    def __init__(self, module: nn.Module, hook: Any) -> None:
+        self.module = module
+        self.hook = hook
+        self._handles = [
+            module.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True),
+            module.register_forward_hook(self._post, always_call=True),
+        ]
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return self.hook.pre_forward(module, args, kwargs)
+
+    def _post(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        return self.hook.post_forward(module, output)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

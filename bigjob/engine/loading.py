@@ -1,0 +1,310 @@
+"""Loading a checkpoint into a model, tensor by tensor, straight to where the device map says.
+
+* GPU and CPU tiers: each tensor is read, converted to its target dtype (floating tensors
+  only) and put on its device, one at a time: never a whole shard or state dict in RAM.
+* Disk tier: when the checkpoint is safetensors and a tensor's stored dtype is its target
+  dtype, the parameter becomes a zero-copy view of the checkpoint file (memory-mapped;
+  nothing is copied or written). Otherwise the tensor is converted once into an offload
+  folder (see :mod:`bigjob.engine.store`) and viewed from there.
+
+Every problem with the keys is found before anything is loaded and reported at once:
+missing keys (an error: nothing is left silently on ``meta``), shape and dtype-kind
+mismatches (errors), unexpected keys (a warning, an error with ``strict=True``), and a
+prefix such as ``model.`` that explains a mismatch.
+
+>>> import tempfile, torch
+>>> from torch import nn
+>>> from bigjob.engine.empty import init_empty_weights
+>>> from bigjob.engine.safetensors_io import write_file
+>>> path = Path(tempfile.mkdtemp()) / "m.safetensors"
+>>> write_file(path, nn.Linear(3, 2).state_dict())
+>>> with init_empty_weights():
+...     model = nn.Linear(3, 2)
+>>> result = load_checkpoint_in_model(model, path)
+>>> model.weight.device.type, result.bytes_per_tier
+('cpu', {'cpu': 32})
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bigjob.engine.checkpoint import Checkpoint, KeyReport, compare_keys, open_checkpoint, resolve_name
+from bigjob.engine.device_map import DeviceMap, assign_tensors
+from bigjob.engine.devices import CPU, DISK, is_accelerator
+from bigjob.engine.planner import resolve_device_map
+from bigjob.engine.sizes import Inventory, TensorRecord, build_inventory, resolve_dtype
+from bigjob.engine.store import OffloadEntry, OffloadFolder, prepare_offload_folder
+from bigjob.errors import CheckpointError, ConfigError, OffloadError
+
+__all__ = ["LoadResult", "checkpoint_dtype", "load_checkpoint_in_model", "set_tensor"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadResult:
+    """Where every tensor went, and what loading cost."""
+
+    device_map: DeviceMap
+    main_device: str
+    placement: dict[str, str]  # first tensor name -> tier ("cuda:0", "cpu", "disk", ...)
+    bytes_per_tier: dict[str, int]
+    load_seconds: float
+    offload: OffloadFolder | None = None
+    zero_copy: set[str] = field(default_factory=set)  # disk-tier tensors viewed from the checkpoint itself
+    inventory: Inventory | None = field(default=None, repr=False)
+
+    @property
+    def offload_folder(self) -> str | None:
+        return str(self.offload.path) if self.offload else None
+
+    @property
+    def offload_reused(self) -> bool | None:
+        return self.offload.reused if self.offload else None
+
+
+def checkpoint_dtype(checkpoint: Checkpoint) -> torch.dtype | None:
+    """The floating dtype holding most of the checkpoint's bytes (its "own" dtype), or ``None``."""
+    totals: dict[torch.dtype, int] = {}
+    for name in checkpoint.keys():
+        meta = checkpoint.meta(name)
+        if meta.dtype.is_floating_point:
+            count = 1
+            for dim in meta.shape:
+                count *= dim
+            totals[meta.dtype] = totals.get(meta.dtype, 0) + count * meta.dtype.itemsize
+    return max(totals, key=lambda d: totals[d]) if totals else None
+
+
+def _module_index(model: nn.Module) -> dict[str, nn.Module]:
+    return dict(model.named_modules(remove_duplicate=False))
+
+
+def set_tensor(modules: Mapping[str, nn.Module], name: str, value: torch.Tensor) -> torch.Tensor:
+    """Put ``value`` under tensor ``name`` (a parameter keeps its class and ``requires_grad``); return what was set."""
+    owner, _, local = name.rpartition(".")
+    module = modules[owner]
+    if local in module._parameters:
+        old = module._parameters[local]
+        if isinstance(value, nn.Parameter):
+            new = value
+        else:
+            requires_grad = bool(old is not None and old.requires_grad) and value.is_floating_point()
+            cls = type(old) if old is not None else nn.Parameter
+            try:
+                new = cls(value, requires_grad=requires_grad)
+            except TypeError:
+                new = nn.Parameter(value, requires_grad=requires_grad)
+        module._parameters[local] = new
+        return new
+    module._buffers[local] = value
+    return value
+
+
+def _check_keys(inventory: Inventory, checkpoint: Checkpoint, strict: bool) -> tuple[KeyReport, dict[str, str]]:
+    """Match every persistent tensor to a checkpoint key; raise with every problem found at once."""
+    expected: dict[str, tuple[int, ...]] = {}
+    for record in inventory.tensors.values():
+        if record.persistent:
+            for name in (record.name, *record.aliases):
+                expected[name] = tuple(record.shape)
+    report = compare_keys(expected, checkpoint)
+    missing = set(report.missing)
+    source: dict[str, str] = {}
+    really_missing: list[str] = []
+    for record in inventory.tensors.values():
+        if not record.persistent:
+            continue
+        names = (record.name, *record.aliases)
+        present = [n for n in names if n not in missing]
+        if present:
+            source[record.name] = resolve_name(report, present[0])
+        else:
+            really_missing.append(record.name)
+    # A tied tensor found under one of its names is not missing under the others.
+    tied_found = {n for r in inventory.tensors.values() if r.name in source for n in r.aliases}
+    unexpected = [n for n in report.unexpected if n not in tied_found]
+    problems: list[str] = []
+    if report.prefix is not None:
+        log.info(
+            "checkpoint keys and model keys differ by the prefix %r (%s side); mapping them",
+            report.prefix,
+            report.prefix_mode,
+        )
+    if really_missing:
+        problems.append(_listing("missing from the checkpoint", really_missing))
+    mismatched = report.mismatched
+    if mismatched:
+        problems.append(
+            _listing(
+                "with mismatched shapes (model vs checkpoint)",
+                [f"{name} {list(model)} vs {list(ckpt)}" for name, model, ckpt in mismatched],
+            )
+        )
+    kinds = []
+    for name, key in source.items():
+        record = inventory.tensors[name]
+        stored = checkpoint.meta(key).dtype
+        if record.dtype.is_floating_point != stored.is_floating_point or (
+            not record.dtype.is_floating_point and record.dtype != stored
+        ):
+            kinds.append(f"{name} model {record.dtype} vs checkpoint {stored}")
+    if kinds:
+        problems.append(_listing("with dtypes the model cannot take", kinds))
+    if unexpected and strict:
+        problems.append(_listing("unexpected in the checkpoint (strict=True)", unexpected))
+    if problems:
+        hint = ""
+        if report.prefix is not None:
+            hint = f" (checkpoint and model keys differ by the prefix {report.prefix!r}, already applied)"
+        raise CheckpointError(
+            f"checkpoint '{checkpoint.root}' does not match the model{hint}: " + "; ".join(problems) + "; "
+            "pass the checkpoint of this model as `checkpoint`, or strict=False to ignore unexpected keys"
+        )
+    if unexpected:
+        log.warning("%s", _listing("unexpected keys in the checkpoint, ignored", unexpected))
+    return report, source
+
+
+def _listing(title: str, items: list[str], limit: int = 20) -> str:
+    more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
+    return f"{len(items)} {title}: {', '.join(items[:limit])}{more}"
+
+
+def load_checkpoint_in_model(
+    model: nn.Module,
+    checkpoint: str | os.PathLike[str] | Checkpoint,
+    device_map: str | Mapping[str, str | int] | DeviceMap | None = None,
+    dtype: torch.dtype | str | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+    strict: bool = False,
+    special_dtypes: Mapping[str, torch.dtype | str] | None = None,
+    max_memory: Mapping[str | int, str | int] | None = None,
+    no_split_module_classes: Iterable[str] | None = None,
+    offload_buffers: bool = False,
+) -> LoadResult:
+    """Load ``checkpoint`` into ``model`` (empty or not) following ``device_map`` (default: all on CPU).
+
+    ``dtype`` is the target dtype of floating tensors (``None``: the checkpoint's own dtype);
+    ``special_dtypes`` overrides it per module. Disk-tier tensors that need converting go
+    to an offload folder under ``offload_folder`` (required then).
+    """
+    started = time.perf_counter()
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
+    target = resolve_dtype(dtype)
+    if target is None:
+        target = checkpoint_dtype(ckpt)
+    resolved = resolve_device_map(
+        model,
+        device_map if device_map is not None else CPU,
+        max_memory,
+        no_split_module_classes,
+        target,
+        special_dtypes,
+    )
+    inventory = build_inventory(model, target, special_dtypes, no_split_module_classes)
+    tiers = assign_tensors(inventory, resolved)
+    report, source = _check_keys(inventory, ckpt, strict)
+    main = resolved.summary.main_device if resolved.summary else _main_of(resolved)
+    modules = _module_index(model)
+
+    offload_entries: list[OffloadEntry] = []
+    zero_copy: set[str] = set()
+    for record in inventory.tensors.values():
+        if tiers[record.name] != DISK or record.name not in source:
+            continue
+        if record.is_buffer and not offload_buffers:
+            continue
+        key = source[record.name]
+        info = ckpt.info(key)
+        if info is not None and info.dtype == record.dtype and info.offset % max(1, info.dtype.itemsize) == 0:
+            zero_copy.add(record.name)
+        else:
+            offload_entries.append(OffloadEntry(record.name, key, record.dtype, tuple(record.shape)))
+    offload: OffloadFolder | None = None
+    if offload_entries:
+        if offload_folder is None:
+            raise OffloadError(
+                f"{len(offload_entries)} disk-tier tensors need converting (e.g. '{offload_entries[0].name}' "
+                f"to {offload_entries[0].dtype}), which needs an offload folder; pass offload_folder "
+                "(placement.offload_folder)"
+            )
+        offload = prepare_offload_folder(offload_folder, ckpt, offload_entries)
+    offloaded = {entry.name for entry in offload_entries}
+
+    bytes_per_tier: dict[str, int] = {}
+    placement: dict[str, str] = {}
+    for record in inventory.tensors.values():
+        tier = tiers[record.name]
+        # Buffers of disk-tier modules stay in RAM unless offload_buffers: they are small and often used.
+        home = tier
+        if tier == DISK and record.is_buffer and not offload_buffers:
+            home = main if not is_accelerator(main) else CPU
+        value = _materialise(record, home, ckpt, source, offload, zero_copy, offloaded, modules)
+        for name in (record.name, *record.aliases):
+            if name == record.name:
+                first = set_tensor(modules, name, value)
+            else:
+                set_tensor(modules, name, first)
+        placement[record.name] = home
+        bytes_per_tier[home] = bytes_per_tier.get(home, 0) + record.nbytes
+    return LoadResult(
+        resolved,
+        main,
+        placement,
+        bytes_per_tier,
+        time.perf_counter() - started,
+        offload,
+        zero_copy,
+        inventory,
+    )
+
+
+def _main_of(device_map: DeviceMap) -> str:
+    for device in device_map.devices:
+        if is_accelerator(device):
+            return device
+    return CPU
+
+
+def _materialise(
+    record: TensorRecord,
+    home: str,
+    ckpt: Checkpoint,
+    source: Mapping[str, str],
+    offload: OffloadFolder | None,
+    zero_copy: set[str],
+    offloaded: set[str],
+    modules: Mapping[str, nn.Module],
+) -> torch.Tensor:
+    """The tensor for ``record`` at its home: a device tensor, or a view of a file on disk."""
+    if record.name not in source:
+        # A non-persistent buffer: the model's own value, moved to its device.
+        owner, _, local = record.name.rpartition(".")
+        current = modules[owner]._buffers.get(local)
+        if current is None or current.is_meta:
+            raise CheckpointError(
+                f"buffer '{record.name}' is not saved in checkpoints and the model holds no value for it "
+                "(built with include_buffers=True?); build the model with init_empty_weights(include_buffers=False)"
+            )
+        device = CPU if home == DISK else home
+        return current.to(device=device, dtype=record.dtype if current.is_floating_point() else None)
+    if home == DISK:
+        if record.name in zero_copy:
+            return ckpt.view(source[record.name])
+        if offload is not None and record.name in offloaded:
+            return offload.checkpoint.view(record.name)
+        raise ConfigError(f"internal: no disk home for '{record.name}'")  # pragma: no cover
+    try:
+        return ckpt.load(source[record.name], dtype=record.dtype, device=home)
+    except (RuntimeError, ValueError) as err:
+        raise CheckpointError(f"cannot load tensor '{source[record.name]}' from '{ckpt.root}': {err}") from err

@@ -1,0 +1,220 @@
+"""Offload folders: disk-tier weights converted once to the target dtype and kept as safetensors.
+
+Only weights that cannot be served from the checkpoint's own files (a dtype conversion,
+or a PyTorch checkpoint) go here. A folder is identified by the fingerprint of what it
+holds: the source checkpoint's identity, and the name, dtype and shape of every tensor.
+It lives at ``<offload_folder>/offload-<fingerprint>``, is built under a temporary name,
+gets a marker (written last, with the fingerprint and every file's size) and is renamed
+into place only when complete. A folder whose marker is missing, different or does not
+match its files is never used: it is rebuilt. Nothing outside its own ``offload-*`` and
+``.tmp-offload-*`` entries under ``offload_folder`` is ever touched.
+
+>>> import tempfile, torch
+>>> from bigjob.engine.safetensors_io import write_file
+>>> from bigjob.engine.checkpoint import open_checkpoint
+>>> root = Path(tempfile.mkdtemp())
+>>> write_file(root / "model.safetensors", {"w": torch.ones(2, 2)})
+>>> source = open_checkpoint(root / "model.safetensors")
+>>> folder = prepare_offload_folder(root / "offload", source, [OffloadEntry("w", "w", torch.float16, (2, 2))])
+>>> folder.reused, folder.checkpoint.load("w").dtype
+(False, torch.float16)
+>>> prepare_offload_folder(root / "offload", source, [OffloadEntry("w", "w", torch.float16, (2, 2))]).reused
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from bigjob.engine.checkpoint import Checkpoint, open_checkpoint
+from bigjob.engine.safetensors_io import SafetensorsWriter, dtype_name
+from bigjob.errors import BigJobError, OffloadError
+
+__all__ = ["OFFLOAD_FORMAT", "OffloadEntry", "OffloadFolder", "offload_fingerprint", "prepare_offload_folder"]
+
+log = logging.getLogger(__name__)
+
+OFFLOAD_FORMAT = 1
+MARKER = "bigjob-offload.json"
+INDEX = "model.safetensors.index.json"
+SHARD_BYTES = 1 << 30
+
+
+class OffloadEntry(NamedTuple):
+    """One tensor to offload: its name in the folder, its name in the source, target dtype and shape."""
+
+    name: str
+    source_name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class OffloadFolder:
+    """A complete offload folder, opened for reading."""
+
+    path: Path
+    fingerprint: str
+    reused: bool
+    checkpoint: Checkpoint
+
+
+def offload_fingerprint(source_identity: dict, entries: Sequence[OffloadEntry]) -> str:
+    """sha256 over the source's identity and every entry (name, source name, dtype, shape), order-free.
+
+    >>> a = offload_fingerprint({"f": 1}, [OffloadEntry("w", "w", torch.float16, (2,))])
+    >>> a == offload_fingerprint({"f": 1}, [OffloadEntry("w", "w", torch.bfloat16, (2,))])
+    False
+    """
+    described = sorted([e.name, e.source_name, dtype_name(e.dtype), list(e.shape)] for e in entries)
+    payload = {"format": OFFLOAD_FORMAT, "source": source_identity, "entries": described}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _marker_matches(folder: Path, fingerprint: str) -> bool:
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+        if marker.get("format") != OFFLOAD_FORMAT or marker.get("fingerprint") != fingerprint:
+            return False
+        return all((folder / name).stat().st_size == size for name, size in marker["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _remove_stale_temps(root: Path) -> None:
+    """Delete temporary folders left by builders that no longer run (killed mid-build)."""
+    for temp in root.glob(".tmp-offload-*"):
+        try:
+            pid = int(temp.name.split("-")[3])
+        except (IndexError, ValueError):
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def prepare_offload_folder(
+    root: str | os.PathLike[str], source: Checkpoint, entries: Sequence[OffloadEntry], shard_bytes: int = SHARD_BYTES
+) -> OffloadFolder:
+    """Reuse the complete folder for exactly these ``entries`` of ``source`` under ``root``, or build it.
+
+    Tensors are read from ``source`` one at a time, converted and streamed to disk, so the
+    build never holds more than one tensor in memory. Safe against concurrent builders
+    (the first rename wins; the others discard their copy) and against being killed.
+    """
+    root = Path(root)
+    fingerprint = offload_fingerprint(source.identity(), entries)
+    final = root / f"offload-{fingerprint[:24]}"
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if final.exists():
+            if _marker_matches(final, fingerprint):
+                log.info("reusing offload folder %s", final)
+                return OffloadFolder(final, fingerprint, True, open_checkpoint(final / INDEX))
+            log.warning("offload folder %s is incomplete or foreign; rebuilding it", final)
+            shutil.rmtree(final)
+        _remove_stale_temps(root)
+        temp = root / f".tmp-offload-{fingerprint[:12]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        temp.mkdir(mode=0o700)
+    except OSError as err:
+        raise OffloadError(
+            f"cannot prepare offload folder under '{root}': {err.strerror or err}; "
+            "pass a writable folder as offload_folder (placement.offload_folder)"
+        ) from err
+    try:
+        _build(temp, source, entries, fingerprint, shard_bytes)
+        try:
+            os.rename(temp, final)
+        except OSError:
+            if not _marker_matches(final, fingerprint):
+                raise
+            shutil.rmtree(temp, ignore_errors=True)  # another process finished first; theirs is identical
+            return OffloadFolder(final, fingerprint, True, open_checkpoint(final / INDEX))
+        _fsync_dir(root)
+    except BaseException as err:
+        shutil.rmtree(temp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise OffloadError(
+                f"cannot write offload folder '{temp}': {err.strerror or err}; free space or pass another "
+                "folder as offload_folder (placement.offload_folder)"
+            ) from err
+        raise
+    return OffloadFolder(final, fingerprint, False, open_checkpoint(final / INDEX))
+
+
+def _build(folder: Path, source: Checkpoint, entries: Sequence[OffloadEntry], fingerprint: str, shard_bytes: int) -> None:
+    # Larger itemsizes first keeps every tensor aligned for zero-copy views.
+    ordered = sorted(entries, key=lambda e: (-e.dtype.itemsize, e.name))
+    shards: list[list[OffloadEntry]] = [[]]
+    size = 0
+    for entry in ordered:
+        nbytes = entry.dtype.itemsize * _numel(entry.shape)
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    weight_map: dict[str, str] = {}
+    files: dict[str, int] = {}
+    for number, shard in enumerate(shards, start=1):
+        name = f"offload-{number:05d}-of-{len(shards):05d}.safetensors"
+        path = folder / name
+        with SafetensorsWriter(path, [(e.name, e.dtype, tuple(e.shape)) for e in shard]) as writer:
+            for entry in shard:
+                tensor = source.load(entry.source_name, dtype=entry.dtype)
+                if tensor.dtype != entry.dtype:  # integer tensors are never converted by the checkpoint
+                    raise BigJobError(f"offloaded tensor '{entry.name}' is {tensor.dtype}, expected {entry.dtype}")
+                writer.write(entry.name, tensor)
+                del tensor
+        weight_map.update({e.name: name for e in shard})
+        files[name] = path.stat().st_size
+    _write_json(folder / INDEX, {"metadata": {"format": "bigjob-offload"}, "weight_map": weight_map})
+    files[INDEX] = (folder / INDEX).stat().st_size
+    _write_json(folder / MARKER, {"format": OFFLOAD_FORMAT, "fingerprint": fingerprint, "files": files})
+
+
+def _numel(shape: Sequence[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(data, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
