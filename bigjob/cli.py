@@ -1,0 +1,227 @@
+"""Command-line entry points: thin shells over :func:`bigjob.job.runner.run_job` and friends.
+
+* ``bigjob`` / ``python -m bigjob``: the Hydra app (``-m`` for sweeps);
+* ``bigjob-plan``: the same app with ``mode=plan``;
+* ``bigjob-summarize <sweep folder>``: summary.csv and summary.md of a sweep;
+* ``bigjob-cache [--dir D] list|info|clear|verify``: the plan and offload cache.
+
+Bad input ends with one line ``error: ...`` on stderr and exit code 1 (a full traceback
+with ``HYDRA_FULL_ERROR=1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import bigjob
+from bigjob.errors import BigJobError, ConfigError
+from bigjob.job import schema  # noqa: F401  (registers the config schema)
+from bigjob.job.callbacks import fail
+from bigjob.job.report import JobReport, read_report
+
+__all__ = ["cache_main", "config_dir", "main", "plan_main", "summarize_main", "to_job_config"]
+
+logger = logging.getLogger("bigjob")
+
+# Jobs of this process's sweep that failed on bad input (the sweep goes on; the exit code is 1).
+_failed_jobs: list[str] = []
+MAP_LINES_SHOWN = 60
+
+
+def config_dir() -> Path:
+    """The Hydra config folder: ``bigjob/conf`` when installed, else the repository's ``conf/``."""
+    installed = Path(bigjob.__file__).resolve().parent / "conf"
+    if (installed / "config.yaml").is_file():
+        return installed
+    return Path(bigjob.__file__).resolve().parent.parent / "conf"
+
+
+def to_job_config(cfg: DictConfig) -> schema.JobConfig:
+    """The typed config; a missing mandatory value (``???``) becomes a ConfigError naming its key."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        keys = ", ".join(missing)
+        raise ConfigError(f"{keys} has no value (???); set it on the command line, e.g. {missing[0]}=...")
+    try:
+        job = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(str(err).splitlines()[0]) from None
+    if not isinstance(job, schema.JobConfig):
+        raise ConfigError("the config does not follow bigjob's schema; keep `bigjob_schema` first in the defaults list")
+    return job
+
+
+def _record_failure(run_dir: Path, cfg: DictConfig, err: BaseException) -> None:
+    """Writes a failed ``metrics.json`` so sweep summaries list the job and its error."""
+    if read_report(run_dir) is not None and read_report(run_dir).status == "completed":  # type: ignore[union-attr]
+        return
+    try:
+        report = JobReport(status="failed", run_dir=str(run_dir), job_key="", mode=str(cfg.get("mode", "run")), error=str(err).splitlines()[0] if str(err) else type(err).__name__)
+        report.write(run_dir)
+    except OSError:
+        pass  # an unwritable folder is the error being reported
+
+
+def _print_plan(run_dir: Path) -> None:
+    from bigjob.engine.device_map import DeviceMap
+
+    device_map = DeviceMap.from_json((run_dir / "device_map.json").read_text(encoding="utf-8"))
+    print(device_map.describe())
+    items = list(device_map.items())
+    print("\ndevice map:")
+    for name, device in items[:MAP_LINES_SHOWN]:
+        print(f"  {name or '(whole model)'}: {device}")
+    if len(items) > MAP_LINES_SHOWN:
+        print(f"  ... {len(items) - MAP_LINES_SHOWN} more in {run_dir / 'device_map.json'}")
+
+
+def _task(cfg: DictConfig) -> None:
+    from bigjob.job.runner import run_job
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    try:
+        report = run_job(to_job_config(cfg), run_dir, multirun=multirun)
+    except Exception as err:
+        _record_failure(run_dir, cfg, err)
+        if not isinstance(err, BigJobError) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        if multirun:  # the other jobs still run; the summary lists this one as failed
+            sys.stderr.write(f"error: job {hydra_cfg.job.num} ({run_dir}): {err}\n")
+            _failed_jobs.append(str(run_dir))
+            return
+        fail(err)
+        return
+    if report.mode == "plan":
+        _print_plan(run_dir)
+    print(report.summary())
+
+
+def _hydra_app() -> None:
+    hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(_task)()
+
+
+def main() -> None:
+    """``bigjob``: run a job (or a sweep with ``-m``) from the command line."""
+    _failed_jobs.clear()
+    _hydra_app()
+    if _failed_jobs:
+        sys.stderr.write(f"error: {len(_failed_jobs)} job(s) of the sweep failed; see the summary in the sweep folder\n")
+        sys.exit(1)
+
+
+def plan_main() -> None:
+    """``bigjob-plan``: plan only (``mode=plan``): print and save the device map, load no weights."""
+    sys.argv.insert(1, "mode=plan")
+    main()
+
+
+# --------------------------------------------------------------------------- summarize
+
+
+def summarize_main(argv: list[str] | None = None) -> None:
+    """``bigjob-summarize <sweep folder>``: write summary.csv and summary.md, print the table."""
+    from bigjob.job.summary import render_markdown, write_summary
+
+    parser = argparse.ArgumentParser(prog="bigjob-summarize", description="Summarize a bigjob sweep folder.")
+    parser.add_argument("sweep_dir", help="the folder a `bigjob -m ...` sweep wrote (holds one folder per job)")
+    args = parser.parse_args(argv)
+    try:
+        csv_path, md_path, rows = write_summary(args.sweep_dir)
+    except BigJobError as err:
+        fail(err)
+        return
+    print(render_markdown(rows), end="")
+    print(f"\nwrote {csv_path} and {md_path}")
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _format_entry(key: str, value: dict[str, Any]) -> str:
+    from bigjob.engine.devices import format_size
+
+    kind = value.get("kind")
+    if kind == "plan":
+        inputs = value.get("inputs") or {}
+        budgets = ", ".join(f"{d}={format_size(int(n))}" for d, n in (inputs.get("budgets") or {}).items())
+        devices = sorted(set(value["device_map"].values()))
+        return (
+            f"{key}\n    model {inputs.get('model_class')} {json.dumps(inputs.get('model_kwargs', {}), sort_keys=True)}\n"
+            f"    dtype {inputs.get('dtype') or 'checkpoint'}, strategy {inputs.get('strategy')}, budgets {budgets}\n"
+            f"    tensors {inputs.get('tensors', {}).get('count')}, planner v{inputs.get('planner_version')}, map on {', '.join(devices)}"
+        )
+    if kind == "offload":
+        path = Path(value["path"])
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+        state = format_size(size) if path.is_dir() else "MISSING"
+        return f"{key}\n    folder {path} ({state}), dtype {value.get('dtype') or 'checkpoint'}, {len(value.get('disk_modules', []))} disk modules"
+    return f"{key}\n    run {value.get('run_dir')}"
+
+
+def cache_main(argv: list[str] | None = None) -> None:
+    """``bigjob-cache [--dir D] list|info|clear|verify``."""
+    from bigjob.engine.devices import format_size
+    from bigjob.job.cache import JobCache, default_cache_dir
+
+    parser = argparse.ArgumentParser(prog="bigjob-cache", description="Inspect and maintain bigjob's plan and offload cache.")
+    parser.add_argument("--dir", help="the cache folder (default: cache.dir's default, $BIGJOB_CACHE_DIR or ~/.cache/bigjob)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="every entry with the inputs of its key")
+    sub.add_parser("info", help="where the cache is and how big")
+    sub.add_parser("clear", help="remove every entry, offload folder and demo checkpoint")
+    sub.add_parser("verify", help="drop corrupt entries and entries whose folder is gone")
+    args = parser.parse_args(argv)
+    root = Path(args.dir).expanduser() if args.dir else default_cache_dir()
+    if not root.exists():
+        print(f"no cache at {root}")
+        return
+    try:
+        cache = JobCache(root)
+    except BigJobError as err:
+        fail(err)
+        return
+    with cache:
+        if args.command == "list":
+            entries = list(cache.entries())
+            for key, value in entries:
+                print(_format_entry(key, value))
+            print(f"{len(entries)} entries in {root}")
+        elif args.command == "info":
+            counts: dict[str, int] = {}
+            for key in cache.keys():
+                kind = key.split(":", 1)[0]
+                if kind != "lock":
+                    counts[kind] = counts.get(kind, 0) + 1
+            offloads = sorted(p.name for p in cache.offload_root.iterdir()) if cache.offload_root.is_dir() else []
+            checkpoints = sorted(p.name for p in cache.checkpoints_root.iterdir() if not p.name.startswith(".")) if cache.checkpoints_root.is_dir() else []
+            print(f"cache folder  {root} (mode {oct(root.stat().st_mode & 0o777)})")
+            print(f"entries       {', '.join(f'{k} {n}' for k, n in sorted(counts.items())) or 'none'}")
+            print(f"offload       {len(offloads)} folders" + (f": {', '.join(o[:16] for o in offloads)}" if offloads else ""))
+            print(f"checkpoints   {len(checkpoints)}" + (f": {', '.join(checkpoints)}" if checkpoints else ""))
+            print(f"size on disk  {format_size(cache.volume())}")
+        elif args.command == "clear":
+            count = cache.clear()
+            print(f"removed {count} entries and the offload and checkpoint folders from {root}")
+        else:
+            dropped = cache.verify()
+            for key, reason in dropped:
+                print(f"dropped {key}: {reason}")
+            known = {Path(v["path"]).name for k, v in cache.entries() if k.startswith("offload:")}
+            orphans = [p for p in cache.offload_root.iterdir() if p.name not in known] if cache.offload_root.is_dir() else []
+            for path in orphans:
+                print(f"note: offload folder {path} has no entry (a job may be building it, or it is left over; `clear` removes it)")
+            print(f"verified {root}: {len(dropped)} entries dropped")

@@ -1,0 +1,318 @@
+"""The job cache: device maps and registries as JSON in diskcache, big artifacts as folders.
+
+Layout of a cache folder (created 0700, refused when another user owns it or others may
+write it, since its content decides what a job loads)::
+
+    <root>/db/            diskcache (SQLite) with JSONDisk: JSON values, never pickles
+    <root>/offload/<fp>/  offload folders, one per offload fingerprint
+    <root>/checkpoints/   the demo model's seeded checkpoints
+
+Keys are strings ``"<kind>:<sha256>"`` with kind ``plan``, ``offload`` or ``run``; values
+are JSON objects carrying their own ``kind``. Nothing is evicted behind the user's back
+(``eviction_policy="none"``); :meth:`JobCache.verify` drops entries that cannot be read
+or do not have the shape their kind needs.
+
+diskcache's default disk pickles values, and a pickle runs code when read: anyone able to
+write the folder could run code in every job (CVE-2025-69872). :class:`SafeJSONDisk` stores
+JSON text and, unlike diskcache's own ``JSONDisk``, also refuses to read a row that claims
+to be a pickle (a tampered database cannot smuggle one in). Values are kept inside the
+SQLite file (no value files), so a row is all there is to check.
+
+>>> import tempfile
+>>> cache = JobCache(Path(tempfile.mkdtemp()) / "c")
+>>> value, hit = cache.compute_once("plan:" + "0" * 64, lambda: {"kind": "plan", "device_map": {"": "cpu"}})
+>>> hit, cache.compute_once("plan:" + "0" * 64, lambda: {})[1]
+(False, True)
+>>> cache.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sqlite3
+import stat
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import diskcache
+
+from bigjob.errors import CacheError
+
+__all__ = ["JobCache", "KINDS", "SafeJSONDisk", "default_cache_dir", "is_cache_key"]
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("plan", "offload", "run")
+_KEY = re.compile(r"^(plan|offload|run):[0-9a-f]{64}$")
+# What reading a damaged entry raises (zlib, JSON, a vanished value file).
+_UNREADABLE = (ValueError, TypeError, OSError, UnicodeDecodeError, zlib.error)
+# How long a lock may be held before another process may take it over (a crashed holder).
+LOCK_EXPIRE_S = 1800
+# How long to wait for SQLite's own lock before diskcache gives up.
+DB_TIMEOUT_S = 60
+
+
+class SafeJSONDisk(diskcache.JSONDisk):
+    """JSON keys and values; a row stored as a pickle is refused instead of unpickled."""
+
+    def get(self, key: Any, raw: bool) -> Any:
+        if not raw:  # diskcache pickles keys that are not bytes/str/int/float
+            raise ValueError("refusing a pickled cache key")
+        return super().get(key, raw)
+
+    def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
+        if mode == diskcache.core.MODE_PICKLE:
+            raise ValueError("refusing a pickled cache value")
+        return super().fetch(mode, filename, value, read)
+
+
+def default_cache_dir() -> Path:
+    """``$BIGJOB_CACHE_DIR``, else ``$XDG_CACHE_HOME/bigjob``, else ``~/.cache/bigjob``."""
+    if os.environ.get("BIGJOB_CACHE_DIR"):
+        return Path(os.environ["BIGJOB_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "bigjob"
+
+
+def is_cache_key(key: object) -> bool:
+    """Whether ``key`` has the form ``"<kind>:<sha256 hex>"``.
+
+    >>> is_cache_key("plan:" + "a" * 64), is_cache_key("plan:xyz"), is_cache_key(3)
+    (True, False, False)
+    """
+    return isinstance(key, str) and bool(_KEY.match(key))
+
+
+def _check_folder(root: Path) -> None:
+    """Creates ``root`` 0700, or checks that an existing one is ours and closed to writers."""
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = root.stat()
+    except OSError as err:
+        raise CacheError(f"cannot create the cache folder {str(root)!r} ({err.strerror}); set cache.dir to a writable folder") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise CacheError(f"cache folder {str(root)!r} is not a folder; set cache.dir to a folder")
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise CacheError(
+            f"cache folder {str(root)!r} belongs to another user (uid {info.st_uid}); its content would decide what "
+            "this job loads, so it is refused: set cache.dir to a folder of your own"
+        )
+    if info.st_mode & 0o022:
+        raise CacheError(
+            f"cache folder {str(root)!r} is writable by others (mode {oct(info.st_mode & 0o777)}); "
+            "run `chmod 700` on it or set cache.dir to a private folder"
+        )
+    if info.st_mode & 0o077:
+        os.chmod(root, 0o700)
+
+
+def _check_value(key: str, value: Any) -> str | None:
+    """Why a stored value is unusable, or None when it has the shape its kind needs."""
+    kind = key.split(":", 1)[0]
+    if not isinstance(value, dict) or value.get("kind") != kind:
+        return f"not a {kind} entry"
+    if kind == "plan":
+        device_map = value.get("device_map")
+        if not isinstance(device_map, dict) or not device_map:
+            return "no device_map"
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in device_map.items()):
+            return "device_map is not a map of names to devices"
+    elif kind == "offload":
+        if not isinstance(value.get("path"), str):
+            return "no path"
+    elif kind == "run":
+        if not isinstance(value.get("run_dir"), str):
+            return "no run_dir"
+    return None
+
+
+class JobCache:
+    """One cache folder. Open it only once a job's inputs are known to be valid."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().absolute()
+        _check_folder(self.root)
+        try:
+            self._db = diskcache.Cache(
+                str(self.root / "db"),
+                disk=SafeJSONDisk,
+                eviction_policy="none",
+                disk_min_file_size=2**31,  # every value inside SQLite: no value files
+                size_limit=2**62,
+                timeout=DB_TIMEOUT_S,
+            )
+        except (sqlite3.DatabaseError, OSError) as err:
+            raise CacheError(
+                f"cannot open the cache database in {str(self.root)!r} ({err}); "
+                f"run `bigjob-cache clear --dir {self.root}` or set cache.dir to another folder"
+            ) from None
+
+    # ------------------------------------------------------------------ folders
+    @property
+    def offload_root(self) -> Path:
+        return self.root / "offload"
+
+    @property
+    def checkpoints_root(self) -> Path:
+        return self.root / "checkpoints"
+
+    def offload_dir(self, fingerprint: str) -> Path:
+        """The registry folder for an offload fingerprint (not created here)."""
+        return self.offload_root / fingerprint
+
+    # ------------------------------------------------------------------ entries
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The entry under ``key``, or None when absent or unreadable (it is then dropped)."""
+        try:
+            value = self._db.get(key, default=None, retry=True)
+        except _UNREADABLE as err:
+            logger.warning("dropping unreadable cache entry %s: %s", key, err)
+            self._db.delete(key, retry=True)
+            return None
+        if value is None:
+            return None
+        problem = _check_value(key, value)
+        if problem:
+            logger.warning("dropping malformed cache entry %s: %s", key, problem)
+            self._db.delete(key, retry=True)
+            return None
+        return value
+
+    def set(self, key: str, value: dict[str, Any]) -> None:
+        """Stores a JSON-able entry; the key must be ``"<kind>:<sha256>"``."""
+        if not is_cache_key(key):
+            raise CacheError(f"cache key {key!r} is not '<kind>:<sha256 hex>' with kind in {KINDS}")
+        problem = _check_value(key, value)
+        if problem:
+            raise CacheError(f"refusing to store a malformed entry under {key}: {problem}")
+        try:
+            self._db.set(key, value, retry=True)
+        except TypeError as err:  # not JSON-able: never fall back to pickling
+            raise CacheError(f"cache entry {key} is not JSON: {err}") from None
+
+    def delete(self, key: str) -> bool:
+        return bool(self._db.delete(key, retry=True))
+
+    def _rows(self) -> list[tuple[int, Any, bool]]:
+        """(rowid, stored key, raw flag) of every row, read without decoding anything."""
+        with sqlite3.connect(os.path.join(self._db.directory, diskcache.core.DBNAME), timeout=DB_TIMEOUT_S) as con:
+            return [(r[0], r[1], bool(r[2])) for r in con.execute("SELECT rowid, key, raw FROM Cache")]
+
+    def _delete_row(self, rowid: int) -> None:
+        with sqlite3.connect(os.path.join(self._db.directory, diskcache.core.DBNAME), timeout=DB_TIMEOUT_S) as con:
+            con.execute("DELETE FROM Cache WHERE rowid = ?", (rowid,))
+
+    def _decoded_keys(self) -> tuple[list[str], list[tuple[int, str]]]:
+        """Readable string keys, and (rowid, reason) of rows whose key cannot be read."""
+        disk = self._db.disk
+        keys, bad = [], []
+        for rowid, stored, raw in self._rows():
+            try:
+                key = disk.get(stored, raw)
+            except _UNREADABLE as err:
+                bad.append((rowid, f"unreadable key ({err})"))
+                continue
+            if isinstance(key, str):
+                keys.append(key)
+            else:
+                bad.append((rowid, f"key {key!r} is not a string"))
+        return sorted(keys), bad
+
+    def keys(self) -> list[str]:
+        """Every readable key, sorted (locks included)."""
+        return self._decoded_keys()[0]
+
+    def entries(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Every readable entry, sorted by key (unreadable ones are dropped on the way)."""
+        for key in self.keys():
+            value = self.get(key)
+            if value is not None:
+                yield key, value
+
+    def lock(self, name: str, expire: float = LOCK_EXPIRE_S) -> diskcache.Lock:
+        """A cross-process lock named ``name`` that expires if its holder dies."""
+        return diskcache.Lock(self._db, f"lock:{name}", expire=expire)
+
+    def compute_once(
+        self, key: str, compute: Callable[[], dict[str, Any]], expire: float = LOCK_EXPIRE_S
+    ) -> tuple[dict[str, Any], bool]:
+        """``(value, hit)``: the entry under ``key``, computing and storing it at most once.
+
+        Concurrent callers with the same key wait on a lock while the first computes;
+        they then read its result and report a hit.
+        """
+        value = self.get(key)
+        if value is not None:
+            return value, True
+        with self.lock(key, expire=expire):
+            value = self.get(key)
+            if value is not None:
+                return value, True
+            value = compute()
+            value.setdefault("created", time.time())
+            self.set(key, value)
+            return value, False
+
+    # ------------------------------------------------------------------ maintenance
+    def verify(self) -> list[tuple[str, str]]:
+        """Drops corrupt entries and entries whose folder is gone; returns ``(key, reason)`` pairs."""
+        keys, bad_rows = self._decoded_keys()
+        dropped: list[tuple[str, str]] = []
+        for rowid, reason in bad_rows:
+            self._delete_row(rowid)
+            dropped.append((f"row {rowid}", reason))
+        for key in keys:
+            if key.startswith("lock:"):
+                continue
+            if not is_cache_key(key):
+                self._db.delete(key, retry=True)
+                dropped.append((key, "key is not '<kind>:<sha256>'"))
+                continue
+            try:
+                value = self._db.get(key, default=None, retry=True)
+            except _UNREADABLE as err:
+                self._db.delete(key, retry=True)
+                dropped.append((key, f"unreadable value ({err})"))
+                continue
+            problem = _check_value(key, value)
+            if problem is None and key.startswith("offload:") and not Path(value["path"]).is_dir():
+                problem = f"offload folder {value['path']} is gone"
+            if problem:
+                self._db.delete(key, retry=True)
+                dropped.append((key, problem))
+        return dropped
+
+    def clear(self) -> int:
+        """Removes every entry and artifact folder; returns the number of entries removed."""
+        import shutil
+
+        count = sum(1 for k in self.keys() if not k.startswith("lock:"))
+        self._db.clear(retry=True)
+        for folder in (self.offload_root, self.checkpoints_root):
+            shutil.rmtree(folder, ignore_errors=True)
+        return count
+
+    def volume(self) -> int:
+        """Bytes on disk: the database plus artifact folders."""
+        total = 0
+        for path in self.root.rglob("*"):
+            try:
+                if path.is_file() and not path.is_symlink():
+                    total += path.stat().st_size
+            except OSError:
+                pass
+        return total
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> JobCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,179 @@
+"""Cache keys as pure functions: sha256 over canonical JSON of everything that decides a result.
+
+* :func:`plan_fingerprint` keys a device map. Every input that changes the plan is in
+  :class:`PlanInputs` (model class and kwargs, every tensor's name/shape/dtype and which
+  names share a tensor, target and per-tensor dtypes, budgets in bytes, strategy,
+  no-split classes, prefetch depth, the devices present with their total memory, the
+  checkpoint's identity, the planner version); nothing else is.
+* :func:`offload_fingerprint` keys an offload folder: the checkpoint, the tensors, their
+  target dtypes and which modules live on disk.
+* :func:`job_key` keys a whole job's resolved config (resume and sweep skipping).
+
+Keys are stable across processes and machines (no ``hash()``, no object ids, sorted
+JSON) and carry a version, so a change of format never serves an old entry.
+
+>>> inputs = PlanInputs(model_class="m.Net", model_kwargs={"width": 8},
+...     tensors=[("w", (8, 8), "float32", "w")], dtype="float16", special_dtypes={},
+...     budgets={"cpu": 1024, "disk": 2**62}, strategy="auto", no_split=["Block"], prefetch=1,
+...     devices=[{"device": "cpu", "total_bytes": 2**34}], checkpoint={"files": []}, planner_version="1")
+>>> key = plan_fingerprint(inputs)
+>>> len(key), key == plan_fingerprint(inputs)
+(64, True)
+>>> key == plan_fingerprint(dataclasses.replace(inputs, budgets={"cpu": 2048, "disk": 2**62}))
+False
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+__all__ = [
+    "FINGERPRINT_VERSION",
+    "OffloadInputs",
+    "PlanInputs",
+    "canonical_json",
+    "device_signature",
+    "job_key",
+    "offload_fingerprint",
+    "plan_fingerprint",
+    "tensor_signature",
+]
+
+# Bump when the meaning of any field changes: old cache entries then simply miss.
+FINGERPRINT_VERSION = 1
+
+TensorSig = tuple[str, tuple[int, ...], str, str]  # name, shape, dtype, name of the tensor it shares storage with
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no whitespace; tuples become lists.
+
+    >>> canonical_json({"b": (1, 2), "a": None})
+    '{"a":null,"b":[1,2]}'
+    """
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def _sha256(kind: str, payload: Any) -> str:
+    text = canonical_json({"kind": kind, "version": FINGERPRINT_VERSION, "payload": payload})
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def tensor_signature(model: nn.Module) -> list[TensorSig]:
+    """Name, shape, dtype and tie group of every parameter and buffer, in registration order.
+
+    Works on an empty (meta) model. A tied parameter appears under each of its names, the
+    fourth field naming the first one, so tying or untying weights changes the signature.
+
+    >>> lin = nn.Linear(2, 3)
+    >>> tensor_signature(lin)[0]
+    ('weight', (3, 2), 'float32', 'weight')
+    """
+    first_name: dict[int, str] = {}
+    out: list[TensorSig] = []
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, tensor in named:
+        owner = first_name.setdefault(id(tensor), name)
+        out.append((name, tuple(int(d) for d in tensor.shape), str(tensor.dtype).removeprefix("torch."), owner))
+    return out
+
+
+def device_signature(inventory: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The parts of a device inventory that a plan depends on: names and total memory.
+
+    Free memory moves from run to run; it enters the key only through the budgets.
+
+    >>> device_signature([{"device": "cpu", "total_bytes": 8, "free_bytes": 3}])
+    [{'device': 'cpu', 'total_bytes': 8}]
+    """
+    return sorted(({"device": str(d["device"]), "total_bytes": int(d["total_bytes"])} for d in inventory), key=lambda d: d["device"])
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """Everything a device map depends on."""
+
+    model_class: str
+    model_kwargs: Mapping[str, Any]
+    tensors: Sequence[TensorSig]
+    dtype: str | None  # None: each tensor's stored dtype
+    special_dtypes: Mapping[str, str]
+    budgets: Mapping[str, int]  # bytes per canonical device
+    strategy: str
+    no_split: Sequence[str]
+    prefetch: int
+    devices: Sequence[Mapping[str, Any]]
+    checkpoint: Mapping[str, Any]
+    planner_version: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The inputs as canonical JSON data (no-split classes as a sorted set)."""
+        data = dataclasses.asdict(self)
+        data["tensors"] = [list(t[:1]) + [list(t[1])] + list(t[2:]) for t in self.tensors]
+        data["no_split"] = sorted(set(self.no_split))
+        data["devices"] = device_signature(self.devices)
+        return json.loads(canonical_json(data))
+
+    def describe(self) -> dict[str, Any]:
+        """A short JSON summary for listings (the tensor list as a count and a digest)."""
+        data = self.to_json()
+        tensors = data.pop("tensors")
+        data["tensors"] = {"count": len(tensors), "sha256": hashlib.sha256(canonical_json(tensors).encode()).hexdigest()[:16]}
+        return data
+
+
+def plan_fingerprint(inputs: PlanInputs) -> str:
+    """The sha256 hex key of the device map ``inputs`` determine."""
+    return _sha256("plan", inputs.to_json())
+
+
+@dataclass(frozen=True)
+class OffloadInputs:
+    """Everything the content of an offload folder depends on."""
+
+    checkpoint: Mapping[str, Any]
+    tensors: Sequence[TensorSig]
+    dtype: str | None
+    special_dtypes: Mapping[str, str]
+    disk_modules: Sequence[str]  # device-map keys placed on "disk"
+    offload_buffers: bool = False
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["tensors"] = [list(t[:1]) + [list(t[1])] + list(t[2:]) for t in self.tensors]
+        data["disk_modules"] = sorted(set(self.disk_modules))
+        return json.loads(canonical_json(data))
+
+
+def offload_fingerprint(inputs: OffloadInputs) -> str:
+    """The sha256 hex key of an offload folder's content.
+
+    >>> a = OffloadInputs({"files": []}, [("w", (2,), "float32", "w")], "float16", {}, ["blocks.1"])
+    >>> offload_fingerprint(a) == offload_fingerprint(dataclasses.replace(a, dtype="bfloat16"))
+    False
+    """
+    return _sha256("offload", inputs.to_json())
+
+
+# Keys that change how a job is shown or scheduled, never what it computes.
+_PRESENTATION_KEYS = ("quiet", "skip_completed")
+
+
+def job_key(resolved_config: Mapping[str, Any]) -> str:
+    """The sha256 hex key of a job's resolved config, ignoring presentation-only keys.
+
+    >>> job_key({"data": {"batch_size": 4}, "quiet": True}) == job_key({"data": {"batch_size": 4}, "quiet": False})
+    True
+    >>> job_key({"data": {"batch_size": 4}}) == job_key({"data": {"batch_size": 8}})
+    False
+    """
+    data = {k: v for k, v in resolved_config.items() if k not in _PRESENTATION_KEYS}
+    return _sha256("job", data)

@@ -1,0 +1,448 @@
+"""The runner: one job from a validated config to a run record, in the order it happens.
+
+:func:`run_job` reads top to bottom as the steps of a job:
+
+0. check the config, the run folder and the inputs (nothing touches the cache before this);
+1. build the model under empty init (no memory);
+2. fingerprint the plan's inputs;
+3. take the device map from the cache, or compute and store it;
+4. choose the offload folder (the cache's registry, locked so concurrent jobs build it once);
+5. load the checkpoint and dispatch the model through the engine;
+6. run the task batch by batch, appending results with a progress marker (resumable);
+7. write the run record (``metrics.json``, ``device_map.json``) atomically.
+
+The CLI prints :meth:`JobReport.summary` (step 8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import importlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from bigjob.errors import CheckpointError, ConfigError, JobError
+from bigjob.job.cache import JobCache, default_cache_dir
+from bigjob.job.data import load_samples, make_batches
+from bigjob.job.fingerprint import OffloadInputs, PlanInputs, job_key, offload_fingerprint, plan_fingerprint, tensor_signature
+from bigjob.job.progress import ResultWriter
+from bigjob.job.report import DEVICE_MAP_NAME, JobReport, MemorySampler, atomic_write_text, cuda_peaks, percentile, read_report, versions
+from bigjob.job.schema import JobConfig, budget_overrides, validate
+from bigjob.job.tasks import build_task
+
+__all__ = ["KILL_AFTER_ENV", "build_empty_model", "resolve_budgets", "run_job"]
+
+logger = logging.getLogger(__name__)
+
+DEMO_TARGET = "bigjob.models.demo.DemoTransformer"
+# Budgets the user left to the device's free memory are rounded down to this, so that
+# small changes in free memory between runs keep the same plan (and its cache entry).
+AUTO_BUDGET_QUANTUM = 256 * 2**20
+# Testing hook: SIGKILL this process right after that many batches of this session.
+KILL_AFTER_ENV = "BIGJOB_KILL_AFTER_BATCHES"
+
+
+# --------------------------------------------------------------------------- step helpers
+
+
+def import_target(target: str, key: str = "model._target_") -> Any:
+    """The object ``package.module.Name`` names, or a ConfigError naming ``key``."""
+    module_name, _, attr = target.rpartition(".")
+    if not module_name:
+        raise ConfigError(f"{key}={target!r} is not a dotted import path such as 'package.module.Class'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"{key}={target!r} cannot be imported ({err}); set {key} to an importable class or factory") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(f"{key}={target!r}: module '{module_name}' has no attribute '{attr}'") from None
+
+
+def build_empty_model(cfg: JobConfig) -> nn.Module:
+    """Step 1: ``model._target_(**model.kwargs)`` with parameters on the meta device."""
+    from bigjob.engine.empty import init_empty_weights
+
+    factory = import_target(cfg.model._target_)
+    if not callable(factory):
+        raise ConfigError(f"model._target_={cfg.model._target_!r} is not callable; name an nn.Module class or factory")
+    try:
+        with init_empty_weights():
+            model = factory(**cfg.model.kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model._target_={cfg.model._target_!r} rejected model.kwargs {dict(cfg.model.kwargs)}: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model._target_={cfg.model._target_!r} returned a {type(model).__name__}, not an nn.Module")
+    return model.eval()
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    """The size of the model's first embedding table: the id range inputs must respect."""
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            return module.num_embeddings
+    return None
+
+
+def resolve_budgets(cfg: JobConfig) -> dict[str, int]:
+    """Budgets in bytes per canonical device; unset devices get free memory rounded down."""
+    from bigjob.engine.devices import DISK, get_max_memory, normalize_device
+
+    user = budget_overrides(cfg.placement.max_memory)
+    budgets = get_max_memory(user)
+    named = {normalize_device(k) for k in user}
+    for device, size in budgets.items():
+        if device not in named and device != DISK:
+            budgets[device] = size // AUTO_BUDGET_QUANTUM * AUTO_BUDGET_QUANTUM
+    return budgets
+
+
+def _check_budgeted_devices(budgets: Mapping[str, int]) -> None:
+    from bigjob.engine.devices import DISK
+    from bigjob.engine.loading import check_devices
+    from bigjob.errors import DeviceError
+
+    try:
+        check_devices([device for device, size in budgets.items() if size > 0 and device != DISK])
+    except DeviceError as err:
+        raise DeviceError(f"{err}; remove that budget from placement.max_memory, or use mode=plan to plan for another machine") from None
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    return None if name in (None, "checkpoint") else getattr(torch, name)
+
+
+def _ensure_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".bigjob-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise JobError(
+            f"output folder {str(run_dir)!r} is not writable ({err.strerror}); set hydra.run.dir (or hydra.sweep.dir) to a writable folder"
+        ) from None
+
+
+def _checkpoint_location(cfg: JobConfig, cache_root: Path | None) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint path (None: the demo one, not made yet) and, for the demo, its identity."""
+    if cfg.checkpoint.source == "path":
+        path = Path(str(cfg.checkpoint.path)).expanduser()
+        if not path.exists():
+            raise CheckpointError(f"checkpoint.path '{path}' does not exist; set checkpoint.path to a checkpoint file, index or folder")
+        return path.absolute(), None
+    if cfg.model._target_ != DEMO_TARGET:
+        raise ConfigError(
+            f"checkpoint.source=demo makes the demo model's checkpoint, but model._target_ is "
+            f"{cfg.model._target_!r}; use checkpoint=path checkpoint.path=<this model's weights>"
+        )
+    from bigjob.models.demo import _marker
+
+    # The demo checkpoint's bytes are a pure function of its marker: that is its identity.
+    return None, {"format": "bigjob-demo", "marker": _marker(dict(cfg.model.kwargs), cfg.checkpoint.demo_seed, 4)}
+
+
+def _checkpoint_identity(path: Path, content_hash: bool) -> dict[str, Any]:
+    from bigjob.engine.checkpoint import open_checkpoint
+
+    try:
+        with open_checkpoint(path) as checkpoint:
+            return checkpoint.identity(content_hash=content_hash)
+    except CheckpointError as err:
+        raise CheckpointError(f"checkpoint.path '{path}': {err}") from None
+
+
+def _explicit_map(cfg: JobConfig, model: nn.Module) -> Any:
+    from bigjob.engine.device_map import DeviceMap, check_device_map
+
+    source = cfg.placement.device_map
+    if isinstance(source, str):
+        try:
+            source = json.loads(Path(source).expanduser().read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"placement.device_map '{cfg.placement.device_map}' cannot be read as a device map JSON ({err})") from None
+    if not isinstance(source, Mapping):
+        raise ConfigError(f"placement.device_map must be a map {{module: device}} or a JSON path, got {type(source).__name__}")
+    device_map = DeviceMap.from_json(dict(source))
+    check_device_map(model, device_map)
+    return device_map
+
+
+def _planned_map(
+    model: nn.Module,
+    cfg: JobConfig,
+    inputs: PlanInputs,
+    plan_key: str,
+    dtype: torch.dtype | None,
+    special_dtypes: dict[str, Any],
+    cache: JobCache | None,
+) -> tuple[Any, bool | None]:
+    """Step 3: ``(device map, plan cache hit)``, computed at most once per key across processes."""
+    from bigjob.engine.device_map import DeviceMap
+    from bigjob.engine.planner import infer_auto_device_map
+
+    def compute() -> dict[str, Any]:
+        planned = infer_auto_device_map(
+            model,
+            max_memory=dict(inputs.budgets),
+            no_split_module_classes=list(cfg.model.no_split_module_classes),
+            dtype=dtype,
+            special_dtypes=special_dtypes or None,
+            strategy=cfg.placement.strategy,
+            prefetch=cfg.placement.prefetch,
+        ).to_dict()
+        return {"kind": "plan", "device_map": planned["device_map"], "summary": planned["plan"], "inputs": inputs.describe()}
+
+    hit: bool | None = None
+    if cache is not None:
+        entry, hit = cache.compute_once(f"plan:{plan_key}", compute)
+    else:
+        entry = compute()
+    return DeviceMap.from_json({"device_map": entry["device_map"], "plan": entry.get("summary")}), hit
+
+
+def _reuse_completed(run_dir: Path, key: str, cache: JobCache | None, multirun: bool) -> JobReport | None:
+    """A completed report for this job in ``run_dir``, or (in sweeps) copied from an earlier run."""
+    own = read_report(run_dir)
+    if own is not None and own.status == "completed" and own.job_key == key:
+        logger.info("run folder %s already holds this completed job; nothing to do", run_dir)
+        return own
+    if not multirun or cache is None:
+        return None
+    entry = cache.get(f"run:{key}")
+    if entry is None:
+        return None
+    earlier = read_report(entry["run_dir"])
+    if earlier is None or earlier.status != "completed" or earlier.job_key != key:
+        return None
+    logger.info("skipping: this job already completed with the same config in %s", entry["run_dir"])
+    earlier_map = Path(entry["run_dir"]) / DEVICE_MAP_NAME
+    if earlier_map.exists():
+        shutil.copyfile(earlier_map, run_dir / DEVICE_MAP_NAME)
+    report = dataclasses.replace(earlier, run_dir=str(run_dir), reused_from=entry["run_dir"])
+    report.write()
+    return report
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = False) -> JobReport:
+    """Runs (or with ``mode=plan`` only plans) one job and writes its record into ``run_dir``."""
+    from bigjob.engine.devices import device_inventory
+    from bigjob.engine.planner import PLANNER_VERSION
+
+    started = time.time()
+    run_dir = Path(run_dir).absolute()
+
+    # 0. Everything that can be wrong with the input is found before the cache is opened.
+    validate(cfg)
+    _ensure_writable(run_dir)
+    key = job_key(dataclasses.asdict(cfg))
+    report = JobReport(status="running", run_dir=str(run_dir), job_key=key, mode=cfg.mode, task=cfg.task.name, started_at=started)
+    model = build_empty_model(cfg)  # 1.
+    report.model_class = f"{type(model).__module__}.{type(model).__qualname__}"
+    batches = []
+    if cfg.mode == "run":
+        batches = make_batches(load_samples(cfg.data, _vocab_size(model)), cfg.data.batch_size, cfg.data.pad_id)
+    task = build_task(cfg.task)
+    budgets = resolve_budgets(cfg)
+    if cfg.mode == "run":  # a plan may target another machine; a run needs the devices here
+        _check_budgeted_devices(budgets)
+    dtype = _dtype(cfg.dtype.name)
+    special_dtypes = {name: _dtype(value) for name, value in cfg.model.special_dtypes.items()}
+    cache_root = Path(cfg.cache.dir).expanduser() if cfg.cache.dir else default_cache_dir()
+    checkpoint_path, identity = _checkpoint_location(cfg, cache_root)
+    if identity is None:
+        assert checkpoint_path is not None
+        identity = _checkpoint_identity(checkpoint_path, cfg.checkpoint.content_hash)
+    explicit = _explicit_map(cfg, model) if cfg.placement.strategy == "explicit" else None
+
+    cache = JobCache(cache_root) if cfg.cache.enabled else None
+    try:
+        reused = _reuse_completed(run_dir, key, cache, multirun) if cfg.skip_completed and cfg.mode == "run" else None
+        if reused is not None:
+            return reused
+        with MemorySampler() as memory:
+            report.start_rss_bytes, report.start_anon_bytes = memory.peak_rss, memory.peak_anon
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+
+            # 2. Fingerprint of everything the plan depends on.
+            devices = device_inventory()
+            tensors = tensor_signature(model)
+            inputs = PlanInputs(
+                model_class=report.model_class,
+                model_kwargs={"_target_": cfg.model._target_, **dict(cfg.model.kwargs)},
+                tensors=tensors,
+                dtype=cfg.dtype.name if dtype is not None else None,
+                special_dtypes=dict(cfg.model.special_dtypes),
+                budgets=budgets,
+                strategy=cfg.placement.strategy,
+                no_split=list(cfg.model.no_split_module_classes),
+                prefetch=cfg.placement.prefetch,
+                devices=devices,
+                checkpoint=identity,
+                planner_version=PLANNER_VERSION,
+            )
+            report.plan_key = plan_fingerprint(inputs)
+
+            # 3. The device map: explicit, cached, or computed once and stored.
+            t0 = time.perf_counter()
+            if explicit is not None:
+                device_map = explicit
+            else:
+                device_map, report.plan_cache_hit = _planned_map(model, cfg, inputs, report.plan_key, dtype, special_dtypes, cache)
+            report.plan_seconds = time.perf_counter() - t0
+            if device_map.summary is not None:
+                report.planned_bytes = dict(device_map.summary.planned_bytes)
+                report.budgets = dict(device_map.summary.budgets)
+                report.main_device = device_map.summary.main_device
+            atomic_write_text(run_dir / DEVICE_MAP_NAME, device_map.to_json() + "\n")
+            report.checkpoint = identity
+            report.devices = devices
+            report.versions = versions()
+            if cfg.mode == "plan":
+                report.status = "planned"
+                report.outputs = {"device_map": str(run_dir / DEVICE_MAP_NAME), "record": str(run_dir / "metrics.json")}
+                logger.info("plan %s in %.3f s", "from the cache" if report.plan_cache_hit else "computed", report.plan_seconds)
+                return _finish(report, memory, started)
+
+            # 4. Where converted disk-tier weights go: the registry folder for their fingerprint.
+            if checkpoint_path is None:
+                from bigjob.models.demo import make_demo_checkpoint
+
+                checkpoint_path = make_demo_checkpoint(cache_root / "checkpoints", dict(cfg.model.kwargs), cfg.checkpoint.demo_seed)
+            disk_modules = [name for name, device in device_map.items() if device == "disk"]
+            offload_key = offload_fingerprint(
+                OffloadInputs(identity, tensors, inputs.dtype, dict(cfg.model.special_dtypes), disk_modules, cfg.placement.offload_buffers)
+            )
+            if cfg.placement.offload_folder:
+                offload_folder = Path(cfg.placement.offload_folder).expanduser().absolute()
+            elif cache is not None:
+                offload_folder = cache.offload_dir(offload_key)
+            else:
+                offload_folder = run_dir / "offload"
+
+            # 5. Load and dispatch; the lock makes concurrent jobs build a shared folder once.
+            model = _load(model, checkpoint_path, device_map, dtype, special_dtypes, offload_folder, cfg, cache, offload_key, disk_modules)
+            info = _engine_dispatch()[1](model)
+            if info is None:
+                raise JobError("the engine returned a model without dispatch information; this is a bug in bigjob")
+            report.main_device = info.main_device
+            report.load_seconds = info.load_seconds
+            report.bytes_per_tier = dict(info.bytes_per_tier)
+            report.offload_folder = info.offload_folder
+            report.offload_cache_hit = info.offload_reused
+            if cache is not None and info.offload_folder and not cfg.placement.offload_folder:
+                cache.set(
+                    f"offload:{offload_key}",
+                    {"kind": "offload", "path": str(info.offload_folder), "checkpoint": identity, "dtype": inputs.dtype,
+                     "disk_modules": sorted(disk_modules), "model_class": report.model_class, "created": time.time()},
+                )
+
+            # 6. Batches, resumable.
+            writer = ResultWriter(run_dir, key)
+            report.resumed_from_batch = start = writer.resume()
+            kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
+            quiet = cfg.quiet or not sys.stderr.isatty()
+            loop_start = time.perf_counter()
+            for batch in tqdm(batches[start:], initial=start, total=len(batches), disable=quiet, desc=task.name, unit="batch"):
+                t = time.perf_counter()
+                result = task.run(model, batch, info.main_device)
+                writer.append(batch.index, result, time.perf_counter() - t)
+                if kill_after and writer.batches_done - start >= kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            loop_seconds = time.perf_counter() - loop_start
+
+            # 7. The record.
+            session = batches[start:]
+            report.batches = len(batches)
+            report.samples = sum(len(b.sample_ids) for b in batches)
+            report.tokens = sum(b.num_tokens for b in batches)
+            report.batch_latency_p50_s = percentile(writer.batch_seconds, 50)
+            report.batch_latency_p90_s = percentile(writer.batch_seconds, 90)
+            if session and loop_seconds > 0:
+                report.samples_per_s = sum(len(b.sample_ids) for b in session) / loop_seconds
+                report.tokens_per_s = sum(b.num_tokens for b in session) / loop_seconds
+            report.outputs = {**writer.outputs(), "record": str(run_dir / "metrics.json")}
+            report.status = "completed"
+            info.detach()  # stop the prefetch thread and drop the hooks: the next sweep job starts clean
+            del model, info
+            gc.collect()
+            report = _finish(report, memory, started)
+        if cache is not None:
+            cache.set(f"run:{key}", {"kind": "run", "run_dir": str(run_dir), "finished": report.finished_at})
+        return report
+    finally:
+        if cache is not None:
+            cache.close()
+
+
+def _load(
+    model: nn.Module,
+    checkpoint_path: Path,
+    device_map: Any,
+    dtype: torch.dtype | None,
+    special_dtypes: dict[str, Any],
+    offload_folder: Path,
+    cfg: JobConfig,
+    cache: JobCache | None,
+    offload_key: str,
+    disk_modules: list[str],
+) -> nn.Module:
+    load_checkpoint_and_dispatch = _engine_dispatch()[0]
+
+    def load() -> nn.Module:
+        return load_checkpoint_and_dispatch(
+            model,
+            str(checkpoint_path),
+            device_map=device_map,
+            dtype=dtype,
+            special_dtypes=special_dtypes or None,
+            offload_folder=str(offload_folder) if disk_modules else None,
+            offload_buffers=cfg.placement.offload_buffers,
+            prefetch=cfg.placement.prefetch,
+            strict=True,
+        )
+
+    if disk_modules:
+        offload_folder.parent.mkdir(parents=True, exist_ok=True)
+    if cache is not None and disk_modules:
+        with cache.lock(f"offload:{offload_key}"):
+            return load().eval()
+    return load().eval()
+
+
+def _engine_dispatch() -> tuple[Any, Any]:
+    """The engine's ``(load_checkpoint_and_dispatch, get_dispatch_info)``."""
+    try:
+        from bigjob.engine.dispatch import get_dispatch_info, load_checkpoint_and_dispatch
+    except ImportError:  # the names the job system was first written against
+        from bigjob.engine.loading import get_dispatch_info, load_checkpoint_and_dispatch  # type: ignore[attr-defined,no-redef]
+    return load_checkpoint_and_dispatch, get_dispatch_info
+
+
+def _finish(report: JobReport, memory: MemorySampler, started: float) -> JobReport:
+    memory.sample()
+    report.peak_rss_bytes = memory.peak_rss
+    report.peak_anon_bytes = memory.peak_anon
+    report.peak_cuda_allocated_bytes = cuda_peaks()
+    report.finished_at = time.time()
+    report.wall_seconds = report.finished_at - started
+    report.write()
+    return report

@@ -1,0 +1,218 @@
+"""The command line as a user runs it: subprocesses in a fresh folder, exit codes, files written."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from _jobkit import REPO, TINY_OVERRIDES, cli_env, read_jsonl, reference_model, run_cli, run_entry
+
+TINY_JOB = TINY_OVERRIDES + ["placement.max_memory.cpu=36KiB", "data.num_samples=6", "data.seq_len=10", "data.batch_size=2"]
+
+
+def cache_env(tmp_path):
+    return {"BIGJOB_CACHE_DIR": str(tmp_path / "cache")}
+
+
+def only_run_dir(tmp_path) -> Path:
+    (day,) = (tmp_path / "outputs").iterdir()
+    runs = sorted(day.iterdir())
+    return runs[-1]
+
+
+@pytest.mark.slow
+def test_default_run_end_to_end_then_a_plan_cache_hit(tmp_path):
+    start = time.perf_counter()
+    first = run_cli([], tmp_path, cache_env(tmp_path))
+    seconds = time.perf_counter() - start
+    assert first.returncode == 0, first.stderr
+    assert seconds < 60
+    run_dir = only_run_dir(tmp_path)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["plan_cache_hit"] is False
+    assert metrics["bytes_per_tier"]["disk"] > 0 and metrics["bytes_per_tier"]["cpu"] < 217e6  # part served from disk
+    assert metrics["batches"] == 4 and "cache hit" not in first.stdout and "plan" in first.stdout
+    assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "device_map.json").exists()
+
+    # The outputs are those of the demo model run directly in RAM.
+    (ckpt,) = (tmp_path / "cache" / "checkpoints").glob("demo-*")
+    model = reference_model(ckpt, kwargs={})
+    records = read_jsonl(run_dir / "predictions.jsonl")
+    from bigjob.job.data import load_samples
+    from bigjob.job.schema import DataConfig
+
+    ids = load_samples(DataConfig(), 8192)
+    for i in (0, 15):
+        with torch.no_grad():
+            top = model(torch.tensor([ids[i]]))["logits"][0].topk(5, dim=-1)
+        assert records[i]["top_ids"] == top.indices.tolist()
+        torch.testing.assert_close(torch.tensor(records[i]["top_values"]), top.values, rtol=1e-4, atol=1e-4)
+
+    time.sleep(0.01)
+    second = run_cli([], tmp_path, cache_env(tmp_path))
+    assert second.returncode == 0, second.stderr
+    metrics2 = json.loads((only_run_dir(tmp_path) / "metrics.json").read_text())
+    assert metrics2["plan_cache_hit"] is True and "cache hit" in second.stdout
+
+
+def test_plan_entry_point_prints_the_table_and_map_and_loads_nothing(tmp_path):
+    out = run_entry("plan_main", TINY_JOB, tmp_path, cache_env(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "planned" in out.stdout and "disk" in out.stdout and "blocks.3:" in out.stdout
+    run_dir = only_run_dir(tmp_path)
+    assert json.loads((run_dir / "device_map.json").read_text())["device_map"]
+    assert not (run_dir / "predictions.jsonl").exists() and not (tmp_path / "cache" / "checkpoints").exists()
+
+
+BAD = {
+    "unknown key": (["data.batchsize=3"], "data.batchsize"),
+    "unknown option": (["task=nonesuch"], "nonesuch"),
+    "invalid budget": (["placement.max_memory.cpu=lots"], "placement.max_memory.cpu"),
+    "negative budget": (["placement.max_memory.disk=-1GB"], "placement.max_memory.disk"),
+    "missing checkpoint": (["checkpoint=path", "checkpoint.path=/no/such/ckpt"], "checkpoint.path"),
+    "unimportable target": (["model._target_=nowhere.Model"], "model._target_"),
+    "malformed data line": (["data=jsonl", "data.path=bad.jsonl"], "bad.jsonl' line 2"),
+    "batch size 0": (["data.batch_size=0"], "data.batch_size"),
+    "unwritable output folder": (["hydra.run.dir=afile/run"], "hydra.run.dir"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_is_one_clear_line_and_exit_code_1(tmp_path, name):
+    args, key = BAD[name]
+    (tmp_path / "bad.jsonl").write_text("[1, 2]\n[1, two]\n")
+    (tmp_path / "afile").write_text("")
+    out = run_cli(TINY_JOB + args, tmp_path, cache_env(tmp_path))
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr and key in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    if not name.startswith("unknown"):  # those keep Hydra's own (multi-line) message
+        assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    assert not (tmp_path / "cache").exists()  # nothing written to the cache
+
+
+@pytest.mark.parametrize("name", ["batch size 0", "unwritable output folder"])
+def test_hydra_full_error_shows_the_traceback(tmp_path, name):
+    (tmp_path / "afile").write_text("")
+    out = run_cli(TINY_JOB + BAD[name][0], tmp_path, {**cache_env(tmp_path), "HYDRA_FULL_ERROR": "1"})
+    assert out.returncode == 1 and "Traceback" in out.stderr and BAD[name][1] in out.stderr
+
+
+def test_sweep_writes_a_summary_and_a_rerun_skips_completed_jobs(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", *TINY_JOB, "placement.max_memory.cpu=24KiB,36KiB", "data.batch_size=1,3", f"hydra.sweep.dir={sweep}"]
+    out = run_cli(args, tmp_path, cache_env(tmp_path))
+    assert out.returncode == 0, out.stderr
+    with (sweep / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["job"] for r in rows] == ["0", "1", "2", "3"] and {r["status"] for r in rows} == {"completed"}
+    assert "placement.max_memory.cpu=24KiB" in rows[0]["overrides"] and "data.batch_size=1" in rows[0]["overrides"]
+    assert (sweep / "summary.md").read_text().count("completed") == 4
+    for job in range(4):
+        assert json.loads((sweep / str(job) / "metrics.json").read_text())["status"] == "completed"
+    outputs = {job: (sweep / str(job) / "predictions.jsonl").stat().st_mtime_ns for job in range(4)}
+
+    again = run_cli(args, tmp_path, cache_env(tmp_path))  # same sweep folder: every job is already done
+    assert again.returncode == 0, again.stderr
+    assert outputs == {job: (sweep / str(job) / "predictions.jsonl").stat().st_mtime_ns for job in range(4)}
+
+    elsewhere = run_cli(args[:-1] + [f"hydra.sweep.dir={tmp_path / 'sweep2'}"], tmp_path, cache_env(tmp_path))
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    reused = [json.loads((tmp_path / "sweep2" / str(j) / "metrics.json").read_text())["reused_from"] for j in range(4)]
+    assert reused == [str(sweep / str(j)) for j in range(4)]
+
+    summary = run_entry("summarize_main", [str(sweep)], tmp_path)
+    assert summary.returncode == 0 and "| 3 | completed |" in summary.stdout
+
+
+def test_a_sweep_with_a_failing_job_still_gets_its_summary(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = run_cli(["-m", *TINY_JOB, "data.batch_size=2,0,3", f"hydra.sweep.dir={sweep}"], tmp_path, cache_env(tmp_path))
+    assert out.returncode == 1
+    assert "data.batch_size must be at least 1" in out.stderr and "Traceback" not in out.stderr
+    with (sweep / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["completed", "failed", "completed"]
+    assert "data.batch_size" in rows[1]["error"]
+    # The standalone command gives the same table.
+    (sweep / "summary.csv").unlink()
+    again = run_entry("summarize_main", [str(sweep)], tmp_path)
+    assert again.returncode == 0 and (sweep / "summary.csv").exists() and "| 1 | failed |" in again.stdout
+
+
+def test_two_jobs_started_at_once_both_succeed_and_plan_once(tmp_path):
+    env = cli_env(cache_env(tmp_path))
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "bigjob", *TINY_JOB, f"hydra.run.dir={tmp_path / f'run{i}'}"], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    hits = sorted(json.loads((tmp_path / f"run{i}" / "metrics.json").read_text())["plan_cache_hit"] for i in range(2))
+    assert hits == [False, True]
+    assert (tmp_path / "run0" / "predictions.jsonl").read_bytes() == (tmp_path / "run1" / "predictions.jsonl").read_bytes()
+
+
+def test_a_killed_run_continues_where_it_stopped(tmp_path):
+    job = TINY_JOB + ["data.num_samples=10"]
+    whole = run_cli(job + [f"hydra.run.dir={tmp_path / 'whole'}"], tmp_path, cache_env(tmp_path))
+    assert whole.returncode == 0, whole.stderr
+    part_dir = tmp_path / "part"
+    killed = run_cli(job + [f"hydra.run.dir={part_dir}"], tmp_path, {**cache_env(tmp_path), "BIGJOB_KILL_AFTER_BATCHES": "2"})
+    assert killed.returncode == -signal.SIGKILL
+    assert json.loads((part_dir / "progress.json").read_text())["batches_done"] == 2
+    assert not (part_dir / "metrics.json").exists()
+    resumed = run_cli(job + [f"hydra.run.dir={part_dir}"], tmp_path, cache_env(tmp_path))
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((part_dir / "metrics.json").read_text())["resumed_from_batch"] == 2
+    assert (part_dir / "predictions.jsonl").read_bytes() == (tmp_path / "whole" / "predictions.jsonl").read_bytes()
+
+
+def test_cache_command(tmp_path):
+    env = cache_env(tmp_path)
+    assert "no cache" in run_entry("cache_main", ["list"], tmp_path, env).stdout
+    assert run_cli(TINY_JOB + ["dtype=float16", "placement.max_memory.cpu=12KiB"], tmp_path, env).returncode == 0
+    listing = run_entry("cache_main", ["list"], tmp_path, env)
+    assert listing.returncode == 0 and "plan:" in listing.stdout and "DemoTransformer" in listing.stdout and "float16" in listing.stdout
+    assert "offload:" in listing.stdout and "MISSING" not in listing.stdout  # the converted disk tier's folder
+    info = run_entry("cache_main", ["info"], tmp_path, env)
+    assert "0o700" in info.stdout and "plan 1" in info.stdout and "checkpoints   1" in info.stdout
+    verify = run_entry("cache_main", ["verify"], tmp_path, env)
+    assert verify.returncode == 0 and "0 entries dropped" in verify.stdout
+    cleared = run_entry("cache_main", ["--dir", str(tmp_path / "cache"), "clear"], tmp_path)
+    assert cleared.returncode == 0 and "removed" in cleared.stdout
+    assert "0 entries" in run_entry("cache_main", ["list"], tmp_path, env).stdout
+
+
+@pytest.mark.slow
+def test_installed_package_runs_from_another_folder(tmp_path):
+    venv = tmp_path / "venv"
+    # No pip of its own: the venv uses the system's pip and setuptools (no download needed).
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    pip = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(REPO)],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert pip.returncode == 0, pip.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HYDRA_FULL_ERROR")}
+    env["BIGJOB_CACHE_DIR"] = str(tmp_path / "cache")
+    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import bigjob.cli as c; print(c.config_dir())"], env=env, cwd=elsewhere,
+                           capture_output=True, text=True)
+    assert str(venv) in where.stdout, where.stdout + where.stderr
+    out = subprocess.run([str(venv / "bin" / "bigjob"), "mode=plan"], env=env, cwd=elsewhere, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "disk" in out.stdout and list((elsewhere / "outputs").iterdir())
+    plan = subprocess.run([str(venv / "bin" / "bigjob-plan"), "experiment=tiny"], env=env, cwd=elsewhere, capture_output=True, text=True)
+    assert plan.returncode == 0, plan.stderr

@@ -1,0 +1,227 @@
+"""run_job in-process on a shrunk demo model, checked against the model loaded fully in RAM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from _jobkit import TINY, TINY_OVERRIDES, compose_config, read_jsonl, reference_model
+from bigjob.errors import BigJobError, CheckpointError, ConfigError, DataError, JobError
+from bigjob.job import progress
+from bigjob.job.runner import run_job
+from bigjob.models.demo import demo_checkpoint_spec, demo_tensor
+
+
+def config(tmp_path, *extra):
+    base = TINY_OVERRIDES + [
+        f"cache.dir={tmp_path / 'cache'}",
+        "placement.max_memory.cpu=36KiB",  # the tiny model is ~39 KB: about 60% of it on disk
+        "data.num_samples=7",
+        "data.seq_len=12",
+        "data.min_seq_len=3",
+        "data.batch_size=3",
+        "quiet=true",
+    ]
+    return compose_config(base + list(extra))
+
+
+def checkpoint_dir(tmp_path) -> Path:
+    (folder,) = (tmp_path / "cache" / "checkpoints").glob("demo-*")
+    return folder
+
+
+def reference_outputs(model, samples_cfg, top_k=5):
+    from bigjob.job.data import load_samples
+
+    out = []
+    for ids in load_samples(samples_cfg, TINY["vocab_size"]):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]))["logits"][0].float()
+        out.append(logits.topk(top_k, dim=-1))
+    return out
+
+
+def assert_matches_reference(records, reference, atol=1e-5):
+    assert [r["id"] for r in records] == list(range(len(reference)))
+    for record, top in zip(records, reference):
+        assert record["top_ids"] == top.indices.tolist()
+        torch.testing.assert_close(torch.tensor(record["top_values"]), top.values, rtol=atol, atol=atol)
+
+
+def test_job_outputs_equal_the_model_run_fully_in_ram(tmp_path):
+    cfg = config(tmp_path)
+    report = run_job(cfg, tmp_path / "run")
+    assert report.status == "completed" and report.batches == 3 and report.samples == 7
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["bytes_per_tier"].get("disk", 0) > 0 and metrics["bytes_per_tier"].get("cpu", 0) > 0
+    for field in ("plan_seconds", "load_seconds", "batch_latency_p50_s", "batch_latency_p90_s", "samples_per_s", "tokens_per_s", "peak_rss_bytes"):
+        assert metrics[field] is not None and metrics[field] >= 0, field
+    assert metrics["versions"]["torch"] == torch.__version__ and metrics["devices"] and metrics["checkpoint"]
+    device_map = json.loads((tmp_path / "run" / "device_map.json").read_text())["device_map"]
+    assert "disk" in device_map.values()
+    reference = reference_outputs(reference_model(checkpoint_dir(tmp_path)), cfg.data)
+    assert_matches_reference(read_jsonl(tmp_path / "run" / "predictions.jsonl"), reference)
+
+
+def test_second_run_is_a_plan_cache_hit(tmp_path):
+    first = run_job(config(tmp_path), tmp_path / "a")
+    second = run_job(config(tmp_path), tmp_path / "b")
+    assert first.plan_cache_hit is False and second.plan_cache_hit is True
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["plan_cache_hit"] is True
+    assert (tmp_path / "a" / "device_map.json").read_text() == (tmp_path / "b" / "device_map.json").read_text()
+    assert (tmp_path / "a" / "predictions.jsonl").read_bytes() == (tmp_path / "b" / "predictions.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        ["placement.max_memory.cpu=20KiB"],
+        ["dtype=float16"],
+        ["model.kwargs.d_ff=48"],
+        ["placement.strategy=sequential"],
+        ["model.no_split_module_classes=[]"],
+        ["checkpoint.demo_seed=1"],
+    ],
+)
+def test_changing_a_plan_input_is_a_miss(tmp_path, change):
+    assert run_job(config(tmp_path, "mode=plan"), tmp_path / "a").plan_cache_hit is False
+    assert run_job(config(tmp_path, "mode=plan"), tmp_path / "b").plan_cache_hit is True
+    assert run_job(config(tmp_path, "mode=plan", *change), tmp_path / "c").plan_cache_hit is False
+
+
+def _write_checkpoint(path: Path, seed: int) -> None:
+    spec = demo_checkpoint_spec(TINY)
+    save_file({name: demo_tensor(name, shape, seed, TINY["n_layers"]) for name, shape in spec}, str(path))
+
+
+@pytest.mark.parametrize("content_hash", [False, True])
+def test_changing_the_checkpoint_content_is_a_miss(tmp_path, content_hash):
+    path = tmp_path / "model.safetensors"
+    _write_checkpoint(path, seed=1)
+    extra = ["mode=plan", "checkpoint=path", f"checkpoint.path={path}", f"checkpoint.content_hash={content_hash}"]
+    assert run_job(config(tmp_path, *extra), tmp_path / "a").plan_cache_hit is False
+    assert run_job(config(tmp_path, *extra), tmp_path / "b").plan_cache_hit is True
+    stat = path.stat()
+    _write_checkpoint(path, seed=2)  # same size, other bytes
+    assert path.stat().st_size == stat.st_size
+    assert run_job(config(tmp_path, *extra), tmp_path / "c").plan_cache_hit is False
+
+
+def test_plan_mode_loads_no_weights_even_for_a_model_far_larger_than_ram(tmp_path):
+    huge = ["model.kwargs.vocab_size=32000", "model.kwargs.d_model=8192", "model.kwargs.n_layers=400", "model.kwargs.n_heads=64",
+            "model.kwargs.d_ff=28672", "placement.max_memory.cpu=8GiB", "mode=plan"]
+    report = run_job(compose_config([f"cache.dir={tmp_path / 'cache'}", *huge]), tmp_path / "plan")
+    dm = json.loads((tmp_path / "plan" / "device_map.json").read_text())
+    assert report.status == "planned" and sum(dm["plan"]["planned_bytes"].values()) > 1e12  # > 1 TB of weights
+    assert report.peak_rss_bytes < 4 * 2**30
+    assert not (tmp_path / "cache" / "checkpoints").exists()  # not even the demo checkpoint is made
+    assert not (tmp_path / "plan" / "predictions.jsonl").exists()
+
+
+def test_an_interrupted_run_resumes_to_the_same_outputs(tmp_path, monkeypatch):
+    cfg = config(tmp_path)
+    run_job(cfg, tmp_path / "whole")
+    original = progress.ResultWriter.append
+    calls = []
+
+    def crash_after_two(self, *args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies here
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(progress.ResultWriter, "append", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(cfg, tmp_path / "part")
+    monkeypatch.setattr(progress.ResultWriter, "append", original)
+    assert len(read_jsonl(tmp_path / "part" / "predictions.jsonl")) == 6
+    report = run_job(cfg, tmp_path / "part")
+    assert report.resumed_from_batch == 2 and report.status == "completed"
+    assert (tmp_path / "part" / "predictions.jsonl").read_bytes() == (tmp_path / "whole" / "predictions.jsonl").read_bytes()
+    # Running a completed folder again changes nothing.
+    assert run_job(cfg, tmp_path / "part").status == "completed"
+    assert (tmp_path / "part" / "predictions.jsonl").read_bytes() == (tmp_path / "whole" / "predictions.jsonl").read_bytes()
+
+
+def test_a_completed_sweep_job_is_skipped_in_a_new_sweep_folder(tmp_path):
+    first = run_job(config(tmp_path), tmp_path / "sweep1" / "0", multirun=True)
+    again = run_job(config(tmp_path), tmp_path / "sweep2" / "0", multirun=True)
+    assert again.reused_from == str(tmp_path / "sweep1" / "0") and again.status == "completed"
+    assert json.loads((tmp_path / "sweep2" / "0" / "metrics.json").read_text())["reused_from"] == first.run_dir
+    assert (tmp_path / "sweep2" / "0" / "device_map.json").exists()
+    other = run_job(config(tmp_path, "data.batch_size=2"), tmp_path / "sweep2" / "1", multirun=True)
+    assert other.reused_from is None and other.batches == 4
+
+
+@pytest.mark.parametrize("task,check", [("score", "log_likelihood"), ("embed", "embedding")])
+def test_other_tasks_run_through_the_engine(tmp_path, task, check):
+    report = run_job(config(tmp_path, f"task={task}"), tmp_path / "run")
+    records = read_jsonl(tmp_path / "run" / "predictions.jsonl")
+    assert report.status == "completed" and len(records) == 7 and all(check in r for r in records)
+
+
+def test_half_precision_matches_a_half_reference(tmp_path):
+    cfg = config(tmp_path, "dtype=bfloat16", "placement.max_memory.cpu=18KiB")
+    report = run_job(cfg, tmp_path / "run")
+    reference = reference_outputs(reference_model(checkpoint_dir(tmp_path), dtype=torch.bfloat16), cfg.data)
+    records = read_jsonl(tmp_path / "run" / "predictions.jsonl")
+    for record, top in zip(records, reference):
+        torch.testing.assert_close(torch.tensor(record["top_values"]), top.values, rtol=2e-2, atol=2e-2)
+    assert report.bytes_per_tier.get("disk", 0) > 0
+
+
+def test_full_logits_are_written_per_batch(tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = config(tmp_path, "task.full_logits=true")
+    run_job(cfg, tmp_path / "run")
+    files = sorted((tmp_path / "run" / "tensors").glob("batch_*.safetensors"))
+    assert len(files) == 3
+    model = reference_model(checkpoint_dir(tmp_path))
+    first = load_file(str(files[0]))
+    from bigjob.job.data import load_samples
+
+    ids = load_samples(cfg.data, TINY["vocab_size"])[0]
+    with torch.no_grad():
+        expected = model(torch.tensor([ids]))["logits"][0]
+    torch.testing.assert_close(first["logits"][0, : len(ids)], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "extra,error,key",
+    [
+        (["data.batch_size=0"], ConfigError, "data.batch_size"),
+        (["placement.max_memory.cpu=12 parsecs"], ConfigError, "placement.max_memory.cpu"),
+        (["checkpoint=path", "checkpoint.path=/no/such/model.safetensors"], CheckpointError, "checkpoint.path"),
+        (["model._target_=no.such.Model"], ConfigError, "model._target_"),
+        (["data=jsonl", "data.path=BAD"], DataError, "line 2"),
+        (["hydra_run_dir_is_a_file"], JobError, "hydra.run.dir"),
+        (["placement.max_memory.gpu3=1GiB"] if not torch.cuda.is_available() else ["data.batch_size=-1"], BigJobError, "placement.max_memory"
+         if not torch.cuda.is_available() else "data.batch_size"),
+    ],
+)
+def test_bad_input_fails_clearly_and_writes_nothing_to_the_cache(tmp_path, extra, error, key):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("[1, 2]\n[3, oops]\n")
+    run_dir = tmp_path / "run"
+    if extra == ["hydra_run_dir_is_a_file"]:
+        (tmp_path / "file").write_text("")
+        run_dir, extra = tmp_path / "file" / "run", []
+    extra = [e.replace("BAD", str(bad)) for e in extra]
+    with pytest.raises(error) as info:
+        run_job(config(tmp_path, *extra), run_dir)
+    assert isinstance(info.value, BigJobError) and key in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_budget_too_small_for_the_model_stores_nothing(tmp_path):
+    with pytest.raises(BigJobError, match="cpu"):
+        run_job(config(tmp_path, "placement.max_memory.cpu=1KiB", "placement.max_memory.disk=0"), tmp_path / "run")
+    from bigjob.job.cache import JobCache
+
+    with JobCache(tmp_path / "cache") as cache:
+        assert cache.keys() == []  # the planner's refusal is not cached
