@@ -22,7 +22,7 @@ from torch import nn
 
 from bigjob.engine.devices import UNLIMITED, device_order, format_size, normalize_device
 from bigjob.engine.sizes import Inventory, build_inventory
-from bigjob.errors import DeviceMapError
+from bigjob.errors import BudgetError, DeviceMapError
 
 __all__ = ["DeviceMap", "PlanSummary", "assign_tensors", "check_device_map"]
 
@@ -51,7 +51,10 @@ class DeviceMap(Mapping[str, str]):
         for key, device in entries.items():
             if not isinstance(key, str):
                 raise DeviceMapError(f"device map key {key!r} is not a module name; keys are module prefixes such as 'layers.0'")
-            self._entries[key] = normalize_device(device, key="device_map")
+            try:
+                self._entries[key] = normalize_device(device, key=f"device_map[{key!r}]")
+            except BudgetError as err:  # a bad device here is a bad map, not a bad budget
+                raise DeviceMapError(str(err)) from None
         self.summary = summary
 
     @classmethod

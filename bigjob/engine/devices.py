@@ -99,7 +99,10 @@ def parse_size(value: str | int | float, capacity: int | None = None, key: str =
             f"cannot read {value!r} as a size for {key}; write bytes as an int or a number with a unit "
             "(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), or a percentage such as '90%'"
         )
-    return int(float(match.group(1)) * _UNITS[unit])
+    nbytes = float(match.group(1)) * _UNITS[unit]
+    if not math.isfinite(nbytes):
+        raise BudgetError(f"size {value!r} for {key} is too large to be a number of bytes; write a size such as '8GiB'")
+    return int(nbytes)
 
 
 def format_size(nbytes: int) -> str:
@@ -125,7 +128,8 @@ def normalize_device(device: str | int | torch.device, key: str = "max_memory") 
     if isinstance(device, torch.device):
         if device.type == "cuda":
             return f"cuda:{device.index or 0}"
-        return device.type
+        if device.type in (CPU, "mps", "meta"):
+            return device.type
     if isinstance(device, bool):
         raise BudgetError(f"unknown device {device!r} in {key}; use a GPU index, 'cuda:N', 'gpuN', 'mps', 'cpu' or 'disk'")
     if isinstance(device, int):
@@ -204,8 +208,14 @@ def get_max_memory(max_memory: Mapping[str | int, str | int] | None = None) -> d
     detected = {info.device: info for info in _detected()}
     budgets: dict[str, int] = {name: info.free_bytes for name, info in detected.items()}
     budgets[DISK] = UNLIMITED
+    given: dict[str, str | int] = {}
     for raw_key, raw_value in (max_memory or {}).items():
         device = normalize_device(raw_key)
+        if device in given:
+            raise BudgetError(
+                f"max_memory names {device} twice ({given[device]!r} and {raw_key!r}); keep one budget per device"
+            )
+        given[device] = raw_key
         if device == "meta":
             raise BudgetError("'meta' is not a device with memory; budget 'cuda:N', 'mps', 'cpu' or 'disk' in max_memory")
         capacity = detected[device].total_bytes if device in detected else None

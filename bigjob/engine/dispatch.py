@@ -29,12 +29,12 @@ from bigjob.engine.device_map import DeviceMap
 from bigjob.engine.devices import CPU, DISK, is_accelerator, normalize_device
 from bigjob.engine.hooks import HookHandle, MoveInputs, PagedUnit, Prefetcher, RootHook, Schedule, StagingPool, StreamedUnit, TensorSlot
 from bigjob.engine.device_map import assign_tensors
-from bigjob.engine.loading import LoadResult, load_checkpoint_in_model, set_tensor
+from bigjob.engine.loading import LoadResult, check_devices, load_checkpoint_in_model, set_tensor
 from bigjob.engine.pages import Range, merge
 from bigjob.engine.planner import resolve_device_map
 from bigjob.engine.sizes import build_inventory
 from bigjob.engine.store import OffloadEntry, prepare_offload_folder
-from bigjob.errors import DeviceError, OffloadError
+from bigjob.errors import OffloadError
 
 __all__ = [
     "DispatchInfo",
@@ -91,23 +91,6 @@ def remove_dispatch(model: nn.Module) -> nn.Module:
     return model
 
 
-def _check_devices(devices: Iterable[str]) -> None:
-    missing = []
-    for device in devices:
-        if device.startswith("cuda:"):
-            index = int(device.split(":")[1])
-            if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-                missing.append(device)
-        elif device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            missing.append(device)
-    if missing:
-        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        raise DeviceError(
-            f"the device map uses {missing}, but this machine has {have} CUDA GPU(s); "
-            "plan for this machine's devices (max_memory / placement.max_memory) or run where they exist"
-        )
-
-
 def _units_of(result: LoadResult) -> list[tuple[str, bool]]:
     assert result.inventory is not None
     return [(unit.name, unit.is_module) for unit in result.inventory.units]
@@ -119,7 +102,7 @@ def dispatch_loaded(model: nn.Module, result: LoadResult, prefetch: int = 1, mai
     inventory = result.inventory
     assert inventory is not None
     main = normalize_device(main_device) if main_device else result.main_device
-    _check_devices([main, *result.placement.values()])
+    check_devices([main, *result.placement.values()])
     main_dev = torch.device(main)
     modules = dict(model.named_modules(remove_duplicate=False))
     tiers = result.placement
@@ -129,6 +112,13 @@ def dispatch_loaded(model: nn.Module, result: LoadResult, prefetch: int = 1, mai
     tied = {name for group in inventory.tied_groups for name in group}
     tied_ranges: list[Range] = []
     streamed = paged = 0
+    file_backed = set(result.zero_copy)
+    if result.offload is not None:
+        file_backed.update(result.offload.checkpoint.keys())
+    # Model parallel: with units computing on several devices, every resident unit moves its inputs
+    # to its own device (one on the main GPU may follow one on another GPU, not only the reverse).
+    computing = {t for t in tiers.values() if t != DISK and not (t == CPU and is_accelerator(main))}
+    several_devices = len(computing | {main}) > 1
 
     staging = None
     if is_accelerator(main):
@@ -156,7 +146,7 @@ def dispatch_loaded(model: nn.Module, result: LoadResult, prefetch: int = 1, mai
         offloaded = [n for n in owned if tiers[n] == DISK or (tiers[n] == CPU and is_accelerator(main))]
         if not offloaded:
             devices = {torch.device(t) for t in unit_tiers}
-            if len(devices) == 1 and next(iter(devices)) != main_dev:
+            if len(devices) == 1 and several_devices:
                 handles.append(HookHandle(module, MoveInputs(next(iter(devices)))))
             continue
         if is_accelerator(main):
@@ -170,8 +160,9 @@ def dispatch_loaded(model: nn.Module, result: LoadResult, prefetch: int = 1, mai
             handles.append(HookHandle(module, stream_unit))
             streamed += 1
         else:
-            ranges = [_range(modules, n) for n in offloaded if n not in tied]
-            tied_ranges.extend(_range(modules, n) for n in offloaded if n in tied)
+            # Only views of files may be released (MADV_DONTNEED): on anonymous memory it zeroes the data.
+            ranges = [_range(modules, n) for n in offloaded if n not in tied and n in file_backed]
+            tied_ranges.extend(_range(modules, n) for n in offloaded if n in tied and n in file_backed)
             paged_unit = PagedUnit(unit.name, merge(ranges), schedule)
             paged_unit.position = schedule.add(paged_unit)
             handles.append(HookHandle(module, paged_unit))
@@ -282,6 +273,7 @@ def load_checkpoint_and_dispatch(
         max_memory=max_memory,
         no_split_module_classes=no_split_module_classes,
         offload_buffers=offload_buffers,
+        prefetch=prefetch,
     )
     return dispatch_loaded(model, result, prefetch=prefetch)
 
@@ -313,6 +305,7 @@ def dispatch_model(
     inventory = build_inventory(model)
     tiers = assign_tensors(inventory, resolved)
     main = normalize_device(main_device) if main_device else (resolved.summary.main_device if resolved.summary else CPU)
+    check_devices([main, *resolved.devices])  # before any tensor moves
     modules = dict(model.named_modules(remove_duplicate=False))
     entries: list[OffloadEntry] = []
     values: dict[str, torch.Tensor] = {}

@@ -11,9 +11,9 @@ Two mechanisms, both scoped to the calling thread:
   device, keeping its class and ``requires_grad``;
 * a thread-local ``TorchFunctionMode`` sends ``torch.empty`` calls that name no device to
   the target device, so a parameter is never allocated in RAM first (a 40 GB layer would
-  otherwise be refused by the kernel before it could be moved). A *buffer* made that way
-  is given CPU storage again at registration, since ``include_buffers=False`` promises
-  real buffers that ``__init__`` may still fill in place.
+  otherwise be refused by the kernel before it could be moved). Such a tensor gets real
+  CPU storage as soon as its values are used or it is registered as a *buffer*, since
+  ``include_buffers=False`` promises real buffers holding what ``__init__`` put in them.
 
 Nothing is patched on ``nn.Module``, contexts nest, other threads are untouched, and an
 exception inside the block leaves nothing behind.
@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,24 +68,125 @@ def _top() -> _Frame | None:
 
 # Factories whose result has no defined values: redirecting them loses nothing.
 _UNINITIALISED_FACTORIES = frozenset({torch.empty, torch.empty_strided})
+# Calls that read only a tensor's metadata: they never need its values.
+_METADATA_ONLY = frozenset(
+    {
+        torch.Tensor.dim,
+        torch.Tensor.size,
+        torch.Tensor.numel,
+        torch.Tensor.nelement,
+        torch.Tensor.element_size,
+        torch.Tensor.stride,
+        torch.Tensor.is_contiguous,
+        torch.Tensor.is_floating_point,
+        torch.Tensor.__len__,
+        torch.Tensor.__hash__,
+        torch.Tensor.requires_grad_,
+    }
+)
+
+
+def _in_place(func: Any) -> bool:
+    """Whether ``func`` changes its first argument in place (``fill_``, ``nn.init.normal_``, ``t[i] = x``, ``t += x``)."""
+    name = getattr(func, "__name__", "")
+    return (name.endswith("_") and not name.startswith("_")) or name == "__setitem__" or name.startswith("__i")
+
+
+def _holds_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensor(item) for item in value)
+    if isinstance(value, dict):
+        return any(_holds_tensor(item) for item in value.values())
+    return False
 
 
 class _RedirectEmpty(TorchFunctionMode):
-    """Sends ``torch.empty`` without an explicit device to ``device`` and remembers the result."""
+    """Sends ``torch.empty`` without an explicit device to ``device``; makes such a tensor real once its values matter.
+
+    A redirected tensor that ends up as a parameter is never given storage. In-place calls
+    that only take scalars (``fill_``, ``uniform_``, ``t[i] = 0``, every ``torch.nn.init``
+    function) are deferred. Any other use of its values (``copy_`` from a tensor, arithmetic,
+    indexing, registration as a buffer) gives it a CPU stand-in, on which the deferred calls
+    are replayed first and which every later call sees; so a buffer built from ``torch.empty``
+    keeps the values ``__init__`` gave it, while initialising a parameter costs nothing.
+    """
 
     def __init__(self, device: torch.device) -> None:
         super().__init__()
         self.device = device
-        self.created: dict[int, torch.Tensor] = {}
+        self.track = device.type != "cpu"
+        self._made: dict[int, weakref.ref[torch.Tensor]] = {}  # id -> redirected tensor, while alive
+        self._real: dict[int, torch.Tensor] = {}  # id -> its CPU stand-in
+        self._deferred: dict[int, list[tuple[Any, tuple[Any, ...], dict[str, Any]]]] = {}  # in-place calls to replay
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = dict(kwargs or {})
+        kwargs = kwargs or {}
         if func in _UNINITIALISED_FACTORIES and kwargs.get("device") is None:
-            kwargs["device"] = self.device
-            out = func(*args, **kwargs)
-            self.created[id(out)] = out
+            out = func(*args, **{**kwargs, "device": self.device})
+            if self.track:
+                self._remember(out)
             return out
+        if self._made:
+            target = args[0] if args else kwargs.get("tensor")  # nn.init passes its tensor by keyword
+            if (
+                self.is_made(target)
+                and id(target) not in self._real
+                and _in_place(func)
+                and not _holds_tensor((args[1:], [v for v in kwargs.values() if v is not target]))
+            ):
+                self._deferred.setdefault(id(target), []).append((func, tuple(args), dict(kwargs)))
+                return None if func is torch.Tensor.__setitem__ else target
+            metadata = func in _METADATA_ONLY or getattr(func, "__name__", None) == "__get__"
+            args = self._swap(args, metadata)
+            kwargs = self._swap(kwargs, metadata)
         return func(*args, **kwargs)
+
+    def _remember(self, tensor: torch.Tensor) -> None:
+        key = id(tensor)
+
+        def forget(_: object) -> None:
+            self._made.pop(key, None)
+            self._real.pop(key, None)
+            self._deferred.pop(key, None)
+
+        self._made[key] = weakref.ref(tensor, forget)
+
+    def is_made(self, value: object) -> bool:
+        """Whether ``value`` is a tensor this mode redirected (and that is still alive)."""
+        if not isinstance(value, torch.Tensor):
+            return False
+        ref = self._made.get(id(value))
+        return ref is not None and ref() is value
+
+    def stand_in(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The CPU tensor standing in for a redirected one, made (and its deferred calls replayed) on first need."""
+        real = self._real.get(id(tensor))
+        if real is None:
+            real = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+            self._real[id(tensor)] = real
+            for func, args, kwargs in self._deferred.pop(id(tensor), ()):
+                func(
+                    *(real if arg is tensor else arg for arg in args),
+                    **{key: real if arg is tensor else arg for key, arg in kwargs.items()},
+                )
+        return real
+
+    def _swap(self, value: Any, metadata: bool) -> Any:
+        """``value`` with redirected tensors replaced by their stand-ins (made only where values are read)."""
+        if isinstance(value, torch.Tensor):
+            if not self.is_made(value) or (metadata and id(value) not in self._real):
+                return value
+            return self.stand_in(value)
+        if isinstance(value, (list, tuple)):
+            swapped = [self._swap(item, metadata) for item in value]
+            if all(a is b for a, b in zip(swapped, value)):
+                return value
+            return type(value)(*swapped) if hasattr(value, "_fields") else type(value)(swapped)
+        if isinstance(value, dict):
+            return {key: self._swap(item, metadata) for key, item in value.items()}
+        return value
 
 
 def _move_parameter(param: nn.Parameter, device: torch.device) -> nn.Parameter:
@@ -92,8 +195,8 @@ def _move_parameter(param: nn.Parameter, device: torch.device) -> nn.Parameter:
     data = param.data.to(device)
     try:
         moved = cls(data, requires_grad=param.requires_grad)
-    except TypeError:  # a Parameter subclass with its own constructor signature
-        moved = nn.Parameter(data, requires_grad=param.requires_grad)
+    except TypeError:  # a Parameter subclass with its own constructor signature: keep the class anyway
+        moved = torch.Tensor._make_subclass(cls, data, param.requires_grad)
     moved.__dict__.update(param.__dict__)
     return moved
 
@@ -111,9 +214,9 @@ def _on_buffer(module: nn.Module, name: str, buffer: torch.Tensor | None) -> tor
         return None
     if frame.include_buffers:
         return None if buffer.device == frame.device else buffer.to(frame.device)
-    if frame.redirect is not None and frame.redirect.created.get(id(buffer)) is buffer:
-        # Made by the redirected torch.empty: its values were undefined anyway.
-        return torch.empty_like(buffer, device="cpu")
+    if frame.redirect is not None and frame.redirect.is_made(buffer):
+        # Made by the redirected torch.empty: its CPU stand-in holds whatever values __init__ gave it.
+        return frame.redirect.stand_in(buffer)
     return None
 
 

@@ -41,7 +41,9 @@ _ALIGN = 256  # bytes: every tensor in a packed buffer starts at a multiple of t
 def move_to(value: Any, device: torch.device) -> Any:
     """``value`` with every tensor inside (tuples, lists, dicts, dataclass-like outputs) on ``device``."""
     if isinstance(value, torch.Tensor):
-        return value if value.device == device else value.to(device, non_blocking=True)
+        # Host-to-device copies may be asynchronous (the stream orders them before any use); a copy
+        # to the CPU must not be: the caller reads the result at once, with no stream to wait on.
+        return value if value.device == device else value.to(device, non_blocking=device.type != "cpu")
     if isinstance(value, (list, tuple)):
         moved = [move_to(v, device) for v in value]
         if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
@@ -249,7 +251,7 @@ class StreamedUnit:
             if slot_pool is not None:
                 self.staging.release(slot_pool, event)  # type: ignore[union-attr]
             return target, event
-        target = source[: self.size].to(self.device)
+        target = source[: self.size].to(self.device, copy=True)  # the staging buffer is reused at once
         if slot_pool is not None:
             self.staging.release(slot_pool, None)  # type: ignore[union-attr]
         return target, None
@@ -272,7 +274,8 @@ class StreamedUnit:
             target.record_stream(current)
         for slot in self.slots:
             slot.install(_view(target, slot))
-        return args, kwargs
+        # Inputs may come from a unit on another GPU (model parallel); a no-op when already here.
+        return move_to(args, self.device), move_to(kwargs, self.device)
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
         for slot in self.slots:

@@ -27,6 +27,7 @@ prefix such as ``model.`` that explains a mismatch.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import time
@@ -43,9 +44,9 @@ from bigjob.engine.devices import CPU, DISK, is_accelerator
 from bigjob.engine.planner import resolve_device_map
 from bigjob.engine.sizes import Inventory, TensorRecord, build_inventory, resolve_dtype
 from bigjob.engine.store import OffloadEntry, OffloadFolder, prepare_offload_folder
-from bigjob.errors import CheckpointError, ConfigError, OffloadError
+from bigjob.errors import CheckpointError, ConfigError, DeviceError, OffloadError
 
-__all__ = ["LoadResult", "checkpoint_dtype", "load_checkpoint_in_model", "set_tensor"]
+__all__ = ["LoadResult", "check_devices", "checkpoint_dtype", "load_checkpoint_in_model", "set_tensor"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,28 @@ def checkpoint_dtype(checkpoint: Checkpoint) -> torch.dtype | None:
                 count *= dim
             totals[meta.dtype] = totals.get(meta.dtype, 0) + count * meta.dtype.itemsize
     return max(totals, key=lambda d: totals[d]) if totals else None
+
+
+def check_devices(devices: Iterable[str]) -> None:
+    """Raise :class:`DeviceError` if any of ``devices`` (canonical names) does not exist on this machine.
+
+    Called before any tensor is moved: a plan made for a declared GPU inventory fails here with a clear
+    error instead of deep inside torch (``AssertionError: Torch not compiled with CUDA enabled``).
+    """
+    missing = []
+    for device in dict.fromkeys(devices):
+        if device.startswith("cuda:"):
+            index = int(device.split(":")[1])
+            if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+                missing.append(device)
+        elif device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            missing.append(device)
+    if missing:
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise DeviceError(
+            f"the device map uses {missing}, but this machine has {have} CUDA GPU(s); "
+            "plan for this machine's devices (max_memory / placement.max_memory) or run where they exist"
+        )
 
 
 def _module_index(model: nn.Module) -> dict[str, nn.Module]:
@@ -175,6 +198,56 @@ def _check_keys(inventory: Inventory, checkpoint: Checkpoint, strict: bool) -> t
     return report, source
 
 
+def _stored_dtypes(
+    inventory: Inventory,
+    ckpt: Checkpoint,
+    source: Mapping[str, str],
+    target: torch.dtype | None,
+    special_dtypes: Mapping[str, torch.dtype | str] | None,
+) -> dict[str, torch.dtype]:
+    """Floating tensors stored in another floating dtype than ``target`` (and not chosen by ``special_dtypes``)."""
+    keys = list(special_dtypes or ())
+    out: dict[str, torch.dtype] = {}
+    for record in inventory.tensors.values():
+        key = source.get(record.name)
+        if key is None or not record.dtype.is_floating_point:
+            continue
+        stored = ckpt.meta(key).dtype
+        if stored == target or not stored.is_floating_point:
+            continue
+        if not any(_selected(name, keys) for name in (record.name, *record.aliases)):
+            out[record.name] = stored
+    return out
+
+
+def _selected(name: str, keys: list[str]) -> bool:
+    """Whether a ``special_dtypes`` key (a module or tensor name, or a glob) applies to tensor ``name``."""
+    prefix = name
+    while True:
+        if any(prefix == key or fnmatch.fnmatchcase(prefix, key) for key in keys):
+            return True
+        if not prefix:
+            return False
+        prefix = prefix.rpartition(".")[0]
+
+
+def _check_unsaved_buffers(inventory: Inventory, source: Mapping[str, str], modules: Mapping[str, nn.Module]) -> None:
+    """Non-persistent buffers come from the model itself: fail before loading anything if it has no value for one."""
+    unset = []
+    for record in inventory.tensors.values():
+        if record.name in source:
+            continue
+        owner, _, local = record.name.rpartition(".")
+        current = modules[owner]._buffers.get(local)
+        if current is None or current.is_meta:
+            unset.append(record.name)
+    if unset:
+        raise CheckpointError(
+            f"{_listing('buffers that checkpoints do not save and the model holds no value for', unset)} "
+            "(built with include_buffers=True?); build the model with init_empty_weights(include_buffers=False)"
+        )
+
+
 def _listing(title: str, items: list[str], limit: int = 20) -> str:
     more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
     return f"{len(items)} {title}: {', '.join(items[:limit])}{more}"
@@ -191,18 +264,51 @@ def load_checkpoint_in_model(
     max_memory: Mapping[str | int, str | int] | None = None,
     no_split_module_classes: Iterable[str] | None = None,
     offload_buffers: bool = False,
+    prefetch: int = 1,
 ) -> LoadResult:
     """Load ``checkpoint`` into ``model`` (empty or not) following ``device_map`` (default: all on CPU).
 
-    ``dtype`` is the target dtype of floating tensors (``None``: the checkpoint's own dtype);
-    ``special_dtypes`` overrides it per module. Disk-tier tensors that need converting go
-    to an offload folder under ``offload_folder`` (required then).
+    ``dtype`` is the target dtype of floating tensors (``None``: each keeps the dtype it is
+    stored in); ``special_dtypes`` overrides it per module. Disk-tier tensors that need converting go
+    to an offload folder under ``offload_folder`` (required then). ``prefetch`` is the depth the
+    model will be dispatched with: a planned map keeps room for that many units in flight.
     """
     started = time.perf_counter()
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
+    args = (device_map, dtype, offload_folder, strict, special_dtypes, max_memory, no_split_module_classes, offload_buffers, prefetch)
+    if isinstance(checkpoint, Checkpoint):
+        return _load(model, checkpoint, started, *args)
+    # Opened here, closed here: the descriptors of positioned reads must not outlive the load
+    # (zero-copy views keep their own mappings alive).
+    with open_checkpoint(checkpoint) as ckpt:
+        return _load(model, ckpt, started, *args)
+
+
+def _load(
+    model: nn.Module,
+    ckpt: Checkpoint,
+    started: float,
+    device_map: str | Mapping[str, str | int] | DeviceMap | None,
+    dtype: torch.dtype | str | None,
+    offload_folder: str | os.PathLike[str] | None,
+    strict: bool,
+    special_dtypes: Mapping[str, torch.dtype | str] | None,
+    max_memory: Mapping[str | int, str | int] | None,
+    no_split_module_classes: Iterable[str] | None,
+    offload_buffers: bool,
+    prefetch: int,
+) -> LoadResult:
     target = resolve_dtype(dtype)
-    if target is None:
+    keep_stored = target is None
+    if keep_stored:
         target = checkpoint_dtype(ckpt)
+    inventory = build_inventory(model, target, special_dtypes, no_split_module_classes)
+    report, source = _check_keys(inventory, ckpt, strict)
+    if keep_stored:
+        # "The checkpoint's own dtype" is per tensor: a mostly-fp16 checkpoint with fp32 norms keeps them fp32.
+        stored = _stored_dtypes(inventory, ckpt, source, target, special_dtypes)
+        if stored:
+            special_dtypes = {**stored, **(special_dtypes or {})}
+            inventory = build_inventory(model, target, special_dtypes, no_split_module_classes)
     resolved = resolve_device_map(
         model,
         device_map if device_map is not None else CPU,
@@ -210,12 +316,13 @@ def load_checkpoint_in_model(
         no_split_module_classes,
         target,
         special_dtypes,
+        prefetch,
     )
-    inventory = build_inventory(model, target, special_dtypes, no_split_module_classes)
     tiers = assign_tensors(inventory, resolved)
-    report, source = _check_keys(inventory, ckpt, strict)
     main = resolved.summary.main_device if resolved.summary else _main_of(resolved)
+    check_devices([main, *resolved.devices])
     modules = _module_index(model)
+    _check_unsaved_buffers(inventory, source, modules)
 
     offload_entries: list[OffloadEntry] = []
     zero_copy: set[str] = set()
@@ -246,8 +353,10 @@ def load_checkpoint_in_model(
     for record in inventory.tensors.values():
         tier = tiers[record.name]
         # Buffers of disk-tier modules stay in RAM unless offload_buffers: they are small and often used.
+        # Non-persistent buffers always do: no file holds them, so a "disk" home would be an anonymous
+        # copy that the dispatcher's page release (MADV_DONTNEED) would zero.
         home = tier
-        if tier == DISK and record.is_buffer and not offload_buffers:
+        if tier == DISK and record.is_buffer and (not offload_buffers or record.name not in source):
             home = main if not is_accelerator(main) else CPU
         value = _materialise(record, home, ckpt, source, offload, zero_copy, offloaded, modules)
         for name in (record.name, *record.aliases):

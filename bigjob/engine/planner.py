@@ -6,7 +6,9 @@ room. A device is not abandoned because one unit did not fit: smaller units afte
 go there, and the planner only moves on once nothing left could fit. Tied tensors travel
 together. When anything is offloaded, room for bringing back the largest offloaded unit
 (times ``1 + prefetch``) is kept on the execution device, so the budget is what the process
-really uses. Time is linear in the number of units.
+really uses; a plan whose reserve cannot fit is an error, never a silent overrun. The
+balanced strategies use balanced GPU budgets only while the model fits on the GPUs. Time is
+linear in the number of units (a bounded number of linear passes).
 
 >>> from torch import nn
 >>> model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(4)])  # 4 x 263,168 bytes
@@ -25,7 +27,16 @@ import torch
 from torch import nn
 
 from bigjob.engine.device_map import DeviceMap, PlanSummary, assign_tensors, summarize
-from bigjob.engine.devices import CPU, DISK, UNLIMITED, format_size, get_max_memory, is_accelerator, normalize_device
+from bigjob.engine.devices import (
+    CPU,
+    DISK,
+    UNLIMITED,
+    device_order,
+    format_size,
+    get_max_memory,
+    is_accelerator,
+    normalize_device,
+)
 from bigjob.engine.sizes import Inventory, Unit, build_inventory, no_gc, resolve_dtype
 from bigjob.errors import BudgetError, ConfigError
 
@@ -41,7 +52,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Bump whenever a change could make the same inputs give a different map: it is part of cache keys.
-PLANNER_VERSION = "1"
+PLANNER_VERSION = "2"
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
@@ -134,7 +145,7 @@ def _fill(
         while target < len(devices) and room[target] < cluster.nbytes:
             target += 1
         if target == len(devices):
-            raise _too_big(units, cluster, devices, room, key_hint)
+            raise _too_big(units, cluster, devices, room, [capacity[d] for d in devices], key_hint)
         room[target] -= cluster.nbytes
         for member in cluster.units:
             placed[member] = devices[target]
@@ -143,14 +154,42 @@ def _fill(
     return [device or devices[-1] for device in placed]
 
 
-def _too_big(units: list[Unit], cluster: _Cluster, devices: list[str], room: list[int], key_hint: str) -> BudgetError:
+def _too_big(
+    units: list[Unit], cluster: _Cluster, devices: list[str], room: list[int], capacity: list[int], key_hint: str
+) -> BudgetError:
     names = [units[i].name for i in cluster.units]
     what = f"module {names[0]!r}" if len(names) == 1 else f"tied modules {names}"
-    best = max(range(len(devices)), key=lambda j: room[j])
     disk = "" if DISK in devices else " or allow disk offload (max_memory['disk'] > 0)"
+    if cluster.nbytes > max(capacity):  # no budget could ever hold it
+        best = max(range(len(devices)), key=lambda j: capacity[j])
+        return BudgetError(
+            f"{what} needs {format_size(cluster.nbytes)} but the largest budget is "
+            f"{format_size(capacity[best])} ({devices[best]}); raise {key_hint}[{devices[best]!r}]{disk}"
+        )
+    best = max(range(len(devices)), key=lambda j: room[j])
     return BudgetError(
         f"{what} needs {format_size(cluster.nbytes)} but the largest budget left is "
         f"{format_size(room[best])} ({devices[best]}); raise {key_hint}[{devices[best]!r}]{disk}"
+    )
+
+
+def _reserve_too_big(
+    inventory: Inventory,
+    placement: list[str],
+    reserve: Mapping[str, int],
+    budgets: Mapping[str, int],
+    main: str,
+    prefetch: int,
+    key_hint: str,
+) -> BudgetError:
+    device = next(d for d, size in reserve.items() if size > budgets.get(d, 0))
+    offloaded = [(u.nbytes, u.name) for u, d in zip(inventory.units, placement) if d == DISK or (d != main and not is_accelerator(d))]
+    nbytes, name = max(offloaded, default=(0, "?"))
+    why = "the execution device" if device == main else "CPU RAM, where units read from disk are staged"
+    return BudgetError(
+        f"bringing offloaded module {name!r} ({format_size(nbytes)}) back needs {format_size(reserve[device])} "
+        f"((1 + prefetch={prefetch}) x its size) on {device} ({why}), but {key_hint}[{device!r}] is "
+        f"{format_size(budgets.get(device, 0))}; raise {key_hint}[{device!r}] or lower prefetch"
     )
 
 
@@ -172,7 +211,8 @@ def get_balanced_memory(
     """Per-device budgets that spread the model evenly over the GPUs (GPU 0 kept light with ``low_zero``).
 
     Each GPU's budget becomes about its share of the model plus one largest unit (so a
-    whole unit always fits), never more than it has. CPU, MPS and disk budgets are unchanged.
+    whole unit always fits), never more than it has; a GPU too small for an even share keeps
+    what it has and the others share the rest. CPU, MPS and disk budgets are unchanged.
 
     >>> from torch import nn
     >>> model = nn.Sequential(*[nn.Linear(100, 100) for _ in range(4)])  # 4 x 40,400 bytes
@@ -195,13 +235,30 @@ def _balanced(inventory: Inventory, budgets: Mapping[str, int], low_zero: bool) 
     largest = max((unit.nbytes for unit in inventory.units), default=0)
     out = dict(budgets)
     sharing = gpus[1:] if low_zero else gpus
-    share = -(-total // len(sharing)) + largest
+    # Water-filling: a GPU too small for an even share takes what it has, the others the rest.
+    level = _water_level([budgets[gpu] for gpu in sharing], total)
     for gpu in sharing:
-        out[gpu] = min(budgets[gpu], share)
+        out[gpu] = min(budgets[gpu], level + largest)
     if low_zero:
         rest = sum(out[g] for g in sharing)
         out[gpus[0]] = min(budgets[gpus[0]], max(0, total - rest) + largest)
     return out
+
+
+def _water_level(capacities: list[int], total: int) -> int:
+    """The smallest level with ``sum(min(c, level)) >= total`` (the largest capacity if none reaches it).
+
+    >>> _water_level([100, 100], 120), _water_level([10, 100, 100], 120), _water_level([10, 20], 120)
+    (60, 55, 20)
+    """
+    remaining = total
+    ordered = sorted(capacities)
+    for i, capacity in enumerate(ordered):
+        sharers = len(ordered) - i
+        if capacity * sharers >= remaining:
+            return -(-remaining // sharers)
+        remaining -= capacity
+    return ordered[-1] if ordered else 0
 
 
 def plan(inventory: Inventory, budgets: Mapping[str, int], strategy: str = "auto", prefetch: int = 1) -> DeviceMap:
@@ -216,51 +273,28 @@ def plan(inventory: Inventory, budgets: Mapping[str, int], strategy: str = "auto
         raise ConfigError(f"unknown placement strategy {strategy!r}; use one of {list(STRATEGIES)} or an explicit map")
     if prefetch < 0:
         raise ConfigError(f"prefetch={prefetch} is negative; use 0 (no prefetch) or more")
-    if strategy in ("auto", "balanced", "balanced_low_0"):
-        budgets = _balanced(inventory, budgets, low_zero=strategy == "balanced_low_0")
-    devices = [d for d, size in budgets.items() if size > 0]
-    if not devices:
-        raise BudgetError(f"every budget is 0 ({dict(budgets)}); give at least one device room in max_memory")
-    main = _main_device(budgets)
+    # Fastest devices first, whatever order the caller wrote them in.
+    ordered: dict[str, int] = {}
+    for device, size in budgets.items():
+        ordered[normalize_device(device)] = int(size)
+    budgets = dict(sorted(ordered.items(), key=lambda item: device_order(item[0])))
     clusters, cluster_of = _clusters(inventory)
-    key_hint = "max_memory"
-
-    def attempt(reserve: dict[str, int]) -> list[str]:
-        capacity = {d: max(0, budgets[d] - reserve.get(d, 0)) for d in devices}
-        return _fill(inventory, clusters, cluster_of, devices, capacity, key_hint)
-
-    def needed(placement: list[str]) -> dict[str, int]:
-        """Room the dispatcher needs to bring offloaded units to the execution device."""
-        streamed = [u.nbytes for u, d in zip(inventory.units, placement) if d != main and not is_accelerator(d)]
-        from_disk = [u.nbytes for u, d in zip(inventory.units, placement) if d == DISK]
-        reserve: dict[str, int] = {}
-        if streamed:
-            reserve[main] = (1 + prefetch) * max(streamed)
-        if is_accelerator(main) and from_disk and CPU in budgets:
-            reserve[CPU] = (1 + prefetch) * max(from_disk)  # pinned staging buffers
-        return reserve
-
-    # Where everything might fit on the devices that run it, try first without any reserve.
-    resident = sum(
-        size for d, size in budgets.items() if d == main or is_accelerator(d) or (d == CPU and not is_accelerator(main))
-    )
-    placement = attempt({}) if inventory.total_bytes <= resident else []
-    reserve: dict[str, int] = {}
-    if not placement or needed(placement):
-        # Start from the safe bound (any unit could be the one brought back), then tighten while it holds.
-        largest = (1 + prefetch) * max((u.nbytes for u in inventory.units), default=0)
-        reserve = {main: largest}
-        if is_accelerator(main) and CPU in budgets:
-            reserve[CPU] = largest
-        placement = attempt(reserve)
-        for _ in range(4):
-            tighter = needed(placement)
-            if tighter == reserve:
-                break
-            candidate = attempt(tighter)
-            if any(size > tighter.get(d, 0) for d, size in needed(candidate).items()):
-                break
-            placement, reserve = candidate, tighter
+    placement: list[str] | None = None
+    if strategy in ("auto", "balanced", "balanced_low_0"):
+        balanced = _balanced(inventory, budgets, low_zero=strategy == "balanced_low_0")
+        if balanced != budgets:
+            # Balancing only matters while the model fits on the GPUs: once anything is offloaded
+            # they are full anyway, and a balanced (smaller) budget would only squeeze the reserve.
+            try:
+                placement, reserve, main = _place(inventory, clusters, cluster_of, balanced, prefetch)
+            except BudgetError:
+                placement = None
+            if placement is not None and not reserve:
+                budgets = balanced
+            else:
+                placement = None
+    if placement is None:
+        placement, reserve, main = _place(inventory, clusters, cluster_of, budgets, prefetch)
     planned: dict[str, int] = {}
     counts: dict[str, int] = {}
     for i, device in enumerate(placement):
@@ -279,6 +313,116 @@ def plan(inventory: Inventory, budgets: Mapping[str, int], strategy: str = "auto
         total_bytes=inventory.total_bytes,
     )
     return DeviceMap._trusted(_collapse(inventory, placement), summary)
+
+
+def _place(
+    inventory: Inventory, clusters: list[_Cluster], cluster_of: list[int], budgets: dict[str, int], prefetch: int
+) -> tuple[list[str], dict[str, int], str]:
+    """Each unit's device, the reserve kept for streaming, and the execution device, under ``budgets``."""
+    devices = [d for d, size in budgets.items() if size > 0]
+    if not devices:
+        raise BudgetError(f"every budget is 0 ({dict(budgets)}); give at least one device room in max_memory")
+    main = _main_device(budgets)
+    key_hint = "max_memory"
+
+    def attempt(reserve: dict[str, int]) -> list[str]:
+        capacity = {d: max(0, budgets[d] - reserve.get(d, 0)) for d in devices}
+        return _fill(inventory, clusters, cluster_of, devices, capacity, key_hint)
+
+    def needed(placement: list[str]) -> dict[str, int]:
+        """Room the dispatcher needs to bring offloaded units to the execution device."""
+        streamed = [u.nbytes for u, d in zip(inventory.units, placement) if d != main and not is_accelerator(d)]
+        from_disk = [u.nbytes for u, d in zip(inventory.units, placement) if d == DISK]
+        reserve: dict[str, int] = {}
+        if streamed:
+            reserve[main] = (1 + prefetch) * max(streamed)
+        if is_accelerator(main) and from_disk and CPU in budgets:
+            reserve[CPU] = (1 + prefetch) * max(from_disk)  # pinned staging buffers
+        return reserve
+
+    def covers(placement: list[str], reserve: dict[str, int]) -> bool:
+        return all(size <= reserve.get(d, 0) for d, size in needed(placement).items())
+
+    def fits(reserve: dict[str, int]) -> bool:
+        return all(size <= budgets.get(d, 0) for d, size in reserve.items())
+
+    def tried(reserve: dict[str, int]) -> list[str] | BudgetError:
+        try:
+            return attempt(reserve)
+        except BudgetError as err:
+            return err
+
+    def grow() -> tuple[list[str] | BudgetError, dict[str, int]]:
+        """Grow a reserve from nothing until the placement it leaves needs no more (the last attempt, its reserve).
+
+        Finds smaller reserves than the safe bound when the largest units can stay resident
+        (a big embedding on the GPU), where the safe bound would push them off it.
+        """
+        grown: dict[str, int] = {}
+        candidate = bare if bare is not None else tried(grown)
+        for _ in range(8):
+            if not isinstance(candidate, list) or covers(candidate, grown):
+                break
+            need = needed(candidate)
+            grown = {d: max(grown.get(d, 0), need.get(d, 0)) for d in (*grown, *need)}
+            if not fits(grown):
+                break
+            candidate = tried(grown)
+        return candidate, grown
+
+    def resident_bytes(placement: list[str]) -> tuple[int, int]:
+        """Bytes that need no streaming, then bytes in CPU RAM: more is better."""
+        fast = ram = 0
+        for unit, device in zip(inventory.units, placement):
+            if device == main or is_accelerator(device):
+                fast += unit.nbytes
+            elif device == CPU:
+                ram += unit.nbytes
+        return fast, ram
+
+    # Where everything might fit on the devices that run it, try first without any reserve.
+    resident = sum(
+        size for d, size in budgets.items() if d == main or is_accelerator(d) or (d == CPU and not is_accelerator(main))
+    )
+    bare: list[str] | BudgetError | None = tried({}) if inventory.total_bytes <= resident else None
+    placement: list[str] | None = bare if isinstance(bare, list) else None
+    reserve: dict[str, int] = {}
+    if placement is None or needed(placement):
+        placement = None
+        # Start from the safe bound (any unit could be the one brought back), then tighten while it holds.
+        largest_unit = max((u.nbytes for u in inventory.units), default=0)
+        safe = {main: (1 + prefetch) * largest_unit}
+        if is_accelerator(main) and CPU in budgets and DISK in devices:
+            safe[CPU] = (1 + prefetch) * largest_unit  # staging from disk: only when disk may be used at all
+        first = tried(safe)
+        if isinstance(first, list):
+            placement, reserve = first, safe
+            for _ in range(4):
+                tighter = needed(placement)
+                if tighter == reserve:
+                    break
+                candidate = tried(tighter)
+                if not isinstance(candidate, list) or not covers(candidate, tighter):
+                    break
+                placement, reserve = candidate, tighter
+        worth_growing = placement is None or not fits(reserve)
+        if not worth_growing and reserve.get(main, 0) == safe[main] and largest_unit:
+            # The safe bound held, but a smaller reserve may keep more resident if every largest unit can stay.
+            biggest = sum(u.nbytes for u in inventory.units if u.nbytes == largest_unit)
+            runner_up = max((u.nbytes for u in inventory.units if u.nbytes < largest_unit), default=0)
+            worth_growing = biggest + (1 + prefetch) * runner_up <= resident
+        if worth_growing:
+            candidate, grown = grow()
+            works = isinstance(candidate, list) and covers(candidate, grown) and fits(grown)
+            if works and (placement is None or not fits(reserve) or resident_bytes(candidate) > resident_bytes(placement)):
+                placement, reserve = candidate, grown  # type: ignore[assignment]
+            if placement is None:  # the safe bound failed too (``first`` is its error)
+                if isinstance(candidate, list) and not fits(grown):
+                    raise _reserve_too_big(inventory, candidate, grown, budgets, main, prefetch, key_hint)
+                raise candidate if isinstance(candidate, BudgetError) else first  # type: ignore[misc]
+        if not fits(reserve):
+            raise _reserve_too_big(inventory, placement, reserve, budgets, main, prefetch, key_hint)
+    return placement, reserve, main
 
 
 _MIXED = "<mixed>"

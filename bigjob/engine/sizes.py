@@ -181,17 +181,28 @@ def _dtype_overrides(
 
 
 def _walk(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Modules in definition (pre-)order, each object once, under its first name; iterative and fast."""
-    seen: set[int] = set()
+    """Modules in definition (pre-)order under every name they have; iterative and fast.
+
+    A module registered under several names (T5's shared embedding) is walked under each,
+    as ``state_dict`` does, so its tensors are found under every name (as ties); only a
+    module inside its own subtree (a cycle) is skipped.
+    """
+    first: dict[int, str] = {}  # id(module) -> its first name
+    again: dict[int, list[str]] = {}  # its further names (rare: shared modules)
     order: list[tuple[str, nn.Module]] = []
     stack: list[tuple[str, nn.Module]] = [("", model)]
     pop, push, add = stack.pop, stack.append, order.append
     while stack:
         item = pop()
+        key = id(item[1])
+        if key in first:
+            earlier = [first[key], *again.get(key, ())]
+            if any(not old or item[0].startswith(old + ".") for old in earlier):
+                continue  # a cycle: the module is its own ancestor
+            again.setdefault(key, []).append(item[0])
+        else:
+            first[key] = item[0]
         module = item[1]
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
         add(item)
         children = module._modules
         if children:

@@ -103,6 +103,24 @@ def _remove_stale_temps(root: Path) -> None:
             shutil.rmtree(temp, ignore_errors=True)
 
 
+def _discard(root: Path, path: Path) -> None:
+    """Remove a foreign or broken entry at ``path`` (a folder, file or link).
+
+    It is first renamed to a temporary name of this process, atomically: a concurrent builder
+    that renamed its finished folder into place meanwhile is never half-deleted, and two
+    processes discarding the same entry do not trip over each other.
+    """
+    trash = root / f".tmp-offload-trash-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError:
+        return  # another process discarded it first
+    if trash.is_dir() and not trash.is_symlink():
+        shutil.rmtree(trash)
+    else:
+        trash.unlink()
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -127,13 +145,13 @@ def prepare_offload_folder(
     final = root / f"offload-{fingerprint[:24]}"
     try:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if final.exists():
+        _remove_stale_temps(root)
+        if final.exists() or final.is_symlink():
             if _marker_matches(final, fingerprint):
                 log.info("reusing offload folder %s", final)
                 return OffloadFolder(final, fingerprint, True, open_checkpoint(final / INDEX))
             log.warning("offload folder %s is incomplete or foreign; rebuilding it", final)
-            shutil.rmtree(final)
-        _remove_stale_temps(root)
+            _discard(root, final)
         temp = root / f".tmp-offload-{fingerprint[:12]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         temp.mkdir(mode=0o700)
     except OSError as err:
@@ -153,10 +171,11 @@ def prepare_offload_folder(
         _fsync_dir(root)
     except BaseException as err:
         shutil.rmtree(temp, ignore_errors=True)
-        if isinstance(err, OSError):
+        if isinstance(err, (OSError, OffloadError)):  # the shard writer reports its OSErrors as OffloadError
+            detail = (err.strerror or str(err)) if isinstance(err, OSError) else str(err)
             raise OffloadError(
-                f"cannot write offload folder '{temp}': {err.strerror or err}; free space or pass another "
-                "folder as offload_folder (placement.offload_folder)"
+                f"cannot write the offload folder under '{root}' ({detail}); nothing was kept; free space "
+                "there or pass another folder as offload_folder (placement.offload_folder)"
             ) from err
         raise
     return OffloadFolder(final, fingerprint, False, open_checkpoint(final / INDEX))
