@@ -233,3 +233,33 @@ def test_huge_layer_costs_no_memory() -> None:
     grown = psutil.Process().memory_info().rss - before
     assert layer.weight.is_meta and tuple(layer.weight.shape) == (100_000, 100_000)
     assert grown < 50 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB"
+
+
+def test_initialising_meta_parameters_costs_neither_memory_nor_imports() -> None:
+    # reset_parameters on meta tensors would dispatch torch's Python meta kernels, importing
+    # dynamo and sympy (~70 MB, ~1 s) in a fresh process; under init_empty_weights it is skipped.
+    script = """
+import sys, torch
+from torch import nn
+def anon():
+    for line in open('/proc/self/status'):
+        if line.startswith('RssAnon:'):
+            return int(line.split()[1]) * 1024
+from bigjob.engine.empty import init_empty_weights
+before = anon()
+with init_empty_weights():
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(1024, 4096), nn.LayerNorm(4096), nn.Embedding(1000, 64)) for _ in range(8)])
+assert all(p.is_meta for p in model.parameters())
+print(anon() - before, 'torch._dynamo' in sys.modules)
+"""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=root, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}
+    ).stdout.split()
+    growth, dynamo = int(out[0]), out[1]
+    assert dynamo == "False"
+    assert growth < 16 * 2**20, growth

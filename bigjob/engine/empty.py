@@ -92,6 +92,41 @@ def _in_place(func: Any) -> bool:
     return (name.endswith("_") and not name.startswith("_")) or name == "__setitem__" or name.startswith("__i")
 
 
+# In-place ops that change shape or metadata, not values: never skipped.
+_SHAPE_OPS = frozenset(
+    {
+        "resize_",
+        "resize_as_",
+        "set_",
+        "as_strided_",
+        "squeeze_",
+        "unsqueeze_",
+        "transpose_",
+        "t_",
+        "swapdims_",
+        "swapaxes_",
+        "requires_grad_",
+        "share_memory_",
+        "detach_",
+        "rename_",
+        "unflatten_",
+    }
+)
+
+
+def _skippable_on_meta(func: Any, args: tuple, kwargs: dict) -> bool:
+    """An in-place value op on a meta tensor whose other tensor arguments (if any) are meta too."""
+    if not _in_place(func) or getattr(func, "__name__", "") in _SHAPE_OPS:
+        return False
+    target = args[0] if args else kwargs.get("tensor")
+    if not isinstance(target, torch.Tensor) or not target.is_meta:
+        return False
+    others = [*args[1:], *(v for v in kwargs.values() if v is not target)]
+    return all(not isinstance(v, torch.Tensor) or v.is_meta for v in others) and not any(
+        isinstance(v, (list, tuple, dict)) and _holds_tensor(v) for v in others
+    )
+
+
 def _holds_tensor(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return True
@@ -123,6 +158,11 @@ class _RedirectEmpty(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
+        if _skippable_on_meta(func, args, kwargs) and not self.is_made(args[0] if args else kwargs.get("tensor")):
+            # Initialising a meta parameter (reset_parameters, nn.init) changes no data: skip it
+            # rather than dispatch it, which would also import torch's Python meta kernels
+            # (dynamo, sympy: ~70 MB and a second the first time).
+            return None if func is torch.Tensor.__setitem__ else (args[0] if args else kwargs.get("tensor"))
         if func in _UNINITIALISED_FACTORIES and kwargs.get("device") is None:
             out = func(*args, **{**kwargs, "device": self.device})
             if self.track:
