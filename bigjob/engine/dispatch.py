@@ -87,13 +87,8 @@ def remove_dispatch(model: nn.Module) -> nn.Module:
     info = get_dispatch_info(model)
     if info is not None:
         info.detach()
-        object.__delattr__(model, _ATTR) if _ATTR in model.__dict__ else None
+        model.__dict__.pop(_ATTR, None)
     return model
-
-
-def _units_of(result: LoadResult) -> list[tuple[str, bool]]:
-    assert result.inventory is not None
-    return [(unit.name, unit.is_module) for unit in result.inventory.units]
 
 
 def dispatch_loaded(model: nn.Module, result: LoadResult, prefetch: int = 1, main_device: str | None = None) -> nn.Module:
@@ -120,26 +115,26 @@ def dispatch_loaded(model: nn.Module, result: LoadResult, prefetch: int = 1, mai
     computing = {t for t in tiers.values() if t != DISK and not (t == CPU and is_accelerator(main))}
     several_devices = len(computing | {main}) > 1
 
+    by_unit = inventory.tensors_by_unit()
     staging = None
     if is_accelerator(main):
         disk_sizes = [
-            sum(inventory.tensors[n].nbytes + 256 for n in _owned_names(inventory, unit)) for unit in inventory.units
-            if any(tiers.get(n) == DISK for n in _owned_names(inventory, unit))
+            sum(inventory.tensors[n].nbytes + 256 for n in owned)
+            for owned in by_unit.values()
+            if any(tiers.get(n) == DISK for n in owned)
         ]
         if disk_sizes:
             staging = StagingPool(max(disk_sizes), 1 + prefetch, pin=main_dev.type == "cuda")
 
     for unit in inventory.units:
-        owned = _owned_names(inventory, unit)
+        owned = by_unit[unit.name]
         unit_tiers = {tiers[n] for n in owned}
         module = modules[unit.name] if unit.is_module else modules[unit.name.rpartition(".")[0]]
         if not unit.is_module:
-            # A direct tensor of a split module: it must be where the module computes (the main device).
-            # Leave it to the containing module's forward; move it there once if it lives elsewhere.
-            if unit_tiers != {main} and not unit_tiers <= {CPU, DISK} - ({CPU} if not is_accelerator(main) else set()):
-                for name in owned:
-                    _place(modules, name, main_dev)
-            elif is_accelerator(main):
+            # A direct tensor of a split module is used inside that module's own forward, around its
+            # children: on an accelerator it must live on the execution device (moved there once);
+            # on the CPU its home (RAM or a file view) already serves.
+            if is_accelerator(main):
                 for name in owned:
                     _place(modules, name, main_dev)
             continue
@@ -184,15 +179,6 @@ def dispatch_loaded(model: nn.Module, result: LoadResult, prefetch: int = 1, mai
     object.__setattr__(model, _ATTR, info)
     weakref.finalize(model, prefetcher.close)
     return model
-
-
-def _owned_names(inventory, unit) -> list[str]:  # type: ignore[no-untyped-def]
-    """First names of the tensors a unit holds (aliases resolved, each once)."""
-    names = inventory.unit_tensors(unit)
-    seen: dict[str, None] = {}
-    for name in names:
-        seen.setdefault(inventory.alias_of.get(name, name), None)
-    return list(seen)
 
 
 def _tensor(modules: Mapping[str, nn.Module], name: str) -> tuple[nn.Module, str, bool, torch.Tensor]:
@@ -325,9 +311,9 @@ def dispatch_model(
     for record in inventory.tensors.values():
         tier = tiers[record.name]
         if record.name in values:
-            view = offload.checkpoint.view(record.name)  # type: ignore[union-attr]
-            for name in (record.name, *record.aliases):
-                set_tensor(modules, name, view) if name == record.name else set_tensor(modules, name, _tensor(modules, record.name)[3])
+            first = set_tensor(modules, record.name, offload.checkpoint.view(record.name))  # type: ignore[union-attr]
+            for alias in record.aliases:
+                set_tensor(modules, alias, first)
         else:
             home = tier if tier != DISK else (CPU if is_accelerator(main) else main)
             _place(modules, record.name, torch.device(home))

@@ -128,6 +128,7 @@ class Inventory:
     _model: nn.Module = field(repr=False)
     _rules: _Rules = field(repr=False)
     _tensors: dict[str, TensorRecord] | None = field(default=None, repr=False)
+    _by_unit: dict[str, list[str]] | None = field(default=None, repr=False)
 
     @property
     def total_bytes(self) -> int:
@@ -151,16 +152,23 @@ class Inventory:
         return self.tensors[self.alias_of.get(name, name)]
 
     def unit_tensors(self, unit: Unit) -> list[str]:
-        """Every tensor name (aliases included) that ``unit`` covers."""
-        if not unit.is_module:
-            return [unit.name]
-        inside = unit.name + "." if unit.name else ""
-        names: list[str] = []
-        for record in self.tensors.values():
-            for name in (record.name, *record.aliases):
-                if name.startswith(inside):
-                    names.append(name)
-        return names
+        """First names of the tensors ``unit`` holds (aliases resolved, each once)."""
+        return self.tensors_by_unit().get(unit.name, [])
+
+    def tensors_by_unit(self) -> dict[str, list[str]]:
+        """Each unit's tensors by first name, in one pass over every tensor name (computed once)."""
+        if self._by_unit is None:
+            names = {unit.name for unit in self.units}
+            by_unit: dict[str, dict[str, None]] = {name: {} for name in names}
+            for record in self.tensors.values():
+                for name in (record.name, *record.aliases):
+                    prefix = name
+                    while prefix not in names and prefix:
+                        prefix = prefix.rpartition(".")[0]
+                    if prefix in names:
+                        by_unit[prefix].setdefault(record.name, None)
+            self._by_unit = {name: list(found) for name, found in by_unit.items()}
+        return self._by_unit
 
 
 def _dtype_overrides(
