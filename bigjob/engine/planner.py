@@ -441,15 +441,20 @@ def _collapse(inventory: Inventory, placement: list[str]) -> dict[str, str]:
             if not prefix:
                 break
             prefix = prefix.rpartition(".")[0]
+    # Highest single-device ancestor of each prefix, memoised: consecutive units share parents.
+    top_of: dict[str, str] = {}
+
+    def top(prefix: str) -> str:
+        found = top_of.get(prefix)
+        if found is None:
+            parent = prefix.rpartition(".")[0]
+            found = prefix if not prefix or state[parent] == _MIXED else top(parent)
+            top_of[prefix] = found
+        return found
+
     entries: dict[str, str] = {}
     for unit, device in zip(inventory.units, placement):
-        top = prefix = unit.name
-        while prefix:
-            prefix = prefix.rpartition(".")[0]
-            if state[prefix] == _MIXED:
-                break
-            top = prefix
-        entries.setdefault(top, device)
+        entries.setdefault(top(unit.name), device)
     return entries
 
 
