@@ -35,6 +35,17 @@ from bigjob.engine import (  # noqa: E402
     remove_dispatch,
 )
 
+
+
+def __getattr__(name: str):  # type: ignore[no-untyped-def]
+    """``bigjob.from_pretrained``: the Hugging Face adapter, imported on first use (Transformers stays optional)."""
+    if name == "from_pretrained":
+        from bigjob.models.hf import from_pretrained
+
+        return from_pretrained
+    raise AttributeError(f"module 'bigjob' has no attribute {name!r}")
+
+
 __all__ = [
     "Checkpoint",
     "DeviceMap",
@@ -46,6 +57,7 @@ __all__ = [
     "cpu_offload",
     "disk_offload",
     "dispatch_model",
+    "from_pretrained",
     "get_balanced_memory",
     "get_dispatch_info",
     "get_max_memory",

@@ -28,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 import bigjob
 from bigjob.errors import BigJobError, ConfigError
 from bigjob.job import schema  # noqa: F401  (registers the config schema)
-from bigjob.job.callbacks import fail
+from bigjob.job.callbacks import fail, launched_here
 from bigjob.job.report import JobReport, read_report
 
 __all__ = ["cache_main", "config_dir", "main", "plan_main", "summarize_main", "to_job_config"]
@@ -88,19 +88,25 @@ def _print_plan(run_dir: Path) -> None:
 
 
 def _task(cfg: DictConfig) -> None:
-    from bigjob.job.runner import run_job
+    from bigjob.job.isolation import execute
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        report = run_job(to_job_config(cfg), run_dir, multirun=multirun)
+        report = execute(to_job_config(cfg), run_dir, multirun=multirun)  # in a child process with runner.isolate
+    except KeyboardInterrupt:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        _interrupted(run_dir, cfg)
+        return
     except Exception as err:
         _record_failure(run_dir, cfg, err)
         if not isinstance(err, BigJobError) or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         if multirun:  # the other jobs still run; the summary lists this one as failed
-            sys.stderr.write(f"error: job {hydra_cfg.job.num} ({run_dir}): {err}\n")
+            if launched_here():  # else the launching process reports it once the sweep ends (see main)
+                sys.stderr.write(f"error: job {hydra_cfg.job.num} ({run_dir}): {err}\n")
             _failed_jobs.append(str(run_dir))
             return
         fail(err)
@@ -110,14 +116,36 @@ def _task(cfg: DictConfig) -> None:
     print(report.summary())
 
 
+def _interrupted(run_dir: Path, cfg: DictConfig) -> None:
+    """Ctrl-C: one line saying what is kept, a failed record for sweep summaries, exit code 130."""
+    from bigjob.job.progress import PROGRESS_NAME
+
+    try:
+        done = int(json.loads((run_dir / PROGRESS_NAME).read_text(encoding="utf-8"))["batches_done"])
+    except (OSError, ValueError, KeyError, TypeError):
+        done = 0
+    kept = f"{done} finished batch(es) are kept in {run_dir}" if done else f"no batch had finished; the record is in {run_dir}"
+    _record_failure(run_dir, cfg, KeyboardInterrupt(f"interrupted (Ctrl-C) after {done} batch(es)"))
+    sys.stderr.write(f"interrupted: {kept}; run the same command again to continue\n")
+    sys.stderr.flush()
+    sys.exit(130)
+
+
 def _hydra_app() -> None:
     hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(_task)()
 
 
 def main() -> None:
     """``bigjob``: run a job (or a sweep with ``-m``) from the command line."""
+    from bigjob.job.callbacks import sweep_failures
+
     _failed_jobs.clear()
     _hydra_app()
+    # Jobs a launcher ran in other processes (joblib, Ray, submitit) are known by their records.
+    for job_dir, error in sweep_failures():
+        if job_dir not in _failed_jobs:
+            sys.stderr.write(f"error: job {Path(job_dir).name} ({job_dir}): {error}\n")
+            _failed_jobs.append(job_dir)
     if _failed_jobs:
         sys.stderr.write(f"error: {len(_failed_jobs)} job(s) of the sweep failed; see the summary in the sweep folder\n")
         sys.exit(1)
@@ -133,19 +161,27 @@ def plan_main() -> None:
 
 
 def summarize_main(argv: list[str] | None = None) -> None:
-    """``bigjob-summarize <sweep folder>``: write summary.csv and summary.md, print the table."""
+    """``bigjob-summarize <sweep folder> [--plot]``: write summary.csv and summary.md (and summary.png), print the table."""
     from bigjob.job.summary import render_markdown, write_summary
 
     parser = argparse.ArgumentParser(prog="bigjob-summarize", description="Summarize a bigjob sweep folder.")
     parser.add_argument("sweep_dir", help="the folder a `bigjob -m ...` sweep wrote (holds one folder per job)")
+    parser.add_argument("--plot", action="store_true",
+                        help="also draw throughput and peak memory against the CPU budget, one line per batch size (needs matplotlib)")
+    parser.add_argument("--plot-file", metavar="PNG", help="where --plot writes (default: <sweep folder>/summary.png)")
     args = parser.parse_args(argv)
     try:
         csv_path, md_path, rows = write_summary(args.sweep_dir)
+        png_path = None
+        if args.plot or args.plot_file:
+            from bigjob.job.plot import plot_sweep
+
+            png_path = plot_sweep(args.sweep_dir, args.plot_file)
     except BigJobError as err:
         fail(err)
         return
     print(render_markdown(rows), end="")
-    print(f"\nwrote {csv_path} and {md_path}")
+    print(f"\nwrote {csv_path} and {md_path}" + (f" and {png_path}" if png_path else ""))
 
 
 # --------------------------------------------------------------------------- cache
@@ -172,10 +208,34 @@ def _format_entry(key: str, value: dict[str, Any]) -> str:
     return f"{key}\n    run {value.get('run_dir')}"
 
 
+def _plan_file_command(cache: Any, command: str, file: str) -> None:
+    """``export FILE`` / ``import FILE``: exit code 1 when the file is unusable or an entry was rejected."""
+    from bigjob.job.plan_file import export_plans, import_plans
+
+    try:
+        if command == "export":
+            exported = export_plans(cache, file)
+            for key, reason in exported.skipped:
+                print(f"skipped {key}: {reason}")
+            print(f"exported {exported.exported} plans to {exported.path}")
+            return
+        imported = import_plans(cache, file)
+    except BigJobError as err:
+        fail(err)
+        return
+    for warning in imported.warnings:
+        sys.stderr.write(f"warning: {warning}\n")
+    for key, reason in imported.rejected:
+        sys.stderr.write(f"rejected {key}: {reason}\n")
+    print(f"imported {len(imported.added)} plans into {cache.root} ({len(imported.present)} already there, {len(imported.rejected)} rejected)")
+    if imported.rejected:
+        sys.exit(1)
+
+
 def cache_main(argv: list[str] | None = None) -> None:
-    """``bigjob-cache [--dir D] list|info|clear|verify``."""
+    """``bigjob-cache [--dir D] list|info|clear|verify|export FILE|import FILE``."""
     from bigjob.engine.devices import format_size
-    from bigjob.job.cache import JobCache, default_cache_dir
+    from bigjob.job.cache import JobCache, default_cache_dir, remove_cache_files
 
     parser = argparse.ArgumentParser(prog="bigjob-cache", description="Inspect and maintain bigjob's plan and offload cache.")
     parser.add_argument("--dir", help="the cache folder (default: cache.dir's default, $BIGJOB_CACHE_DIR or ~/.cache/bigjob)")
@@ -184,17 +244,30 @@ def cache_main(argv: list[str] | None = None) -> None:
     sub.add_parser("info", help="where the cache is and how big")
     sub.add_parser("clear", help="remove every entry, offload folder and demo checkpoint")
     sub.add_parser("verify", help="drop corrupt entries and entries whose folder is gone")
+    sub.add_parser("export", help="write every plan to a JSON file (to share read-only with other nodes)").add_argument("file")
+    sub.add_parser("import", help="add the plans of a file written by `export`, each one checked").add_argument("file")
     args = parser.parse_args(argv)
     root = Path(args.dir).expanduser() if args.dir else default_cache_dir()
-    if not root.exists():
+    if not root.exists() and args.command != "import":
         print(f"no cache at {root}")
         return
     try:
         cache = JobCache(root)
     except BigJobError as err:
+        if args.command == "clear" and (root / "db").is_dir():  # the fix a broken database's message asks for
+            try:
+                remove_cache_files(root)
+            except BigJobError as refused:  # another user's folder, or one open to others
+                fail(refused)
+                return
+            print(f"the cache database could not be opened ({err}); removed it and the offload and checkpoint folders from {root}")
+            return
         fail(err)
         return
     with cache:
+        if args.command in ("export", "import"):
+            _plan_file_command(cache, args.command, args.file)
+            return
         if args.command == "list":
             entries = list(cache.entries())
             for key, value in entries:

@@ -42,12 +42,23 @@ def test_percentile_matches_linear_interpolation():
 
 
 def test_memory_sampler_sees_an_allocation():
+    import mmap
+
+    def anon_now() -> int:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    # A fresh anonymous mapping, not malloc: freed heap left by earlier tests could serve a
+    # malloc'd block without raising RssAnon.
     with MemorySampler(interval=0.001) as memory:
-        before = memory.peak_anon or 0
-        block = bytearray(64 * 2**20)
-        block[:: 4096] = b"x" * len(block[:: 4096])  # touch every page
+        before = anon_now()
+        block = mmap.mmap(-1, 64 * 2**20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        for offset in range(0, len(block), mmap.PAGESIZE):  # touch every page
+            block[offset] = 1
         memory.sample()
-        del block
+        block.close()
     assert memory.peak_rss > 0
     if memory.peak_anon is not None:
         assert memory.peak_anon - before >= 60 * 2**20

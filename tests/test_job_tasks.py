@@ -87,5 +87,7 @@ def test_models_returning_a_bare_tensor_work_for_logits_but_not_embed():
     assert build_task(TaskConfig(name="logits", top_k=2)).run(Bare(), batch, "cpu").records[0]["tokens"] == 2
     with pytest.raises(JobError, match="task.name"):
         build_task(TaskConfig(name="embed")).run(Bare(), batch, "cpu")
+    with pytest.raises(JobError, match="task.name"):  # no KV cache: not a Transformers causal LM
+        build_task(TaskConfig(name="generate")).run(Bare(), batch, "cpu")
     with pytest.raises(ConfigError, match="task.name"):
-        build_task(TaskConfig(name="generate"))
+        build_task(TaskConfig(name="summarize"))

@@ -136,7 +136,10 @@ class Checkpoint:
 
         Lists each data file (name relative to ``root``, size, ``mtime_ns``) and
         the sha256 of the index file if there is one. With ``content_hash`` every
-        file's bytes are hashed too (slow for big checkpoints).
+        file's bytes are hashed too (slow for big checkpoints); without it the
+        folder's absolute path is part of the identity, so two checkpoints in two
+        folders never share an identity even when their file names, sizes and
+        mtimes agree (copies made with ``cp -p``, ``rsync -a`` or ``tar``).
         """
         files = []
         for path in self._files:
@@ -152,7 +155,10 @@ class Checkpoint:
         index = None
         if self.index_file is not None:
             index = {"name": self._relative(self.index_file), "sha256": _sha256(self.index_file)}
-        return {"format": self.format, "files": files, "index": index}
+        identity = {"format": self.format, "files": files, "index": index}
+        if not content_hash:
+            identity["folder"] = str(self.root.resolve())
+        return identity
 
     def _relative(self, path: Path) -> str:
         try:

@@ -46,7 +46,7 @@ from bigjob.engine.sizes import Inventory, TensorRecord, build_inventory, resolv
 from bigjob.engine.store import OffloadEntry, OffloadFolder, prepare_offload_folder
 from bigjob.errors import CheckpointError, ConfigError, DeviceError, OffloadError
 
-__all__ = ["LoadResult", "check_devices", "checkpoint_dtype", "load_checkpoint_in_model", "set_tensor"]
+__all__ = ["LoadResult", "check_checkpoint", "check_devices", "checkpoint_dtype", "load_checkpoint_in_model", "set_tensor"]
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +251,24 @@ def _check_unsaved_buffers(inventory: Inventory, source: Mapping[str, str], modu
 def _listing(title: str, items: list[str], limit: int = 20) -> str:
     more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
     return f"{len(items)} {title}: {', '.join(items[:limit])}{more}"
+
+
+def check_checkpoint(
+    model: nn.Module,
+    checkpoint: Checkpoint,
+    dtype: torch.dtype | str | None = None,
+    special_dtypes: Mapping[str, torch.dtype | str] | None = None,
+    strict: bool = False,
+) -> None:
+    """Raise the :class:`CheckpointError` that loading ``checkpoint`` into ``model`` would raise about its keys.
+
+    The same checks as :func:`load_checkpoint_in_model` (missing keys, shapes, dtypes the model
+    cannot take, unexpected keys with ``strict``), from the checkpoint's headers alone: a job
+    runs them before it plans, caches or loads anything.
+    """
+    target = resolve_dtype(dtype)
+    inventory = build_inventory(model, target if target is not None else checkpoint_dtype(checkpoint), special_dtypes)
+    _check_keys(inventory, checkpoint, strict)
 
 
 def load_checkpoint_in_model(

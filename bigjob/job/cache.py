@@ -6,6 +6,9 @@ write it, since its content decides what a job loads)::
     <root>/db/            diskcache (SQLite) with JSONDisk: JSON values, never pickles
     <root>/offload/<fp>/  offload folders, one per offload fingerprint
     <root>/checkpoints/   the demo model's seeded checkpoints
+    <root>/locks/         lock files (``flock``) of compute-once sections
+
+Every folder bigjob creates here is 0700.
 
 Keys are strings ``"<kind>:<sha256>"`` with kind ``plan``, ``offload`` or ``run``; values
 are JSON objects carrying their own ``kind``. Nothing is evicted behind the user's back
@@ -28,6 +31,7 @@ SQLite file (no value files), so a row is all there is to check.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -43,7 +47,7 @@ import diskcache
 
 from bigjob.errors import CacheError
 
-__all__ = ["JobCache", "KINDS", "SafeJSONDisk", "default_cache_dir", "is_cache_key"]
+__all__ = ["FileLock", "JobCache", "KINDS", "SafeJSONDisk", "default_cache_dir", "is_cache_key", "make_private_dirs", "remove_cache_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +55,9 @@ KINDS = ("plan", "offload", "run")
 _KEY = re.compile(r"^(plan|offload|run):[0-9a-f]{64}$")
 # What reading a damaged entry raises (zlib, JSON, a vanished value file).
 _UNREADABLE = (ValueError, TypeError, OSError, UnicodeDecodeError, zlib.error)
-# How long a lock may be held before another process may take it over (a crashed holder).
-LOCK_EXPIRE_S = 1800
+# How long to wait for a lock that a live process holds (one building a big offload folder).
+# A holder that dies, even by SIGKILL, releases its lock at once: the kernel drops its flock.
+LOCK_TIMEOUT_S = 4 * 3600
 # How long to wait for SQLite's own lock before diskcache gives up.
 DB_TIMEOUT_S = 60
 
@@ -86,6 +91,102 @@ def is_cache_key(key: object) -> bool:
     (True, False, False)
     """
     return isinstance(key, str) and bool(_KEY.match(key))
+
+
+def make_private_dirs(path: str | os.PathLike[str]) -> Path:
+    """Creates ``path`` and its missing parents, each 0700 (``mkdir -p`` would leave parents 0755)."""
+    path = Path(path)
+    missing = []
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            pass  # made meanwhile by a concurrent job
+    return path
+
+
+class FileLock:
+    """A cross-process lock: ``flock`` on a file, released by the kernel when its holder dies.
+
+    diskcache's ``Lock`` is a row with an expiry: a holder killed by SIGKILL blocks every
+    other job until it expires. A kernel lock has no such window and needs no clock.
+    Waiting longer than ``timeout`` seconds raises :class:`CacheError` naming the holder.
+
+    >>> import tempfile
+    >>> with FileLock(Path(tempfile.mkdtemp()) / "x.lock", timeout=1) as lock:
+    ...     lock.held
+    True
+    """
+
+    POLL_S = 0.05
+
+    def __init__(self, path: str | os.PathLike[str], timeout: float = LOCK_TIMEOUT_S) -> None:
+        self.path = Path(path)
+        self.timeout = timeout
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> FileLock:
+        import fcntl
+
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as err:
+            raise CacheError(f"cannot create the lock file {str(self.path)!r} ({err.strerror}); set cache.dir to a writable folder") from None
+        deadline = time.monotonic() + self.timeout
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+                        raise CacheError(
+                            f"waited {self.timeout:.0f} s for the lock {str(self.path)!r}, held by the live process {holder}; "
+                            "let that job finish, or set cache.dir to another folder"
+                        ) from None
+                    time.sleep(self.POLL_S)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)  # for the message above
+        except OSError as err:  # a filesystem without flock
+            os.close(fd)
+            raise CacheError(f"cannot lock {str(self.path)!r} ({err.strerror}); set cache.dir to a folder on a local disk") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the last descriptor releases the flock
+
+
+def remove_cache_files(root: str | os.PathLike[str]) -> None:
+    """Deletes a cache folder's database, offload folders, demo checkpoints and locks.
+
+    For ``bigjob-cache clear`` on a cache whose database cannot be opened. A folder of another
+    user or open to others is refused (CacheError) as :class:`JobCache` refuses it; only the
+    names a cache uses are touched, the database folder only when it holds diskcache's file.
+    """
+    import shutil
+
+    root = Path(root)
+    _check_folder(root)
+    database = root / "db"
+    if (database / diskcache.core.DBNAME).is_file():
+        shutil.rmtree(database)
+    for name in ("offload", "checkpoints", "locks"):
+        shutil.rmtree(root / name, ignore_errors=True)
 
 
 def _check_folder(root: Path) -> None:
@@ -138,6 +239,7 @@ class JobCache:
         self.root = Path(root).expanduser().absolute()
         _check_folder(self.root)
         try:
+            (self.root / "db").mkdir(mode=0o700, exist_ok=True)  # diskcache would make it 0755
             self._db = diskcache.Cache(
                 str(self.root / "db"),
                 disk=SafeJSONDisk,
@@ -150,6 +252,17 @@ class JobCache:
             raise CacheError(
                 f"cannot open the cache database in {str(self.root)!r} ({err}); "
                 f"run `bigjob-cache clear --dir {self.root}` or set cache.dir to another folder"
+            ) from None
+
+    @contextlib.contextmanager
+    def _database(self) -> Iterator[None]:
+        """SQLite's errors (a database damaged after it was opened, a lock held too long) as a CacheError."""
+        try:
+            yield
+        except sqlite3.DatabaseError as err:
+            raise CacheError(
+                f"cannot use the cache database in {str(self.root)!r} ({err}); if it is damaged, run "
+                f"`bigjob-cache clear --dir {self.root}`, or set cache.dir to another folder"
             ) from None
 
     # ------------------------------------------------------------------ folders
@@ -168,20 +281,21 @@ class JobCache:
     # ------------------------------------------------------------------ entries
     def get(self, key: str) -> dict[str, Any] | None:
         """The entry under ``key``, or None when absent or unreadable (it is then dropped)."""
-        try:
-            value = self._db.get(key, default=None, retry=True)
-        except _UNREADABLE as err:
-            logger.warning("dropping unreadable cache entry %s: %s", key, err)
-            self._db.delete(key, retry=True)
-            return None
-        if value is None:
-            return None
-        problem = _check_value(key, value)
-        if problem:
-            logger.warning("dropping malformed cache entry %s: %s", key, problem)
-            self._db.delete(key, retry=True)
-            return None
-        return value
+        with self._database():
+            try:
+                value = self._db.get(key, default=None, retry=True)
+            except _UNREADABLE as err:
+                logger.warning("dropping unreadable cache entry %s: %s", key, err)
+                self._db.delete(key, retry=True)
+                return None
+            if value is None:
+                return None
+            problem = _check_value(key, value)
+            if problem:
+                logger.warning("dropping malformed cache entry %s: %s", key, problem)
+                self._db.delete(key, retry=True)
+                return None
+            return value
 
     def set(self, key: str, value: dict[str, Any]) -> None:
         """Stores a JSON-able entry; the key must be ``"<kind>:<sha256>"``."""
@@ -191,20 +305,22 @@ class JobCache:
         if problem:
             raise CacheError(f"refusing to store a malformed entry under {key}: {problem}")
         try:
-            self._db.set(key, value, retry=True)
+            with self._database():
+                self._db.set(key, value, retry=True)
         except TypeError as err:  # not JSON-able: never fall back to pickling
             raise CacheError(f"cache entry {key} is not JSON: {err}") from None
 
     def delete(self, key: str) -> bool:
-        return bool(self._db.delete(key, retry=True))
+        with self._database():
+            return bool(self._db.delete(key, retry=True))
 
     def _rows(self) -> list[tuple[int, Any, bool]]:
         """(rowid, stored key, raw flag) of every row, read without decoding anything."""
-        with sqlite3.connect(os.path.join(self._db.directory, diskcache.core.DBNAME), timeout=DB_TIMEOUT_S) as con:
+        with self._database(), sqlite3.connect(os.path.join(self._db.directory, diskcache.core.DBNAME), timeout=DB_TIMEOUT_S) as con:
             return [(r[0], r[1], bool(r[2])) for r in con.execute("SELECT rowid, key, raw FROM Cache")]
 
     def _delete_row(self, rowid: int) -> None:
-        with sqlite3.connect(os.path.join(self._db.directory, diskcache.core.DBNAME), timeout=DB_TIMEOUT_S) as con:
+        with self._database(), sqlite3.connect(os.path.join(self._db.directory, diskcache.core.DBNAME), timeout=DB_TIMEOUT_S) as con:
             con.execute("DELETE FROM Cache WHERE rowid = ?", (rowid,))
 
     def _decoded_keys(self) -> tuple[list[str], list[tuple[int, str]]]:
@@ -234,12 +350,13 @@ class JobCache:
             if value is not None:
                 yield key, value
 
-    def lock(self, name: str, expire: float = LOCK_EXPIRE_S) -> diskcache.Lock:
-        """A cross-process lock named ``name`` that expires if its holder dies."""
-        return diskcache.Lock(self._db, f"lock:{name}", expire=expire)
+    def lock(self, name: str, timeout: float = LOCK_TIMEOUT_S) -> FileLock:
+        """A cross-process lock named ``name``; a holder that dies releases it at once."""
+        folder = make_private_dirs(self.root / "locks")
+        return FileLock(folder / (re.sub(r"[^A-Za-z0-9_.-]", "-", name) + ".lock"), timeout)
 
     def compute_once(
-        self, key: str, compute: Callable[[], dict[str, Any]], expire: float = LOCK_EXPIRE_S
+        self, key: str, compute: Callable[[], dict[str, Any]], timeout: float = LOCK_TIMEOUT_S
     ) -> tuple[dict[str, Any], bool]:
         """``(value, hit)``: the entry under ``key``, computing and storing it at most once.
 
@@ -249,7 +366,7 @@ class JobCache:
         value = self.get(key)
         if value is not None:
             return value, True
-        with self.lock(key, expire=expire):
+        with self.lock(key, timeout=timeout):
             value = self.get(key)
             if value is not None:
                 return value, True
@@ -261,6 +378,10 @@ class JobCache:
     # ------------------------------------------------------------------ maintenance
     def verify(self) -> list[tuple[str, str]]:
         """Drops corrupt entries and entries whose folder is gone; returns ``(key, reason)`` pairs."""
+        with self._database():
+            return self._verify()
+
+    def _verify(self) -> list[tuple[str, str]]:
         keys, bad_rows = self._decoded_keys()
         dropped: list[tuple[str, str]] = []
         for rowid, reason in bad_rows:
@@ -292,7 +413,8 @@ class JobCache:
         import shutil
 
         count = sum(1 for k in self.keys() if not k.startswith("lock:"))
-        self._db.clear(retry=True)
+        with self._database():
+            self._db.clear(retry=True)
         for folder in (self.offload_root, self.checkpoints_root):
             shutil.rmtree(folder, ignore_errors=True)
         return count

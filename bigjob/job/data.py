@@ -1,7 +1,8 @@
-"""Input data: token-id sequences from a JSONL file, a tensor file or a seeded generator.
+"""Input data: token-id sequences from a JSONL file, a tensor file, prompts or a seeded generator.
 
-Every source gives a list of token-id lists; :func:`make_batches` cuts it into right-padded
-batches with an attention mask. All inputs are read and checked before a job touches the
+Text (``data.source=text``, or ``{"text": ...}`` lines in a JSONL file) is encoded with the
+model's tokenizer (see :mod:`bigjob.job.text`). Every source gives a list of token-id lists;
+:func:`make_batches` cuts it into right-padded batches with an attention mask. All inputs are read and checked before a job touches the
 cache or loads weights, so a malformed line fails fast with its file and line number.
 
 >>> from bigjob.job.schema import DataConfig
@@ -23,6 +24,7 @@ import torch
 
 from bigjob.errors import DataError
 from bigjob.job.schema import DataConfig
+from bigjob.job.text import TokenizerRef, encode, parse_json_sample, read_prompts
 
 __all__ = ["Batch", "load_samples", "make_batches"]
 
@@ -50,7 +52,7 @@ def _check_ids(ids: list[int], vocab_size: int | None, where: str) -> None:
             raise DataError(f"{where}: token id {bad[0]} is outside the model's vocabulary [0, {vocab_size})")
 
 
-def _read_jsonl(path: Path, vocab_size: int | None) -> list[list[int]]:
+def _read_jsonl(path: Path, vocab_size: int | None, tokenizer: TokenizerRef | None = None) -> list[list[int]]:
     samples: list[list[int]] = []
     try:
         handle = path.open("r", encoding="utf-8")
@@ -65,19 +67,26 @@ def _read_jsonl(path: Path, vocab_size: int | None) -> list[list[int]]:
                 value = json.loads(line)
             except ValueError as err:
                 raise DataError(f"{where}: not valid JSON ({err.msg}); each line must be a list of token ids or {{\"input_ids\": [...]}}") from None
-            if isinstance(value, dict):
-                if "input_ids" in value:
-                    value = value["input_ids"]
-                elif "text" in value:
-                    raise DataError(f"{where}: a text sample needs a tokenizer and this model has none; give token ids as {{\"input_ids\": [...]}}")
-                else:
-                    raise DataError(f"{where}: an object needs an 'input_ids' list; keys found: {sorted(value)[:5]}")
+            if isinstance(value, dict) and "input_ids" in value:
+                value = value["input_ids"]
+            elif isinstance(value, (str, dict)):  # text, or {"text": ...}: encoded by the model's tokenizer
+                value = encode(parse_json_sample(value, where), tokenizer, where)
             if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
                 raise DataError(f"{where}: expected a list of integer token ids, got {line.strip()[:60]!r}")
             _check_ids(value, vocab_size, where)
             samples.append(value)
     if not samples:
         raise DataError(f"data.path '{path}' holds no samples; add one JSON list of token ids per line")
+    return samples
+
+
+def _read_text(path: Path, vocab_size: int | None, tokenizer: TokenizerRef | None) -> list[list[int]]:
+    samples = []
+    for index, sample in enumerate(read_prompts(path)):
+        where = f"data.path '{path}' prompt {index}"
+        ids = encode(sample, tokenizer, where)
+        _check_ids(ids, vocab_size, where)
+        samples.append(ids)
     return samples
 
 
@@ -132,8 +141,11 @@ def _synthetic(cfg: DataConfig, vocab_size: int | None) -> list[list[int]]:
     return samples
 
 
-def load_samples(cfg: DataConfig, vocab_size: int | None) -> list[list[int]]:
-    """Every sample of the configured source as token-id lists, checked against ``vocab_size``."""
+def load_samples(cfg: DataConfig, vocab_size: int | None, tokenizer: TokenizerRef | None = None) -> list[list[int]]:
+    """Every sample of the configured source as token-id lists, checked against ``vocab_size``.
+
+    ``tokenizer`` encodes text samples; without one, text is a DataError.
+    """
     if cfg.source == "synthetic":
         samples = _synthetic(cfg, vocab_size)
     else:
@@ -143,7 +155,9 @@ def load_samples(cfg: DataConfig, vocab_size: int | None) -> list[list[int]]:
         if not path.exists():
             raise DataError(f"data.path '{path}' does not exist; set data.path to an existing file")
         if cfg.source == "jsonl":
-            samples = _read_jsonl(path, vocab_size)
+            samples = _read_jsonl(path, vocab_size, tokenizer)
+        elif cfg.source == "text":
+            samples = _read_text(path, vocab_size, tokenizer)
         else:
             samples = _read_tensor_file(path, cfg.key, vocab_size)
     if cfg.limit is not None:

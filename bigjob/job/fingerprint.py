@@ -43,11 +43,14 @@ __all__ = [
     "job_key",
     "offload_fingerprint",
     "plan_fingerprint",
+    "plan_key_of",
     "tensor_signature",
 ]
 
 # Bump when the meaning of any field changes: old cache entries then simply miss.
-FINGERPRINT_VERSION = 1
+# 2: a plan key hashes PlanInputs.describe() (tensors as count + full sha256), so it can be
+#    recomputed from a cache entry alone (plan export/import checks it).
+FINGERPRINT_VERSION = 2
 
 TensorSig = tuple[str, tuple[int, ...], str, str]  # name, shape, dtype, name of the tensor it shares storage with
 
@@ -122,16 +125,27 @@ class PlanInputs:
         return json.loads(canonical_json(data))
 
     def describe(self) -> dict[str, Any]:
-        """A short JSON summary for listings (the tensor list as a count and a digest)."""
+        """The inputs as JSON with the tensor list as a count and its sha256: what plan keys hash."""
         data = self.to_json()
         tensors = data.pop("tensors")
-        data["tensors"] = {"count": len(tensors), "sha256": hashlib.sha256(canonical_json(tensors).encode()).hexdigest()[:16]}
+        data["tensors"] = {"count": len(tensors), "sha256": hashlib.sha256(canonical_json(tensors).encode()).hexdigest()}
         return data
 
 
 def plan_fingerprint(inputs: PlanInputs) -> str:
     """The sha256 hex key of the device map ``inputs`` determine."""
-    return _sha256("plan", inputs.to_json())
+    return plan_key_of(inputs.describe())
+
+
+def plan_key_of(described: Mapping[str, Any]) -> str:
+    """The plan key of :meth:`PlanInputs.describe` data, as a plan cache entry stores it under ``inputs``.
+
+    Lets an entry read from elsewhere (``bigjob-cache import``) be checked against its key.
+
+    >>> plan_key_of({"strategy": "auto"}) == plan_key_of({"strategy": "balanced"})
+    False
+    """
+    return _sha256("plan", described)
 
 
 @dataclass(frozen=True)
@@ -164,7 +178,7 @@ def offload_fingerprint(inputs: OffloadInputs) -> str:
 
 
 # Keys that change how a job is shown or scheduled, never what it computes.
-_PRESENTATION_KEYS = ("quiet", "skip_completed")
+_PRESENTATION_KEYS = ("quiet", "skip_completed", "runner")
 
 
 def job_key(resolved_config: Mapping[str, Any]) -> str:

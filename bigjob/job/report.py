@@ -168,6 +168,8 @@ class JobReport:
     batch_latency_p90_s: float | None = None
     samples_per_s: float | None = None
     tokens_per_s: float | None = None
+    # Figures only some tasks have, e.g. generate: prefill_tokens_per_s, decode_tokens_per_s, new_tokens.
+    task_metrics: dict[str, Any] = field(default_factory=dict)
     peak_rss_bytes: int | None = None
     peak_anon_bytes: int | None = None
     # At the job's start: in a sweep, jobs share a process, so earlier jobs' memory shows here.
@@ -182,6 +184,12 @@ class JobReport:
     checkpoint: dict[str, Any] = field(default_factory=dict)
     devices: list[dict[str, Any]] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
+    # Where the work ran: host, process and the process that started it (a launcher's worker
+    # when isolated); isolated: in a fresh child process of its own (runner.isolate).
+    host: str | None = None
+    pid: int | None = None
+    parent_pid: int | None = None
+    isolated: bool = False
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False)
@@ -229,6 +237,10 @@ class JobReport:
             )
             if self.samples_per_s is not None and self.tokens_per_s is not None:
                 lines.append(f"  speed     {self.samples_per_s:.1f} samples/s, {self.tokens_per_s:.0f} tokens/s")
+            prefill, decode = self.task_metrics.get("prefill_tokens_per_s"), self.task_metrics.get("decode_tokens_per_s")
+            if prefill is not None:
+                rate = f", decode {decode:.0f} tokens/s" if decode is not None else ""
+                lines.append(f"  generate  {self.task_metrics.get('new_tokens')} new tokens; prefill {prefill:.0f} tokens/s{rate}")
         if self.peak_rss_bytes:
             anon = f", anonymous {format_size(self.peak_anon_bytes)}" if self.peak_anon_bytes else ""
             start = f" (at start {format_size(self.start_anon_bytes)})" if self.start_anon_bytes else ""

@@ -22,6 +22,8 @@ import importlib
 import json
 import logging
 import os
+import platform
+import re
 import shutil
 import signal
 import sys
@@ -34,16 +36,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from bigjob.errors import CheckpointError, ConfigError, JobError
-from bigjob.job.cache import JobCache, default_cache_dir
+from bigjob.errors import BigJobError, BudgetError, CheckpointError, ConfigError, JobError, OffloadError
+from bigjob.job.cache import JobCache, default_cache_dir, make_private_dirs
 from bigjob.job.data import load_samples, make_batches
 from bigjob.job.fingerprint import OffloadInputs, PlanInputs, job_key, offload_fingerprint, plan_fingerprint, tensor_signature
 from bigjob.job.progress import ResultWriter
 from bigjob.job.report import DEVICE_MAP_NAME, JobReport, MemorySampler, atomic_write_text, cuda_peaks, percentile, read_report, versions
 from bigjob.job.schema import JobConfig, budget_overrides, validate
 from bigjob.job.tasks import build_task
+from bigjob.job.text import TokenizerRef, check_context
 
-__all__ = ["KILL_AFTER_ENV", "build_empty_model", "resolve_budgets", "run_job"]
+__all__ = ["KILL_AFTER_ENV", "build_empty_model", "job_identity", "resolve_budgets", "run_job"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,18 @@ KILL_AFTER_ENV = "BIGJOB_KILL_AFTER_BATCHES"
 
 
 # --------------------------------------------------------------------------- step helpers
+
+
+def _in_config_terms(message: str) -> str:
+    """An engine message with the engine's argument names replaced by the config keys that set them.
+
+    >>> _in_config_terms("raise max_memory['cuda:0'] or allow disk offload (max_memory['disk'] > 0)")
+    'raise placement.max_memory.gpu0 or allow disk offload (placement.max_memory.disk > 0)'
+    """
+    message = re.sub(r"max_memory\[['\"]?cuda:(\d+)['\"]?\]", r"placement.max_memory.gpu\1", message)
+    message = re.sub(r"max_memory\[['\"]?(\w+)['\"]?\]", r"placement.max_memory.\1", message)
+    message = re.sub(r"(?<![\w.])(max_memory|prefetch)\b", r"placement.\1", message)
+    return message.replace("`checkpoint`", "checkpoint.path").replace("strict=False", "checkpoint.strict=false")
 
 
 def import_target(target: str, key: str = "model._target_") -> Any:
@@ -74,17 +89,22 @@ def import_target(target: str, key: str = "model._target_") -> Any:
 
 
 def build_empty_model(cfg: JobConfig) -> nn.Module:
-    """Step 1: ``model._target_(**model.kwargs)`` with parameters on the meta device."""
+    """Step 1: ``model._target_(**model.kwargs)`` (and ``path=model.path`` when set) with parameters on the meta device."""
     from bigjob.engine.empty import init_empty_weights
 
     factory = import_target(cfg.model._target_)
     if not callable(factory):
         raise ConfigError(f"model._target_={cfg.model._target_!r} is not callable; name an nn.Module class or factory")
+    kwargs = dict(cfg.model.kwargs)
+    if cfg.model.path is not None:
+        kwargs["path"] = cfg.model.path  # a model folder (model=hf)
     try:
         with init_empty_weights():
-            model = factory(**cfg.model.kwargs)
+            model = factory(**kwargs)
+    except BigJobError:
+        raise
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"model._target_={cfg.model._target_!r} rejected model.kwargs {dict(cfg.model.kwargs)}: {err}") from None
+        raise ConfigError(f"model._target_={cfg.model._target_!r} rejected model.kwargs {kwargs}: {err}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model._target_={cfg.model._target_!r} returned a {type(model).__name__}, not an nn.Module")
     return model.eval()
@@ -103,7 +123,10 @@ def resolve_budgets(cfg: JobConfig) -> dict[str, int]:
     from bigjob.engine.devices import DISK, get_max_memory, normalize_device
 
     user = budget_overrides(cfg.placement.max_memory)
-    budgets = get_max_memory(user)
+    try:
+        budgets = get_max_memory(user)
+    except BudgetError as err:
+        raise BudgetError(_in_config_terms(str(err))) from None
     named = {normalize_device(k) for k in user}
     for device, size in budgets.items():
         if device not in named and device != DISK:
@@ -111,19 +134,54 @@ def resolve_budgets(cfg: JobConfig) -> dict[str, int]:
     return budgets
 
 
-def _check_budgeted_devices(budgets: Mapping[str, int]) -> None:
-    from bigjob.engine.devices import DISK
+def _check_budgeted_devices(cfg: JobConfig, budgets: Mapping[str, int]) -> None:
+    """A run needs every device it budgets; names the ``placement.max_memory`` key of one this machine lacks."""
+    from bigjob.engine.devices import normalize_device
     from bigjob.engine.loading import check_devices
     from bigjob.errors import DeviceError
 
-    try:
-        check_devices([device for device, size in budgets.items() if size > 0 and device != DISK])
-    except DeviceError as err:
-        raise DeviceError(f"{err}; remove that budget from placement.max_memory, or use mode=plan to plan for another machine") from None
+    for key, value in budget_overrides(cfg.placement.max_memory).items():
+        device = normalize_device(key)
+        try:
+            if budgets.get(device, 0) > 0:
+                check_devices([device])
+        except DeviceError:
+            have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            raise DeviceError(
+                f"placement.max_memory.{key}={value} budgets {device}, which this machine does not have ({have} CUDA GPU(s)); "
+                f"remove placement.max_memory.{key}, or use mode=plan to plan for another machine"
+            ) from None
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
-    return None if name in (None, "checkpoint") else getattr(torch, name)
+    return None if name in (None, "checkpoint", "auto") else getattr(torch, name)
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _hf_model_dir(cfg: JobConfig) -> Any:
+    """The Transformers model folder of a ``model=hf`` job (its config.json read by Transformers), else None."""
+    from bigjob.models.hf import HF_TARGET, load_config, open_model_dir
+
+    if cfg.model._target_ != HF_TARGET:
+        return None
+    if not cfg.model.path:
+        raise ConfigError("model=hf needs model.path: the local folder holding the model's config.json and weights")
+    model_dir = open_model_dir(cfg.model.path, key="model.path")
+    load_config(model_dir, key="model.path")  # an unknown model type fails here, naming model.path
+    return model_dir
+
+
+def _resolve_hf(cfg: JobConfig, model: nn.Module) -> JobConfig:
+    """A ``model=hf`` job with its automatic values made explicit: no-split classes from the model class."""
+    from bigjob.models.hf import no_split_classes
+
+    if cfg.model.no_split_module_classes or cfg.placement.strategy == "explicit":
+        return cfg
+    names = no_split_classes(model, key="model.no_split_module_classes")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, no_split_module_classes=names))
 
 
 def _ensure_writable(run_dir: Path) -> None:
@@ -136,6 +194,35 @@ def _ensure_writable(run_dir: Path) -> None:
         raise JobError(
             f"output folder {str(run_dir)!r} is not writable ({err.strerror}); set hydra.run.dir (or hydra.sweep.dir) to a writable folder"
         ) from None
+
+
+def check_run_folder(run_dir: Path, key: str) -> None:
+    """Refuses a run folder holding another job's results (key ``key`` is this job's) before anything in it is replaced."""
+    progress = ResultWriter(run_dir, key)
+    marker = progress._read_progress()
+    earlier = read_report(run_dir)
+    if (marker is not None and marker.get("job_key") != key) or (
+        earlier is not None and earlier.status == "completed" and earlier.job_key != key
+    ):
+        raise JobError(
+            f"output folder {str(run_dir)!r} holds the results of a job with another config; set hydra.run.dir "
+            "(or hydra.sweep.dir) to a new folder, or delete that one"
+        )
+
+
+def _check_offload_folder(cfg: JobConfig) -> None:
+    """An explicit ``placement.offload_folder`` must be creatable and writable (nothing is created here)."""
+    if not cfg.placement.offload_folder:
+        return
+    folder = Path(cfg.placement.offload_folder).expanduser().absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise OffloadError(
+            f"placement.offload_folder '{cfg.placement.offload_folder}' cannot be written ('{existing}' is not a "
+            "writable folder); set placement.offload_folder to a writable folder, or to null to use the cache's"
+        )
 
 
 def _checkpoint_location(cfg: JobConfig, cache_root: Path | None) -> tuple[Path | None, dict[str, Any] | None]:
@@ -156,14 +243,20 @@ def _checkpoint_location(cfg: JobConfig, cache_root: Path | None) -> tuple[Path 
     return None, {"format": "bigjob-demo", "marker": _marker(dict(cfg.model.kwargs), cfg.checkpoint.demo_seed, 4)}
 
 
-def _checkpoint_identity(path: Path, content_hash: bool) -> dict[str, Any]:
+def _checkpoint_identity(
+    path: Path, cfg: JobConfig, model: nn.Module | None, dtype: torch.dtype | None, special_dtypes: dict[str, Any]
+) -> dict[str, Any]:
+    """The checkpoint's identity; with ``model``, first checks that its tensors fit the model (headers only)."""
     from bigjob.engine.checkpoint import open_checkpoint
+    from bigjob.engine.loading import check_checkpoint
 
     try:
         with open_checkpoint(path) as checkpoint:
-            return checkpoint.identity(content_hash=content_hash)
-    except CheckpointError as err:
-        raise CheckpointError(f"checkpoint.path '{path}': {err}") from None
+            if model is not None:
+                check_checkpoint(model, checkpoint, dtype, special_dtypes or None, strict=cfg.checkpoint.strict)
+            return checkpoint.identity(content_hash=cfg.checkpoint.content_hash)
+    except CheckpointError as err:  # UnsafeCheckpointError stays itself
+        raise type(err)(f"checkpoint.path '{path}': {_in_config_terms(str(err))}") from None
 
 
 def _explicit_map(cfg: JobConfig, model: nn.Module) -> Any:
@@ -177,8 +270,11 @@ def _explicit_map(cfg: JobConfig, model: nn.Module) -> Any:
             raise ConfigError(f"placement.device_map '{cfg.placement.device_map}' cannot be read as a device map JSON ({err})") from None
     if not isinstance(source, Mapping):
         raise ConfigError(f"placement.device_map must be a map {{module: device}} or a JSON path, got {type(source).__name__}")
-    device_map = DeviceMap.from_json(dict(source))
-    check_device_map(model, device_map)
+    try:
+        device_map = DeviceMap.from_json(dict(source))
+        check_device_map(model, device_map)
+    except ConfigError as err:  # DeviceMapError: the class stays, the message names the key
+        raise type(err)(f"placement.device_map {cfg.placement.device_map!r}: {err}") from None
     return device_map
 
 
@@ -196,15 +292,18 @@ def _planned_map(
     from bigjob.engine.planner import infer_auto_device_map
 
     def compute() -> dict[str, Any]:
-        planned = infer_auto_device_map(
-            model,
-            max_memory=dict(inputs.budgets),
-            no_split_module_classes=list(cfg.model.no_split_module_classes),
-            dtype=dtype,
-            special_dtypes=special_dtypes or None,
-            strategy=cfg.placement.strategy,
-            prefetch=cfg.placement.prefetch,
-        ).to_dict()
+        try:
+            planned = infer_auto_device_map(
+                model,
+                max_memory=dict(inputs.budgets),
+                no_split_module_classes=list(cfg.model.no_split_module_classes),
+                dtype=dtype,
+                special_dtypes=special_dtypes or None,
+                strategy=cfg.placement.strategy,
+                prefetch=cfg.placement.prefetch,
+            ).to_dict()
+        except BudgetError as err:
+            raise type(err)(_in_config_terms(str(err))) from None
         return {"kind": "plan", "device_map": planned["device_map"], "summary": planned["plan"], "inputs": inputs.describe()}
 
     hit: bool | None = None
@@ -213,6 +312,15 @@ def _planned_map(
     else:
         entry = compute()
     return DeviceMap.from_json({"device_map": entry["device_map"], "plan": entry.get("summary")}), hit
+
+
+def _job_key(cfg: JobConfig, model_dir: Any) -> str:
+    return job_key({**dataclasses.asdict(cfg), **({"model_dir": model_dir.identity()} if model_dir else {})})
+
+
+def job_identity(cfg: JobConfig) -> str:
+    """The job's key (``JobReport.job_key``): its resolved config, and a Transformers folder's identity."""
+    return _job_key(cfg, _hf_model_dir(cfg))
 
 
 def _reuse_completed(run_dir: Path, key: str, cache: JobCache | None, multirun: bool) -> JobReport | None:
@@ -252,24 +360,44 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
     # 0. Everything that can be wrong with the input is found before the cache is opened.
     validate(cfg)
     _ensure_writable(run_dir)
-    key = job_key(dataclasses.asdict(cfg))
+    _check_offload_folder(cfg)
+    model_dir = _hf_model_dir(cfg)  # a Transformers folder: its config.json is part of the job's identity
+    key = _job_key(cfg, model_dir)
+    check_run_folder(run_dir, key)
     report = JobReport(status="running", run_dir=str(run_dir), job_key=key, mode=cfg.mode, task=cfg.task.name, started_at=started)
     model = build_empty_model(cfg)  # 1.
     report.model_class = f"{type(model).__module__}.{type(model).__qualname__}"
+    tokenizer = None
+    if model_dir is not None:
+        cfg = _resolve_hf(cfg, model)
+        tokenizer = TokenizerRef(model_dir.path, key="model.path")
     batches = []
     if cfg.mode == "run":
-        batches = make_batches(load_samples(cfg.data, _vocab_size(model)), cfg.data.batch_size, cfg.data.pad_id)
-    task = build_task(cfg.task)
+        samples = load_samples(cfg.data, _vocab_size(model), tokenizer)
+        if model_dir is not None:
+            from bigjob.models.hf import context_length
+
+            reserve = cfg.task.max_new_tokens if cfg.task.name == "generate" else 0
+            check_context(samples, context_length(model.config), reserve)
+        batches = make_batches(samples, cfg.data.batch_size, cfg.data.pad_id)
+    task = build_task(cfg.task, tokenizer)
+    task.check(model)
     budgets = resolve_budgets(cfg)
     if cfg.mode == "run":  # a plan may target another machine; a run needs the devices here
-        _check_budgeted_devices(budgets)
+        _check_budgeted_devices(cfg, budgets)
     dtype = _dtype(cfg.dtype.name)
     special_dtypes = {name: _dtype(value) for name, value in cfg.model.special_dtypes.items()}
+    if model_dir is not None:
+        from bigjob.models.hf import dtype_exceptions, resolve_dtype
+
+        dtype = resolve_dtype(cfg.dtype.name if cfg.dtype.name == "auto" else dtype, model_dir, key="dtype.name")
+        special_dtypes = {**dtype_exceptions(model, dtype), **special_dtypes}
     cache_root = Path(cfg.cache.dir).expanduser() if cfg.cache.dir else default_cache_dir()
     checkpoint_path, identity = _checkpoint_location(cfg, cache_root)
     if identity is None:
         assert checkpoint_path is not None
-        identity = _checkpoint_identity(checkpoint_path, cfg.checkpoint.content_hash)
+        # Transformers folders skip the key check here: load_and_dispatch knows which keys they may ignore.
+        identity = _checkpoint_identity(checkpoint_path, cfg, model if model_dir is None else None, dtype, special_dtypes)
     explicit = _explicit_map(cfg, model) if cfg.placement.strategy == "explicit" else None
 
     cache = JobCache(cache_root) if cfg.cache.enabled else None
@@ -285,12 +413,15 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
             # 2. Fingerprint of everything the plan depends on.
             devices = device_inventory()
             tensors = tensor_signature(model)
+            model_kwargs = {"_target_": cfg.model._target_, **dict(cfg.model.kwargs)}
+            if model_dir is not None:
+                model_kwargs["model_dir"] = model_dir.identity()  # config.json's hash: another config, another plan
             inputs = PlanInputs(
                 model_class=report.model_class,
-                model_kwargs={"_target_": cfg.model._target_, **dict(cfg.model.kwargs)},
+                model_kwargs=model_kwargs,
                 tensors=tensors,
-                dtype=cfg.dtype.name if dtype is not None else None,
-                special_dtypes=dict(cfg.model.special_dtypes),
+                dtype=_dtype_name(dtype),
+                special_dtypes={name: str(_dtype_name(value)) for name, value in special_dtypes.items()},
                 budgets=budgets,
                 strategy=cfg.placement.strategy,
                 no_split=list(cfg.model.no_split_module_classes),
@@ -326,10 +457,11 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
             if checkpoint_path is None:
                 from bigjob.models.demo import make_demo_checkpoint
 
-                checkpoint_path = make_demo_checkpoint(cache_root / "checkpoints", dict(cfg.model.kwargs), cfg.checkpoint.demo_seed)
+                checkpoints = make_private_dirs(cache_root / "checkpoints")
+                checkpoint_path = make_demo_checkpoint(checkpoints, dict(cfg.model.kwargs), cfg.checkpoint.demo_seed)
             disk_modules = [name for name, device in device_map.items() if device == "disk"]
             offload_key = offload_fingerprint(
-                OffloadInputs(identity, tensors, inputs.dtype, dict(cfg.model.special_dtypes), disk_modules, cfg.placement.offload_buffers)
+                OffloadInputs(identity, tensors, inputs.dtype, dict(inputs.special_dtypes), disk_modules, cfg.placement.offload_buffers)
             )
             if cfg.placement.offload_folder:
                 offload_folder = Path(cfg.placement.offload_folder).expanduser().absolute()
@@ -339,7 +471,7 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
                 offload_folder = run_dir / "offload"
 
             # 5. Load and dispatch; the lock makes concurrent jobs build a shared folder once.
-            model = _load(model, checkpoint_path, device_map, dtype, special_dtypes, offload_folder, cfg, cache, offload_key, disk_modules)
+            model = _load(model, checkpoint_path, device_map, dtype, special_dtypes, offload_folder, cfg, cache, offload_key, disk_modules, model_dir is not None)
             info = _engine_dispatch()[1](model)
             if info is None:
                 raise JobError("the engine returned a model without dispatch information; this is a bug in bigjob")
@@ -379,6 +511,7 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
             if session and loop_seconds > 0:
                 report.samples_per_s = sum(len(b.sample_ids) for b in session) / loop_seconds
                 report.tokens_per_s = sum(b.num_tokens for b in session) / loop_seconds
+            report.task_metrics = task.metrics()
             report.outputs = {**writer.outputs(), "record": str(run_dir / "metrics.json")}
             report.status = "completed"
             info.detach()  # stop the prefetch thread and drop the hooks: the next sweep job starts clean
@@ -404,8 +537,13 @@ def _load(
     cache: JobCache | None,
     offload_key: str,
     disk_modules: list[str],
+    transformers_model: bool = False,
 ) -> nn.Module:
     load_checkpoint_and_dispatch = _engine_dispatch()[0]
+    if transformers_model:
+        from bigjob.models.hf import load_and_dispatch
+
+        load_checkpoint_and_dispatch = load_and_dispatch  # the engine's, minus the keys Transformers ignores too
 
     def load() -> nn.Module:
         return load_checkpoint_and_dispatch(
@@ -417,11 +555,11 @@ def _load(
             offload_folder=str(offload_folder) if disk_modules else None,
             offload_buffers=cfg.placement.offload_buffers,
             prefetch=cfg.placement.prefetch,
-            strict=True,
+            strict=cfg.checkpoint.strict,
         )
 
     if disk_modules:
-        offload_folder.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(offload_folder.parent)
     if cache is not None and disk_modules:
         with cache.lock(f"offload:{offload_key}"):
             return load().eval()
@@ -444,5 +582,6 @@ def _finish(report: JobReport, memory: MemorySampler, started: float) -> JobRepo
     report.peak_cuda_allocated_bytes = cuda_peaks()
     report.finished_at = time.time()
     report.wall_seconds = report.finished_at - started
+    report.host, report.pid, report.parent_pid = platform.node(), os.getpid(), os.getppid()
     report.write()
     return report

@@ -41,6 +41,7 @@ __all__ = [
     "MaxMemoryConfig",
     "ModelConfig",
     "PlacementConfig",
+    "RunnerConfig",
     "TaskConfig",
     "budget_overrides",
     "register_configs",
@@ -48,13 +49,15 @@ __all__ = [
 ]
 
 MODES = ("run", "plan")
-DTYPES = ("checkpoint", "float32", "float16", "bfloat16")
+DTYPES = ("checkpoint", "auto", "float32", "float16", "bfloat16")
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential", "explicit")
-SOURCES = ("synthetic", "jsonl", "tensor")
+SOURCES = ("synthetic", "jsonl", "tensor", "text")
 CHECKPOINT_SOURCES = ("demo", "path")
 TASKS = ("logits", "score", "embed", "generate")
-POOLINGS = ("mean", "last")
+POOLINGS = ("mean", "last", "cls")
+DECODINGS = ("greedy", "sample")
 MAX_GPUS = 8
+HF_TARGET = "bigjob.models.hf.empty_model"  # model=hf (bigjob.models.hf.HF_TARGET; not imported: torch-free here)
 
 
 @dataclass
@@ -67,6 +70,8 @@ class ModelConfig:
     no_split_module_classes: List[str] = field(default_factory=list)
     # Per-parameter dtype overrides, parameter name -> float32|float16|bfloat16.
     special_dtypes: Dict[str, str] = field(default_factory=dict)
+    # A model folder, passed to _target_ as `path` (model=hf: a local Transformers model directory).
+    path: Optional[str] = None
 
 
 @dataclass
@@ -77,6 +82,7 @@ class CheckpointConfig:
     path: Optional[str] = None  # source=path: the checkpoint's location
     demo_seed: int = 0  # source=demo: the seed its weights are drawn from
     content_hash: bool = False  # identify the checkpoint by a hash of its bytes, not sizes + mtimes
+    strict: bool = True  # tensors the model does not have are an error; false: they are logged and ignored
 
 
 @dataclass
@@ -124,8 +130,8 @@ class PlacementConfig:
 class DataConfig:
     """The inputs: token-id lists from a JSONL file, a tensor file, or seeded random tokens."""
 
-    source: str = "synthetic"  # synthetic | jsonl | tensor
-    path: Optional[str] = None  # jsonl / tensor sources
+    source: str = "synthetic"  # synthetic | jsonl | tensor | text (prompts: JSONL of strings or one per line)
+    path: Optional[str] = None  # jsonl / tensor / text sources
     key: str = "input_ids"  # tensor source: the tensor's name in a .safetensors file or dict .pt file
     batch_size: int = 4
     limit: Optional[int] = None  # use at most this many samples
@@ -141,10 +147,18 @@ class DataConfig:
 class TaskConfig:
     """What to compute per batch."""
 
-    name: str = "logits"  # logits | score | embed
-    top_k: int = 5  # logits: ids and values of the k largest logits per position
+    name: str = "logits"  # logits | score | embed | generate
+    # logits: ids and values of the k largest logits per position; generate (sample): draw only
+    # among the k most likely tokens, 0 for all.
+    top_k: int = 5
     full_logits: bool = False  # logits: also write every logit, one safetensors file per batch
-    pooling: str = "mean"  # embed: mean | last (over real tokens)
+    pooling: str = "mean"  # embed: mean | last | cls (over real tokens)
+    normalize: bool = False  # embed: scale each embedding to unit L2 norm
+    max_new_tokens: int = 32  # generate: tokens to add per prompt (fewer when it ends with EOS)
+    decoding: str = "greedy"  # generate: greedy | sample
+    temperature: float = 1.0  # generate (sample): logits are divided by it
+    top_p: float = 1.0  # generate (sample): draw from the most likely tokens holding this probability
+    seed: int = 0  # generate (sample): batch i draws from a generator seeded with seed + i
 
 
 @dataclass
@@ -153,6 +167,16 @@ class CacheConfig:
 
     dir: Optional[str] = None  # null: $BIGJOB_CACHE_DIR, else $XDG_CACHE_HOME/bigjob, else ~/.cache/bigjob
     enabled: bool = True
+
+
+@dataclass
+class RunnerConfig:
+    """How a job's work is run (never what it computes: not part of the job's key)."""
+
+    # Run the job's work in a fresh child process, so its peak memory and CUDA state are its
+    # own. null: on for the runs of a sweep (-m), except under launchers that already start one
+    # process per job (submitit); off for single runs and mode=plan.
+    isolate: Optional[bool] = None
 
 
 @dataclass
@@ -169,6 +193,7 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
 
 
 def budget_overrides(max_memory: MaxMemoryConfig) -> dict[str, str]:
@@ -185,13 +210,16 @@ def validate(cfg: JobConfig) -> None:
     """Raises one :class:`ConfigError` listing every invalid value, or returns None."""
     from bigjob.engine.devices import parse_size  # sizes are the engine's vocabulary
 
-    problems: list[str] = []
+    unknown = {key: f"unknown config key {key}; {_known_keys(key)}" for key in _unknown_keys(cfg)}
+    problems: list[str] = list(unknown.values())
     _choice(problems, "mode", cfg.mode, MODES)
     _choice(problems, "dtype.name", cfg.dtype.name, DTYPES)
     _choice(problems, "placement.strategy", cfg.placement.strategy, STRATEGIES)
     _choice(problems, "data.source", cfg.data.source, SOURCES)
     _choice(problems, "checkpoint.source", cfg.checkpoint.source, CHECKPOINT_SOURCES)
-    if cfg.checkpoint.source == "path" and not cfg.checkpoint.path:
+    if cfg.model._target_ == HF_TARGET and not cfg.model.path:
+        problems.append("model=hf needs model.path (the local Transformers model folder holding config.json and the weights)")
+    elif cfg.checkpoint.source == "path" and not cfg.checkpoint.path:
         problems.append("checkpoint.source=path needs checkpoint.path (a checkpoint file, index or folder)")
     _choice(problems, "task.name", cfg.task.name, TASKS)
     _choice(problems, "task.pooling", cfg.task.pooling, POOLINGS)
@@ -200,11 +228,13 @@ def validate(cfg: JobConfig) -> None:
             problems.append(f"model.special_dtypes.{name} must be one of {', '.join(DTYPES[1:])}, got {dtype!r}")
     if not cfg.model._target_:
         problems.append("model._target_ is empty; set it to an nn.Module class or factory such as bigjob.models.demo.DemoTransformer")
+    budget_problems = [text for key, text in unknown.items() if key.startswith("placement.max_memory.")]
     for key, value in budget_overrides(cfg.placement.max_memory).items():
         try:
             # Percentages are checked against a nominal capacity: only the syntax matters here.
             parse_size(value, capacity=2**40, key=f"placement.max_memory.{key}")
         except BudgetError as err:
+            budget_problems.append(str(err))
             problems.append(str(err))
     if cfg.placement.strategy == "explicit" and cfg.placement.device_map is None:
         problems.append("placement.strategy=explicit needs placement.device_map (a map or a device_map.json path)")
@@ -215,7 +245,7 @@ def validate(cfg: JobConfig) -> None:
         problems.append(f"data.batch_size must be at least 1, got {data.batch_size}")
     if data.limit is not None and data.limit < 0:
         problems.append(f"data.limit must be at least 0 (or null for all), got {data.limit}")
-    if data.source in ("jsonl", "tensor") and not data.path:
+    if data.source in ("jsonl", "tensor", "text") and not data.path:
         problems.append(f"data.source={data.source} needs data.path")
     if data.source == "synthetic":
         if data.num_samples < 1:
@@ -224,12 +254,42 @@ def validate(cfg: JobConfig) -> None:
             problems.append(f"data.seq_len must be at least 1, got {data.seq_len}")
         if data.min_seq_len is not None and not 1 <= data.min_seq_len <= data.seq_len:
             problems.append(f"data.min_seq_len must be between 1 and data.seq_len={data.seq_len}, got {data.min_seq_len}")
-    if cfg.task.top_k < 1:
-        problems.append(f"task.top_k must be at least 1, got {cfg.task.top_k}")
-    if cfg.task.name == "generate":
-        problems.append("task.name=generate is not available yet (it arrives with the Hugging Face adapter); use logits, score or embed")
+    task = cfg.task
+    if task.name == "generate":
+        _choice(problems, "task.decoding", task.decoding, DECODINGS)
+        if task.max_new_tokens < 1:
+            problems.append(f"task.max_new_tokens must be at least 1, got {task.max_new_tokens}")
+        if task.top_k < 0:
+            problems.append(f"task.top_k must be at least 0 (0: no top-k filter), got {task.top_k}")
+        if not task.temperature > 0:
+            problems.append(f"task.temperature must be above 0, got {task.temperature}")
+        if not 0 < task.top_p <= 1:
+            problems.append(f"task.top_p must be in (0, 1], got {task.top_p}")
+    elif task.top_k < 1:
+        problems.append(f"task.top_k must be at least 1, got {task.top_k}")
     if problems:
-        raise ConfigError("; ".join(problems))
+        raise (BudgetError if set(problems) <= set(budget_problems) else ConfigError)("; ".join(problems))
+
+
+def _unknown_keys(node: Any, prefix: str = "") -> list[str]:
+    """Keys added with Hydra's ``+`` that the schema does not have (OmegaConf.to_object keeps them as attributes)."""
+    if not dataclasses.is_dataclass(node):
+        return []
+    names = [f.name for f in dataclasses.fields(node)]
+    extra = [f"{prefix}{name}" for name in vars(node) if name not in names]
+    for name in names:
+        extra += _unknown_keys(getattr(node, name), f"{prefix}{name}.")
+    return extra
+
+
+def _known_keys(key: str) -> str:
+    parent, _, _ = key.rpartition(".")
+    node: Any = JobConfig
+    for part in filter(None, parent.split(".")):
+        node = {f.name: f for f in dataclasses.fields(node)}[part].type
+        node = globals()[node] if isinstance(node, str) else node
+    where = parent or "the top level"
+    return f"{where} takes {', '.join(f.name for f in dataclasses.fields(node))}"
 
 
 def register_configs(store: ConfigStore | None = None) -> None:

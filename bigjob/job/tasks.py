@@ -4,8 +4,8 @@ A task turns one forward pass into per-sample JSON records (one line each in
 ``predictions.jsonl``) and, optionally, tensors written as one safetensors file per batch.
 Padding never leaks into a result: only positions whose attention mask is 1 count.
 
-New tasks (generation arrives with the Hugging Face adapter) subclass :class:`Task` and
-register in :data:`TASKS`.
+New tasks subclass :class:`Task` and register in :data:`TASKS`; generation lives in
+:mod:`bigjob.job.generate`.
 
 >>> from bigjob.models.demo import DemoTransformer
 >>> from bigjob.job.data import make_batches
@@ -20,7 +20,7 @@ register in :data:`TASKS`.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,12 +42,29 @@ class BatchResult:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _accepts_attention_mask(model: nn.Module) -> bool:
+def _forward_params(model: nn.Module) -> Mapping[str, inspect.Parameter]:
     try:
-        params = inspect.signature(model.forward).parameters
+        return inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
+        return {}
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    params = _forward_params(model)
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _accepts_attention_mask(model: nn.Module) -> bool:
+    return _accepts(model, "attention_mask")
+
+
+def _has_lm_head(model: nn.Module) -> bool:
+    """Whether a Transformers model ends in an output head (``get_output_embeddings``)."""
+    getter = getattr(model, "get_output_embeddings", None)
+    try:
+        return callable(getter) and getter() is not None
+    except (AttributeError, NotImplementedError):
         return False
-    return "attention_mask" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _field(output: Any, name: str, position: int) -> torch.Tensor | None:
@@ -57,23 +74,32 @@ def _field(output: Any, name: str, position: int) -> torch.Tensor | None:
         return output.get(name)
     if hasattr(output, name):
         return getattr(output, name)
-    if isinstance(output, (tuple, list)) and len(output) > position:
+    if isinstance(output, (tuple, list)) and 0 <= position < len(output):
         return output[position]
     return None
 
 
-def model_outputs(model: nn.Module, batch: Batch, device: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def model_outputs(model: nn.Module, batch: Batch, device: str, hidden_states: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(logits (B, T, V), last hidden state (B, T, C))`` of a forward pass, on the CPU.
 
     Models may return a dict, an object with attributes, a tuple ``(logits, hidden)`` or
-    a bare logits tensor; what a model does not give is None.
+    a bare logits tensor; what a model does not give is None. With ``hidden_states`` a
+    model that takes ``output_hidden_states`` (Transformers) is asked for them, and the
+    last one stands in for a missing ``last_hidden_state`` (causal LMs).
     """
     ids = batch.input_ids.to(device)
-    kwargs = {"attention_mask": batch.attention_mask.to(device)} if _accepts_attention_mask(model) else {}
+    kwargs: dict[str, Any] = {"attention_mask": batch.attention_mask.to(device)} if _accepts_attention_mask(model) else {}
+    if "use_cache" in _forward_params(model):
+        kwargs["use_cache"] = False  # one forward pass: a KV cache would only cost memory
+    if hidden_states and _has_lm_head(model) and _accepts(model, "output_hidden_states"):
+        kwargs["output_hidden_states"] = True  # a causal LM returns logits, not its last hidden state
     with torch.no_grad():
         output = model(ids, **kwargs)
     logits = _field(output, "logits", 0)
     hidden = _field(output, "last_hidden_state", 1)
+    if hidden is None and hidden_states:
+        states = _field(output, "hidden_states", -1)
+        hidden = states[-1] if isinstance(states, (tuple, list)) and states else None
     return (logits.cpu() if logits is not None else None, hidden.cpu() if hidden is not None else None)
 
 
@@ -82,11 +108,19 @@ class Task:
 
     name = ""
 
-    def __init__(self, cfg: TaskConfig) -> None:
+    def __init__(self, cfg: TaskConfig, tokenizer: Any = None) -> None:
         self.cfg = cfg
+        self.tokenizer = tokenizer  # a bigjob.job.text.TokenizerRef for models that have one
+
+    def check(self, model: nn.Module) -> None:
+        """Raise before any work (planning, caching, loading) when this task cannot run on ``model``."""
 
     def run(self, model: nn.Module, batch: Batch, device: str) -> BatchResult:
         raise NotImplementedError
+
+    def metrics(self) -> dict[str, Any]:
+        """Task-specific figures for ``metrics.json`` (``task_metrics``), e.g. generation throughput."""
+        return {}
 
     def _need(self, value: torch.Tensor | None, what: str) -> torch.Tensor:
         if value is None:
@@ -121,7 +155,10 @@ class LogitsTask(Task):
 
 
 class ScoreTask(Task):
-    """Log-likelihood of each sequence: sum over t of log p(x[t+1] | x[:t+1]), natural log."""
+    """Log-likelihood of each sequence: sum over t of log p(x[t+1] | x[:t+1]), natural log.
+
+    ``token_logprobs[i]`` is log p of token i+1 given the tokens before it (the first token has none).
+    """
 
     name = "score"
 
@@ -134,32 +171,49 @@ class ScoreTask(Task):
         records = []
         for row, sample_id in enumerate(batch.sample_ids):
             n = int(scored[row].sum())
-            total = float(token_lp[row][scored[row]].sum()) if n else 0.0
-            records.append({"id": sample_id, "tokens_scored": n, "log_likelihood": total, "mean_log_likelihood": total / n if n else None})
+            per_token = token_lp[row][scored[row]]
+            total = float(per_token.sum()) if n else 0.0
+            records.append(
+                {
+                    "id": sample_id,
+                    "tokens_scored": n,
+                    "log_likelihood": total,
+                    "mean_log_likelihood": total / n if n else None,
+                    "token_logprobs": per_token.tolist(),
+                }
+            )
         return BatchResult(records)
 
 
 class EmbedTask(Task):
-    """The last hidden state pooled over real tokens: their mean, or the last one."""
+    """The last hidden state pooled over real tokens: their mean, the last one or the first (``cls``); optionally unit length."""
 
     name = "embed"
 
     def run(self, model: nn.Module, batch: Batch, device: str) -> BatchResult:
-        hidden = self._need(model_outputs(model, batch, device)[1], "last hidden state").float()  # (B, T, C)
+        hidden = self._need(model_outputs(model, batch, device, hidden_states=True)[1], "last hidden state").float()  # (B, T, C)
         mask = batch.attention_mask.bool()
         records = []
         for row, sample_id in enumerate(batch.sample_ids):
             real = hidden[row][mask[row]]  # (n, C)
-            vector = real.mean(0) if self.cfg.pooling == "mean" else real[-1]
+            vector = {"mean": lambda: real.mean(0), "last": lambda: real[-1], "cls": lambda: real[0]}[self.cfg.pooling]()
+            if self.cfg.normalize:
+                vector = torch.nn.functional.normalize(vector, dim=0)
             records.append({"id": sample_id, "embedding": vector.tolist()})
         return BatchResult(records)
 
 
-TASKS: dict[str, Callable[[TaskConfig], Task]] = {"logits": LogitsTask, "score": ScoreTask, "embed": EmbedTask}
+def _generate_task(cfg: TaskConfig, tokenizer: Any = None) -> Task:
+    from bigjob.job.generate import GenerateTask  # imports this module: loaded on first use
+
+    return GenerateTask(cfg, tokenizer)
 
 
-def build_task(cfg: TaskConfig) -> Task:
-    """The task named by ``task.name``."""
+TASKS: dict[str, Callable[..., Task]] = {"logits": LogitsTask, "score": ScoreTask, "embed": EmbedTask, "generate": _generate_task}
+
+
+def build_task(cfg: TaskConfig, tokenizer: Any = None) -> Task:
+    """The task named by ``task.name``; ``tokenizer`` (a TokenizerRef) turns generated ids into text."""
     if cfg.name not in TASKS:
         raise ConfigError(f"task.name={cfg.name!r} is not available; choose one of {', '.join(TASKS)}")
-    return TASKS[cfg.name](cfg)
+    return TASKS[cfg.name](cfg, tokenizer)

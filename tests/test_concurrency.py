@@ -1,0 +1,90 @@
+"""Jobs sharing one cache: compute once, build once, and never serve one model's entries to another.
+
+``tests/test_cli.py::test_two_jobs_started_at_once_both_succeed_and_plan_once`` runs two jobs
+without an offload folder; here four start at once on a job whose disk tier needs converting
+(float16, as ``experiment=half_offload`` does), so the offload folder is contended too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+from _faultkit import JOB, leftovers, marker_holds, metrics, offload_folders
+from _jobkit import TINY, cli_env, compose_config, read_jsonl, reference_model
+from bigjob.job.runner import run_job
+from bigjob.models.demo import demo_checkpoint_spec, demo_tensor
+
+
+def test_four_jobs_started_at_once_plan_once_and_build_the_offload_folder_once(tmp_path):
+    env = cli_env({"BIGJOB_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"})  # 4 jobs on few cores
+    # experiment=half_offload (float16, disk tier converted) on the tiny model with a budget it needs disk under.
+    args = ["experiment=half_offload", *JOB]
+    jobs = [
+        subprocess.Popen([sys.executable, "-m", "bigjob", *args, f"hydra.run.dir={tmp_path / f'run{i}'}"], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(4)
+    ]
+    outputs = [job.communicate(timeout=240) for job in jobs]
+    assert [job.returncode for job in jobs] == [0] * 4, [err for _, err in outputs]
+    records = [metrics(tmp_path / f"run{i}") for i in range(4)]
+    assert all(r["status"] == "completed" and r["offload_folder"] for r in records)
+    assert sorted(r["plan_cache_hit"] for r in records) == [False, True, True, True]  # computed by one, read by three
+    assert sorted(r["offload_cache_hit"] for r in records) == [False, True, True, True]  # built by one, reused by three
+    assert len({r["offload_folder"] for r in records}) == 1 and len({r["plan_key"] for r in records}) == 1
+    (folder,) = offload_folders(tmp_path / "cache")
+    assert marker_holds(folder) and str(folder) == records[0]["offload_folder"]
+    predictions = {(tmp_path / f"run{i}" / "predictions.jsonl").read_bytes() for i in range(4)}
+    assert len(predictions) == 1
+    assert leftovers(tmp_path) == []
+
+
+def _checkpoint(folder, seed: int, mtime_ns: int):
+    """The tiny model's weights from ``seed`` as ``folder/model.safetensors`` with a given mtime."""
+    folder.mkdir()
+    spec = demo_checkpoint_spec(TINY)
+    save_file({name: demo_tensor(name, shape, seed, TINY["n_layers"]) for name, shape in spec}, str(folder / "model.safetensors"))
+    os.utime(folder / "model.safetensors", ns=(mtime_ns, mtime_ns))
+    return folder
+
+
+def _top_ids(model, data):
+    from bigjob.job.data import load_samples
+
+    ids = load_samples(data, TINY["vocab_size"])
+    with torch.no_grad():
+        return [model(torch.tensor([seq]))["logits"][0].float().topk(5, dim=-1).indices.tolist() for seq in ids]
+
+
+def test_two_models_sharing_one_cache_never_see_each_others_entries(tmp_path):
+    """Two checkpoints alike in every file name, size and mtime (copies made with cp -p, rsync -a, tar) but
+    with other weights, then another architecture: each gets its own plan and offload folder, and its own outputs."""
+    mtime = 1_700_000_000 * 10**9
+    first, second = _checkpoint(tmp_path / "a", seed=1, mtime_ns=mtime), _checkpoint(tmp_path / "b", seed=2, mtime_ns=mtime)
+    assert (first / "model.safetensors").stat().st_size == (second / "model.safetensors").stat().st_size
+    common = JOB + [f"cache.dir={tmp_path / 'cache'}", "checkpoint=path"]
+
+    reports = {}
+    for name, folder in (("a", first), ("b", second)):
+        cfg = compose_config(common + [f"checkpoint.path={folder}"])
+        reports[name] = run_job(cfg, tmp_path / f"run-{name}")
+        assert reports[name].plan_cache_hit is False and reports[name].offload_cache_hit is False
+        # float16 weights of this checkpoint, in RAM, without bigjob's loader
+        expected = _top_ids(reference_model(folder, dtype=torch.float16), cfg.data)
+        assert [r["top_ids"] for r in read_jsonl(tmp_path / f"run-{name}" / "predictions.jsonl")] == expected
+    assert reports["a"].offload_folder != reports["b"].offload_folder
+    assert reports["a"].plan_key != reports["b"].plan_key
+
+    other = run_job(compose_config(JOB + [f"cache.dir={tmp_path / 'cache'}", "model.kwargs.d_ff=48"]), tmp_path / "run-c")
+    assert other.plan_cache_hit is False and other.offload_cache_hit is False
+    assert other.offload_folder not in (reports["a"].offload_folder, reports["b"].offload_folder)
+
+    # Each model's rerun is served its own entries.
+    again = run_job(compose_config(common + [f"checkpoint.path={second}"]), tmp_path / "run-b2")
+    assert again.plan_cache_hit is True and again.offload_folder == reports["b"].offload_folder
+    assert json.loads((tmp_path / "run-b2" / "predictions.jsonl").read_text().splitlines()[0]) == read_jsonl(tmp_path / "run-b" / "predictions.jsonl")[0]
