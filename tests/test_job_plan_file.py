@@ -63,7 +63,7 @@ def test_the_commands(tmp_path, exported):
 
 def _tamper(path, change):
     document = json.loads(path.read_text())
-    key = sorted(document["plans"])[0]
+    key = min(document["plans"])
     entry = document["plans"][key]
     new_key = change(entry) or key
     del document["plans"][key]

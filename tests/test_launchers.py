@@ -117,7 +117,7 @@ def test_two_jobs_in_one_joblib_worker_report_independent_peaks(tmp_path):
     """A job with the whole model in RAM, then one with most of it on disk, in the same joblib worker."""
     from bigjob.models.demo import make_demo_checkpoint
 
-    model = dict(vocab_size=8192, d_model=384, n_layers=8, n_heads=6, d_ff=1536, max_seq_len=128)  # 66 MiB in float32
+    model = {"vocab_size": 8192, "d_model": 384, "n_layers": 8, "n_heads": 6, "d_ff": 1536, "max_seq_len": 128}  # 66 MiB in float32
     make_demo_checkpoint(tmp_path / "cache" / "checkpoints", model)  # made here, so no job pays for making it
     folder = tmp_path / "sweep"
     args = [
@@ -221,7 +221,8 @@ def ray_env(tmp_path: Path) -> dict[str, str]:
 @needs_ray
 def test_ray_sweep_on_a_local_instance(tmp_path):
     folder = tmp_path / "sweep"
-    args = [*TINY_JOB, "hydra/launcher=ray_local", "hydra.launcher.ray.init.num_cpus=2", "data.batch_size=1,3", f"hydra.sweep.dir={folder}"]
+    args = [*TINY_JOB, "hydra/launcher=ray_local", "hydra.launcher.ray.init.num_cpus=2", "data.batch_size=1,3", f"hydra.sweep.dir={folder}",
+            f"cache.dir={tmp_path / 'cache'}"]
     start = time.perf_counter()
     out = sweep(tmp_path, args, ray_env(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -235,7 +236,9 @@ def test_ray_sweep_on_a_local_instance(tmp_path):
 @pytest.mark.slow
 @needs_ray
 def test_ray_sweep_on_a_cluster_started_and_stopped_by_the_test(tmp_path):
-    env = cli_env(ray_env(tmp_path))
+    # The cluster's workers have the cluster's environment, not the sweep's: the cache folder
+    # must travel in the config (cache.dir), and this default of theirs must stay unused.
+    env = cli_env({**ray_env(tmp_path), "BIGJOB_CACHE_DIR": str(tmp_path / "workers-default-cache")})
     head_code = (
         "import sys, ray\n"
         "ctx = ray.init(num_cpus=2, include_dashboard=False)\n"
@@ -250,13 +253,14 @@ def test_ray_sweep_on_a_cluster_started_and_stopped_by_the_test(tmp_path):
         assert address, head.stderr.read()
         folder = tmp_path / "sweep"
         args = [*TINY_JOB, "hydra/launcher=ray_cluster", f"hydra.launcher.ray.init.address={address}", "data.batch_size=1,3,0",
-                f"hydra.sweep.dir={folder}"]
+                f"hydra.sweep.dir={folder}", f"cache.dir={tmp_path / 'cache'}"]
         out = sweep(tmp_path, args, ray_env(tmp_path))
         assert out.returncode == 1, out.stderr[-3000:]  # job 2 fails on its input
         assert "Connected to Ray cluster" in out.stderr and out.stderr.count("error: job 2 (") == 1
         runs = records(folder, 2)
         assert all(r["status"] == "completed" and r["isolated"] for r in runs)
         assert [r["status"] for r in summary_rows(folder)] == ["completed", "completed", "failed"]
+        assert (tmp_path / "cache").is_dir() and not (tmp_path / "workers-default-cache").exists()
     finally:
         head.stdin.close()  # the head calls ray.shutdown() and exits
         try:

@@ -217,7 +217,7 @@ def _child_failure(error_file: Path, code: int, pid: int, run_dir: Path) -> Base
 
 def _error_class(names: list[str]) -> type[BigJobError] | None:
     """The first of ``names`` (a class's MRO) that is an error class of :mod:`bigjob.errors` (nothing else is looked up)."""
-    import bigjob.errors as errors
+    from bigjob import errors
 
     for name in names:
         cls = getattr(errors, name, None) if name in errors.__all__ else None
