@@ -34,10 +34,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from _faultkit import (
+    JOB,
+    cache_rows,
+    cli_inprocess,
+    file_digests,
+    leftovers,
+    marker_holds,
+    metrics,
+    offload_folders,
+)
+from _jobkit import TINY, compose_config, read_jsonl, run_cli
 from safetensors.torch import save_file
 
-from _faultkit import JOB, cache_rows, cli_inprocess, file_digests, leftovers, marker_holds, metrics, offload_folders
-from _jobkit import TINY, compose_config, read_jsonl, run_cli
 from bigjob.errors import (
     BigJobError,
     BudgetError,

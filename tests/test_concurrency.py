@@ -13,10 +13,10 @@ import subprocess
 import sys
 
 import torch
-from safetensors.torch import save_file
-
 from _faultkit import JOB, leftovers, marker_holds, metrics, offload_folders
 from _jobkit import TINY, cli_env, compose_config, read_jsonl, reference_model
+from safetensors.torch import save_file
+
 from bigjob.job.runner import run_job
 from bigjob.models.demo import demo_checkpoint_spec, demo_tensor
 

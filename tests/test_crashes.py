@@ -19,8 +19,15 @@ import zlib
 from pathlib import Path
 
 import pytest
-
-from _faultkit import DRIVER, JOB, cache_rows, leftovers, marker_holds, metrics, offload_folders
+from _faultkit import (
+    DRIVER,
+    JOB,
+    cache_rows,
+    leftovers,
+    marker_holds,
+    metrics,
+    offload_folders,
+)
 from _jobkit import cli_env, run_cli
 
 BATCHES = 8  # JOB: 16 samples in batches of 2
@@ -40,7 +47,7 @@ def killed_at(phase: str, args: list[str], cwd: Path, env: dict[str, str]) -> su
     if phase == "batches":
         return run_cli(args, cwd, {**env, "BIGJOB_KILL_AFTER_BATCHES": "3"}, timeout=120)
     return subprocess.run(
-        [sys.executable, "-c", DRIVER, phase, *args], cwd=cwd, env=cli_env(env), capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", DRIVER, phase, *args], check=False, cwd=cwd, env=cli_env(env), capture_output=True, text=True, timeout=120
     )
 
 
@@ -155,9 +162,8 @@ def test_a_lock_whose_holder_is_killed_is_free_at_once(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)], env=cli_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(CacheError, match=f"held by the live process {holder.pid}"):
-            with FileLock(path, timeout=0.3):
-                pass
+        with pytest.raises(CacheError, match=f"held by the live process {holder.pid}"), FileLock(path, timeout=0.3):
+            pass
         holder.kill()
         holder.wait(timeout=10)
         started = time.monotonic()

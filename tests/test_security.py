@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from _faultkit import JOB, cli_inprocess
 from _jobkit import REPO, TINY, compose_config
+from safetensors.torch import save_file
+
 from bigjob.errors import CheckpointError, DataError, UnsafeCheckpointError
 from bigjob.job.runner import run_job
 from bigjob.models.demo import demo_checkpoint_spec, demo_tensor

@@ -47,7 +47,16 @@ import diskcache
 
 from bigjob.errors import CacheError
 
-__all__ = ["FileLock", "JobCache", "KINDS", "SafeJSONDisk", "default_cache_dir", "is_cache_key", "make_private_dirs", "remove_cache_files"]
+__all__ = [
+    "KINDS",
+    "FileLock",
+    "JobCache",
+    "SafeJSONDisk",
+    "default_cache_dir",
+    "is_cache_key",
+    "make_private_dirs",
+    "remove_cache_files",
+]
 
 logger = logging.getLogger(__name__)
 
