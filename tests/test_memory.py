@@ -175,15 +175,18 @@ def test_peak_memory_within_cpu_budget_with_70_percent_on_disk(model_files: tupl
     assert tiers["disk"] >= 0.6 * sum(tiers.values()), tiers
     cpu_tier = tiers["cpu"]
     load, run = figures["load_growth"], figures["run_growth"]
-    # Loading owns exactly the CPU tier (+ one tensor in flight); the disk tier is mapped, not copied.
-    assert load["RssAnon"] <= cpu_tier + largest + 32 * MIB, load
+    # Loading copies nothing: the CPU tier is the checkpoint's own pages, mapped and made resident
+    # before loading returns; the disk tier is mapped and left on disk.
+    assert load["RssAnon"] <= largest + 32 * MIB, load
+    assert load["RssFile"] >= cpu_tier, (load, cpu_tier)
     assert load["VmHWM"] <= cpu_tier + largest + 32 * MIB, load
     # Running: owned memory is the CPU tier plus activations; RSS adds the units paged in, within the budget.
     assert run["RssAnon"] <= cpu_tier + largest + OVERHEAD, run
     for key in ("VmRSS", "VmHWM"):
         assert run[key] <= budget + largest + OVERHEAD, (key, run, budget)
-    # After the forwards the disk tier's pages are given back (file pages left: libraries, boundaries).
-    assert figures["final"]["RssFile"] - figures["base"]["RssFile"] <= 32 * MIB, figures["final"]
+    # After the forwards the disk tier's pages are given back (file pages left: the CPU tier, libraries,
+    # partial pages at the ends of units).
+    assert figures["final"]["RssFile"] - figures["base"]["RssFile"] <= cpu_tier + 32 * MIB, figures["final"]
 
 
 def test_building_an_offload_folder_never_holds_a_shard(model_files: tuple[Path, int], tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ from torch import nn
 from bigjob.engine.checkpoint import Checkpoint, KeyReport, compare_keys, open_checkpoint, resolve_name
 from bigjob.engine.device_map import DeviceMap, assign_tensors
 from bigjob.engine.devices import CPU, DISK, is_accelerator
+from bigjob.engine.pages import Range, populate
 from bigjob.engine.planner import resolve_device_map
 from bigjob.engine.sizes import Inventory, TensorRecord, build_inventory, resolve_dtype
 from bigjob.engine.store import OffloadEntry, OffloadFolder, prepare_offload_folder
@@ -63,6 +64,7 @@ class LoadResult:
     offload: OffloadFolder | None = None
     zero_copy: set[str] = field(default_factory=set)  # disk-tier tensors viewed from the checkpoint itself
     inventory: Inventory | None = field(default=None, repr=False)
+    mapped: set[str] = field(default_factory=set)  # CPU-tier tensors served as views of the checkpoint's pages
 
     @property
     def offload_folder(self) -> str | None:
@@ -355,6 +357,16 @@ def _load(
             zero_copy.add(record.name)
         else:
             offload_entries.append(OffloadEntry(record.name, key, record.dtype, tuple(record.shape)))
+    # CPU-tier tensors computed on the CPU in their stored dtype are views of the checkpoint's
+    # own pages too, mapped in bulk below: nothing is copied, and the bytes are in memory once
+    # (the page cache) instead of twice (the page cache and a private copy).
+    mapped: set[str] = set()
+    if not is_accelerator(main):
+        for record in inventory.tensors.values():
+            if tiers[record.name] == CPU and record.name in source and not record.is_buffer:
+                info = ckpt.info(source[record.name])
+                if info is not None and info.dtype == record.dtype and info.offset % max(1, info.dtype.itemsize) == 0:
+                    mapped.add(record.name)
     offload: OffloadFolder | None = None
     if offload_entries:
         if offload_folder is None:
@@ -368,6 +380,7 @@ def _load(
 
     bytes_per_tier: dict[str, int] = {}
     placement: dict[str, str] = {}
+    resident: list[Range] = []
     for record in inventory.tensors.values():
         tier = tiers[record.name]
         # Buffers of disk-tier modules stay in RAM unless offload_buffers: they are small and often used.
@@ -376,7 +389,11 @@ def _load(
         home = tier
         if tier == DISK and record.is_buffer and (not offload_buffers or record.name not in source):
             home = main if not is_accelerator(main) else CPU
-        value = _materialise(record, home, ckpt, source, offload, zero_copy, offloaded, modules)
+        if record.name in mapped:
+            value = ckpt.view(source[record.name])
+            resident.append(Range(value.data_ptr(), record.nbytes).aligned())
+        else:
+            value = _materialise(record, home, ckpt, source, offload, zero_copy, offloaded, modules)
         for name in (record.name, *record.aliases):
             if name == record.name:
                 first = set_tensor(modules, name, value)
@@ -384,6 +401,7 @@ def _load(
                 set_tensor(modules, name, first)
         placement[record.name] = home
         bytes_per_tier[home] = bytes_per_tier.get(home, 0) + record.nbytes
+    populate(resident)  # the CPU tier is resident when loading returns, as a copied one would be
     return LoadResult(
         resolved,
         main,
@@ -393,6 +411,7 @@ def _load(
         offload,
         zero_copy,
         inventory,
+        mapped,
     )
 
 

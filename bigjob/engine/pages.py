@@ -66,18 +66,31 @@ class Range(NamedTuple):
 
 
 def merge(ranges: Iterable[Range]) -> list[Range]:
-    """Page-aligned ranges with overlapping or touching neighbours merged (fewer system calls).
+    """The whole pages inside ``ranges``, with touching or overlapping neighbours joined first.
 
-    >>> merge([Range(0, 10), Range(PAGE - 1, 2), Range(10 * PAGE, 1)]) == [Range(0, 2 * PAGE), Range(10 * PAGE, PAGE)]
+    Joining before rounding keeps the pages shared by two neighbouring tensors of one unit;
+    rounding *inward* then keeps a page shared with anything else (a resident tensor next
+    to an offloaded one in the same file) out of the range, so releasing a unit never
+    unmaps a page that another tensor lives on. At most one partial page at each end of a
+    joined range stays mapped.
+
+    >>> merge([Range(0, 10), Range(10, PAGE), Range(10 * PAGE + 5, 3 * PAGE)]) == [Range(0, PAGE), Range(11 * PAGE, 2 * PAGE)]
     True
     """
-    out: list[Range] = []
-    for r in sorted(r.aligned() for r in ranges if r.length > 0):
-        if out and r.start <= out[-1].start + out[-1].length:
-            last = out[-1]
-            out[-1] = Range(last.start, max(last.start + last.length, r.start + r.length) - last.start)
+    joined: list[Range] = []
+    for r in sorted(r for r in ranges if r.length > 0):
+        if joined and r.start <= joined[-1].start + joined[-1].length:
+            last = joined[-1]
+            joined[-1] = Range(last.start, max(last.start + last.length, r.start + r.length) - last.start)
         else:
-            out.append(r)
+            joined.append(r)
+    out: list[Range] = []
+    for r in joined:
+        begin = r.start + (-r.start % PAGE)
+        end = r.start + r.length
+        end -= end % PAGE
+        if end > begin:
+            out.append(Range(begin, end - begin))
     return out
 
 

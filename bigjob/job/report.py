@@ -156,6 +156,7 @@ class JobReport:
     offload_folder: str | None = None
     offload_cache_hit: bool | None = None
     load_seconds: float | None = None
+    first_batch_seconds: float | None = None  # job start to the first batch written (this session's first)
     main_device: str | None = None
     bytes_per_tier: dict[str, int] = field(default_factory=dict)
     planned_bytes: dict[str, int] = field(default_factory=dict)

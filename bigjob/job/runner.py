@@ -497,6 +497,8 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
                 t = time.perf_counter()
                 result = task.run(model, batch, info.main_device)
                 writer.append(batch.index, result, time.perf_counter() - t)
+                if report.first_batch_seconds is None:
+                    report.first_batch_seconds = time.time() - started
                 if kill_after and writer.batches_done - start >= kill_after:
                     os.kill(os.getpid(), signal.SIGKILL)
             loop_seconds = time.perf_counter() - loop_start

@@ -1,0 +1,125 @@
+"""Measurement helpers shared by the benchmark scripts: memory peaks, page-cache eviction, machine facts."""
+
+from __future__ import annotations
+
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+
+def proc_status(field: str) -> int:
+    """A ``/proc/self/status`` figure (``VmRSS``, ``RssAnon``, ...) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakSampler:
+    """Samples RSS and anonymous RSS every ``period`` seconds in a thread; keeps the peaks since the last reset."""
+
+    def __init__(self, period: float = 0.002) -> None:
+        self.period = period
+        self.rss = self.anon = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            time.sleep(self.period)
+
+    def sample(self) -> None:
+        self.rss = max(self.rss, proc_status("VmRSS"))
+        self.anon = max(self.anon, proc_status("RssAnon"))
+
+    def reset(self) -> None:
+        self.rss = self.anon = 0
+        self.sample()
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+def evict(files: list[Path]) -> None:
+    """Drop ``files`` from the page cache (written pages are flushed first, or they would stay)."""
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def files_under(*folders: Path) -> list[Path]:
+    return [p for folder in folders if folder.exists() for p in sorted(folder.rglob("*")) if p.is_file()]
+
+
+def cold_read_gbps(files: list[Path], chunk: int = 16 << 20) -> float:
+    """Sequential read bandwidth (GB/s) of ``files`` with the page cache evicted first."""
+    evict(files)
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
+    total = 0
+    start = time.perf_counter()
+    for path in files:
+        with open(path, "rb", buffering=0) as handle:
+            while True:
+                n = handle.readinto(view)
+                if not n:
+                    break
+                total += n
+    return total / (time.perf_counter() - start) / 1e9
+
+
+def memcpy_gbps(nbytes: int = 512 << 20, repeat: int = 5) -> float:
+    """Memory copy bandwidth (GB/s of bytes copied) between two touched buffers, best of ``repeat``."""
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.zeros(nbytes, dtype=torch.uint8)
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best / 1e9
+
+
+def matmul_gflops(n: int = 1024, repeat: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    """CPU matmul rate (GFLOP/s) of an n x n product, best of ``repeat``."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def machine_line() -> str:
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return f"{platform.machine()}, {os.cpu_count()} cores, {memory / 2**30:.0f} GiB RAM, torch threads {torch.get_num_threads()}"
+
+
+def versions_line() -> str:
+    from bigjob import __version__
+
+    parts = [f"bigjob {__version__}", f"torch {torch.__version__}", f"python {platform.python_version()}"]
+    for name in ("transformers", "accelerate", "safetensors"):
+        try:
+            module = __import__(name)
+            parts.append(f"{name} {module.__version__}")
+        except ImportError:
+            parts.append(f"{name} -")
+    return ", ".join(parts)

@@ -1,0 +1,450 @@
+"""The benchmark suite: bigjob side by side with the in-RAM model, Accelerate and Transformers.
+
+Workload: a seeded Llama-style decoder (Transformers' ``LlamaForCausalLM``, 341M parameters,
+1.36 GB fp32, four safetensors shards; ``benchmarks/workload.py``) and fixed token batches.
+
+Systems, each in its own fresh process, all running Transformers' Llama code:
+
+* ``ram``: ``LlamaForCausalLM.from_pretrained`` fully in RAM (the reference);
+* ``bigjob``: ``bigjob.from_pretrained(device_map="auto", max_memory={"cpu": budget})``;
+* ``accelerate``: Accelerate's ``init_empty_weights`` + ``load_checkpoint_and_dispatch``;
+* ``transformers``: ``from_pretrained(device_map="auto", max_memory=...)`` (Accelerate inside).
+
+The last two run when installed (``pip install ".[bench]"``). Each budget (70% and 30% of
+the weights on disk) gets its own processes. Forwards are interleaved: every system does
+its n-th forward before any does its (n+1)-th, so a machine that slows down for a while
+slows all systems alike and the ratios in one run stay comparable. "cold" forwards evict
+the checkpoint and the system's offload folder from the page cache first
+(``posix_fadvise(DONTNEED)``); their ratio is to the in-RAM *warm* forward.
+
+Also measured: the machine's own limits (cold sequential read, memory copy, matmul
+rates), the job level (time to first batch of a first and a second run of the same bf16
+job: plan and offload caches hit) and the planner on a 200,000-tensor model.
+
+    python benchmarks/run.py                        # everything (about 30 min on 2 cores)
+    python benchmarks/run.py --batches 1,4 --repeat 2 --shares 0.7 --skip job,plan
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import torch  # noqa: E402
+
+from _common import PeakSampler, cold_read_gbps, evict, files_under, machine_line, matmul_gflops, memcpy_gbps, proc_status, versions_line  # noqa: E402
+from workload import LLAMA, shapes, token_batch, write_model_folder  # noqa: E402
+
+SYSTEMS = ("ram", "bigjob", "accelerate", "transformers")
+MiB = 2**20
+
+
+# --------------------------------------------------------------------------------------------
+# Worker: one system in one process, driven by JSON lines on stdin.
+
+
+def _load(system: str, folder: Path, budget: int, scratch: Path) -> Any:
+    import transformers
+
+    if system == "ram":
+        return _into_ram(transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32))
+    if system == "bigjob":
+        import bigjob
+
+        return bigjob.from_pretrained(folder, device_map="auto", max_memory={"cpu": budget}, offload_folder=scratch)
+    if system == "accelerate":
+        from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+
+        config = transformers.AutoConfig.from_pretrained(folder)
+        with init_empty_weights():
+            model = transformers.LlamaForCausalLM(config)
+        model.tie_weights()
+        return load_checkpoint_and_dispatch(
+            model, str(folder), device_map="auto", max_memory={"cpu": budget},
+            no_split_module_classes=["LlamaDecoderLayer"], offload_folder=str(scratch), dtype=torch.float32,
+        )
+    if system == "transformers":
+        return transformers.LlamaForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, device_map="auto", max_memory={"cpu": budget}, offload_folder=str(scratch)
+        )
+    raise SystemExit(f"unknown system {system!r}")
+
+
+def _into_ram(model: Any) -> Any:
+    """Copy every weight into anonymous memory: Transformers may leave them as views of the mapped files,
+    which would keep the checkpoint in the page cache (no eviction could touch it) and out of RAM figures."""
+    copies: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None:
+                if id(param) not in copies:
+                    copies[id(param)] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
+                module._parameters[name] = copies[id(param)]
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None:
+                module._buffers[name] = buffer.clone()
+    return model
+
+
+def _preload(system: str) -> None:
+    """Import what loading needs before the baseline, so neither load time nor memory counts library imports."""
+    import transformers  # noqa: F401
+    from transformers import LlamaForCausalLM  # noqa: F401 - resolves the lazy module
+
+    if system == "bigjob":
+        import bigjob.models.hf  # noqa: F401
+    elif system in ("accelerate", "transformers"):
+        import accelerate  # noqa: F401
+
+
+def _tier_bytes(model: Any, system: str) -> dict[str, int]:
+    table = {name: math.prod(shape) * 4 for name, shape in shapes(LLAMA).items()}
+    if system == "ram":
+        return {"cpu": sum(table.values())}
+    if system == "bigjob":
+        from bigjob import get_dispatch_info
+
+        return dict(get_dispatch_info(model).bytes_per_tier)
+    device_map = getattr(model, "hf_device_map", {}) or {}
+    out: dict[str, int] = {}
+    for name, nbytes in table.items():
+        best = max((p for p in device_map if p == "" or name == p or name.startswith(p + ".")), key=len, default=None)
+        tier = str(device_map[best]) if best is not None else "?"
+        out[tier] = out.get(tier, 0) + nbytes
+    return out
+
+
+def worker(system: str, folder: Path, budget: int, scratch: Path, tokens: int) -> None:
+    reply = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # libraries' prints go to stderr; stdout is the reply channel
+    scratch.mkdir(parents=True, exist_ok=True)
+    files = sorted(folder.glob("*.safetensors"))
+    _preload(system)
+    base_rss, base_anon = proc_status("VmRSS"), proc_status("RssAnon")
+    with PeakSampler(0.005) as peak:
+        start = time.perf_counter()
+        model = _load(system, folder, budget, scratch)
+        model.eval()
+        load_s = time.perf_counter() - start
+        peak.sample()
+        reply.write(json.dumps({
+            "load_s": load_s, "load_rss": peak.rss - base_rss, "load_anon": peak.anon - base_anon,
+            "tiers": _tier_bytes(model, system),
+        }) + "\n")
+        for line in sys.stdin:
+            cmd = json.loads(line)
+            if cmd["op"] == "exit":
+                break
+            if cmd["op"] == "reset":
+                peak.reset()
+                reply.write("{}\n")
+            elif cmd["op"] == "peaks":
+                peak.sample()
+                reply.write(json.dumps({"rss": peak.rss - base_rss, "anon": peak.anon - base_anon}) + "\n")
+            elif cmd["op"] == "forward":
+                ids = token_batch(cmd["batch"], tokens)
+                if cmd["cold"]:
+                    evict(files + files_under(scratch))
+                with torch.inference_mode():
+                    t = time.perf_counter()
+                    logits = model(input_ids=ids, use_cache=False).logits
+                    seconds = time.perf_counter() - t
+                if cmd.get("save"):
+                    torch.save(logits.clone(), cmd["save"])
+                del logits
+                reply.write(json.dumps({"s": seconds}) + "\n")
+
+
+class Worker:
+    """A system's process, spawned and loaded at construction."""
+
+    def __init__(self, system: str, folder: Path, budget: int, scratch: Path, tokens: int) -> None:
+        self.system = system
+        cmd = [sys.executable, __file__, "--worker", system, "--folder", str(folder), "--budget", str(budget),
+               "--scratch", str(scratch), "--tokens", str(tokens)]
+        env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.loaded = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            raise SystemExit(f"{self.system}: the worker process died (exit {self.proc.wait()}); see its stderr above")
+        return json.loads(line)
+
+    def ask(self, **cmd: Any) -> dict[str, Any]:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write(json.dumps({"op": "exit"}) + "\n")  # type: ignore[union-attr]
+            self.proc.stdin.close()  # type: ignore[union-attr]
+            self.proc.wait()
+
+
+@dataclass
+class Row:
+    system: str
+    batch: int
+    first: float = 0.0
+    warm: list[float] = field(default_factory=list)
+    cold: list[float] = field(default_factory=list)
+    rss: int = 0
+    anon: int = 0
+    diff: float | None = None
+
+
+def measure_share(ram: Worker, systems: list[str], share: float, weights: int, args: argparse.Namespace, scratch: Path) -> tuple[dict[str, Worker], list[Row]]:
+    budget = int(weights * (1 - share))
+    workers: dict[str, Worker] = {"ram": ram}
+    for system in systems:
+        print(f"  loading {system} at {share:.0%} on disk ...", file=sys.stderr, flush=True)
+        workers[system] = Worker(system, args.folder, budget, scratch / f"{system}-{share}", args.tokens)
+    rows: list[Row] = []
+    for batch in args.batches:
+        print(f"  batch {batch} ...", file=sys.stderr, flush=True)
+        by: dict[str, Row] = {name: Row(name, batch) for name in workers}
+        for w in workers.values():
+            w.ask(op="reset")
+        for name, w in workers.items():
+            by[name].first = w.ask(op="forward", batch=batch, cold=False, save=str(scratch / f"{name}-{share}-{batch}.pt"))["s"]
+        for cold in (False, True):
+            for _ in range(args.repeat):
+                for name, w in workers.items():
+                    s = w.ask(op="forward", batch=batch, cold=cold)["s"]
+                    (by[name].cold if cold else by[name].warm).append(s)
+        reference = torch.load(scratch / f"ram-{share}-{batch}.pt")
+        for name, w in workers.items():
+            peaks = w.ask(op="peaks")
+            by[name].rss, by[name].anon = peaks["rss"], peaks["anon"]
+            if name != "ram":
+                got = torch.load(scratch / f"{name}-{share}-{batch}.pt")
+                by[name].diff = float((got - reference).abs().max())
+        rows.extend(by.values())
+    return workers, rows
+
+
+# --------------------------------------------------------------------------------------------
+# The job level and the planner.
+
+
+def job_level(folder: Path, scratch: Path, share: float) -> list[dict[str, Any]]:
+    """Two runs of the same bf16 job in fresh processes: the second hits the plan and offload caches."""
+    bf16_weights = sum(math.prod(s) * 2 for s in shapes(LLAMA).values())
+    budget = int(bf16_weights * (1 - share))
+    cache = scratch / "job-cache"
+    runs = []
+    for number in (1, 2):
+        run_dir = scratch / f"job-run-{number}"
+        cmd = [sys.executable, "-m", "bigjob", "model=hf", f"model.path={folder}", "dtype=bfloat16",
+               f"placement.max_memory.cpu={budget}", "data.num_samples=4", "data.batch_size=4", "data.seq_len=64",
+               f"cache.dir={cache}", f"hydra.run.dir={run_dir}", "quiet=true"]
+        evict(files_under(folder, cache))  # both runs start with a cold page cache: the cache is what differs
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=scratch, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+        wall = time.perf_counter() - start
+        record = json.loads((run_dir / "metrics.json").read_text())
+        runs.append({"run": number, "wall_s": wall, **{k: record.get(k) for k in (
+            "first_batch_seconds", "plan_seconds", "plan_cache_hit", "offload_cache_hit", "load_seconds", "bytes_per_tier")}})
+    return runs
+
+
+def planner_time(tensors: int, repeat: int) -> list[tuple[str, float]]:
+    from plan_time import Block
+
+    from bigjob.engine.empty import init_empty_weights
+    from bigjob.engine.planner import infer_auto_device_map
+
+    with init_empty_weights():
+        model = torch.nn.Sequential(*[Block(64) for _ in range(tensors // 16)])
+    total = sum(p.numel() * 4 for p in model.parameters())
+    budgets = {"cuda:0": total // 8, "cuda:1": total // 8, "cpu": total // 4}
+    out = []
+    for label, no_split in (("Block", ["Block"]), ("- (leaf units)", [])):
+        times = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            infer_auto_device_map(model, budgets, no_split, strategy="auto")
+            times.append(time.perf_counter() - t)
+        out.append((label, statistics.median(times)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Report.
+
+
+def _x(value: float, ref: float) -> str:
+    return f"{value / ref:.2f}" if ref else "-"
+
+
+def print_tables(args: argparse.Namespace, limits: dict[str, float], weights: int, loads: dict[float, dict[str, dict]],
+                 rows: dict[float, list[Row]], jobs: list[dict[str, Any]] | None, plans: list[tuple[str, float]] | None) -> list[tuple[str, str, str, bool]]:
+    checks: list[tuple[str, str, str, bool]] = []
+    print(f"# {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}")
+    print(f"# {versions_line()}")
+    print(f"# {machine_line()}")
+    print(f"# workload: LlamaForCausalLM 341M params, {weights / 1e9:.2f} GB fp32 in 4 shards; {args.tokens} tokens a sample; "
+          f"medians of {args.repeat} interleaved forwards")
+    print()
+    print("## Machine limits")
+    print()
+    print("| cold sequential read GB/s | memcpy GB/s | fp32 matmul GFLOP/s | bf16 matmul GFLOP/s |")
+    print("|---|---|---|---|")
+    print(f"| {limits['read']:.2f} | {limits['memcpy']:.1f} | {limits['fp32']:.0f} | {limits['bf16']:.0f} |")
+    for share, per_system in loads.items():
+        budget = int(weights * (1 - share))
+        print()
+        print(f"## {share:.0%} of the weights on disk (CPU budget {budget / MiB:.0f} MiB)")
+        print()
+        print("| system | load s | x accelerate | x transformers | load RSS growth MiB | bytes per tier MiB |")
+        print("|---|---|---|---|---|---|")
+        acc = per_system.get("accelerate", {}).get("load_s", 0)
+        tfm = per_system.get("transformers", {}).get("load_s", 0)
+        for system, loaded in per_system.items():
+            tiers = ", ".join(f"{k} {v / MiB:.0f}" for k, v in sorted(loaded["tiers"].items()))
+            print(f"| {system} | {loaded['load_s']:.2f} | {_x(loaded['load_s'], acc)} | {_x(loaded['load_s'], tfm)} | "
+                  f"{loaded['load_rss'] / MiB:.0f} | {tiers} |")
+        if "bigjob" in per_system and share == 0.7:
+            b = per_system["bigjob"]["load_s"]
+            if tfm:
+                checks.append(("load to ready vs Transformers", "<= 1.00x", f"{b / tfm:.2f}x", b <= tfm))
+            if acc:
+                checks.append(("load to ready vs Accelerate", "<= 0.25x", f"{b / acc:.2f}x", b <= 0.25 * acc))
+        disk_bytes = {s: loaded["tiers"].get("disk", 0) for s, loaded in per_system.items()}
+        print()
+        print("| system | batch | first s | warm median s | x RAM | cold median s | x RAM warm | cold bound x | "
+              "peak RSS growth MiB | over budget MiB | anon growth MiB | max abs diff |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        ram_rows = {r.batch: r for r in rows[share] if r.system == "ram"}
+        for r in rows[share]:
+            ref = ram_rows[r.batch]
+            warm, cold, ram_warm = statistics.median(r.warm), statistics.median(r.cold), statistics.median(ref.warm)
+            read = limits["read"] * 1e9 or float("inf")
+            bound = max(ram_warm, disk_bytes.get(r.system, 0) / read) / ram_warm
+            over = "-" if r.system == "ram" else f"{(r.rss - budget) / MiB:+.0f}"
+            diff = "-" if r.diff is None else f"{r.diff:.3g}"
+            print(f"| {r.system} | {r.batch} | {r.first:.3f} | {warm:.3f} | {warm / ram_warm:.2f} | {cold:.3f} | "
+                  f"{cold / ram_warm:.2f} | {bound:.2f} | {r.rss / MiB:.0f} | {over} | {r.anon / MiB:.0f} | {diff} |")
+            if r.system == "bigjob" and share == 0.7:
+                if r.batch == 4 or len(args.batches) == 1:
+                    checks.append((f"median forward, warm, batch {r.batch}", "<= 1.05x", f"{warm / ram_warm:.2f}x", warm <= 1.05 * ram_warm))
+                    checks.append((f"median forward, evicted, batch {r.batch}", "<= 1.15x", f"{cold / ram_warm:.2f}x", cold <= 1.15 * ram_warm))
+                if r.batch == 1:
+                    checks.append(("batch 1 per-sample time", "<= 1.05x", f"{warm / ram_warm:.2f}x", warm <= 1.05 * ram_warm))
+                over_mib = (r.rss - budget) / MiB
+                checks.append((f"peak RSS over budget, batch {r.batch}", "<= 100 MiB", f"{over_mib:+.0f} MiB (RAM model's activations: "
+                               f"{(ref.rss - weights) / MiB:+.0f})", over_mib <= 100))
+    if jobs:
+        print()
+        print("## Job level: the same bf16 job twice (fp32 checkpoint, 70% on disk), fresh processes, page cache evicted")
+        print()
+        print("| run | process wall s | time to first batch s | plan s | plan cache hit | offload cache hit | load s |")
+        print("|---|---|---|---|---|---|---|")
+        for j in jobs:
+            print(f"| {j['run']} | {j['wall_s']:.2f} | {j['first_batch_seconds']:.2f} | {j['plan_seconds']:.3f} | "
+                  f"{j['plan_cache_hit']} | {j['offload_cache_hit']} | {j['load_seconds']:.2f} |")
+        ratio = jobs[1]["first_batch_seconds"] / jobs[0]["first_batch_seconds"]
+        checks.append(("second run: time to first batch", "<= 0.30x", f"{ratio:.2f}x", ratio <= 0.3))
+    if plans:
+        print()
+        print("## Planner: 200,000 tensors on a meta-device model, strategy auto, two GPUs + CPU + disk declared")
+        print()
+        print("| no-split | median s |")
+        print("|---|---|")
+        for label, seconds in plans:
+            print(f"| {label} | {seconds:.3f} |")
+            checks.append((f"planner, 200k tensors, no-split {label}", "< 1 s", f"{seconds:.2f} s", seconds < 1))
+    print()
+    print("## Against the targets")
+    print()
+    print("| figure | target | measured | met |")
+    print("|---|---|---|---|")
+    for name, target, measured, met in checks:
+        print(f"| {name} | {target} | {measured} | {'yes' if met else 'NO'} |")
+    return checks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "bigjob-bench-hf-llama")
+    parser.add_argument("--systems", default=",".join(SYSTEMS[1:]), help="besides ram (always run)")
+    parser.add_argument("--shares", default="0.7,0.3", help="fractions of the weights on disk")
+    parser.add_argument("--batches", default="1,4,16")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--skip", default="", help="comma list of: job, plan, limits")
+    parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--budget", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.folder, args.budget, args.scratch, args.tokens)
+        return
+    args.batches = [int(b) for b in args.batches.split(",")]
+    skip = set(filter(None, args.skip.split(",")))
+    systems = [s for s in args.systems.split(",") if s and s != "ram"]
+    for optional in ("accelerate", "transformers"):
+        if optional in systems:
+            try:
+                __import__("accelerate")
+            except ImportError:
+                print(f"# {optional}: not installed (pip install '.[bench]'), left out", file=sys.stderr)
+                systems.remove(optional)
+    write_model_folder(args.folder)
+    files = sorted(args.folder.glob("*.safetensors"))
+    weights = sum(math.prod(s) * 4 for s in shapes(LLAMA).values())
+    limits = {"read": 0.0, "memcpy": 0.0, "fp32": 0.0, "bf16": 0.0}
+    if "limits" not in skip:
+        limits = {"read": cold_read_gbps(files), "memcpy": memcpy_gbps(), "fp32": matmul_gflops(),
+                  "bf16": matmul_gflops(dtype=torch.bfloat16)}
+    loads: dict[float, dict[str, dict]] = {}
+    rows: dict[float, list[Row]] = {}
+    jobs = plans = None
+    with tempfile.TemporaryDirectory(prefix="bigjob-bench-") as tmp:
+        scratch = Path(tmp)
+        print("  loading ram ...", file=sys.stderr, flush=True)
+        ram = Worker("ram", args.folder, 0, scratch / "ram", args.tokens)
+        try:
+            for share in (float(s) for s in args.shares.split(",")):
+                workers, rows[share] = measure_share(ram, systems, share, weights, args, scratch)
+                loads[share] = {name: w.loaded for name, w in workers.items()}
+                for name, w in workers.items():
+                    if name != "ram":
+                        w.close()
+        finally:
+            ram.close()
+        if "job" not in skip:
+            print("  job level ...", file=sys.stderr, flush=True)
+            jobs = job_level(args.folder, scratch, 0.7)
+    if "plan" not in skip:
+        print("  planner ...", file=sys.stderr, flush=True)
+        plans = planner_time(200_000, 3)
+    print_tables(args, limits, weights, loads, rows, jobs, plans)
+    if args.json:
+        args.json.write_text(json.dumps({
+            "limits": limits, "loads": {str(k): v for k, v in loads.items()},
+            "rows": {str(k): [r.__dict__ for r in v] for k, v in rows.items()}, "jobs": jobs, "plans": plans,
+        }, indent=1))
+
+
+if __name__ == "__main__":
+    main()

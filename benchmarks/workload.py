@@ -1,0 +1,93 @@
+"""The benchmark workload: a Llama-style decoder in Transformers' own format, made from a seed.
+
+``write_model_folder`` writes ``config.json`` and sharded safetensors (an index plus
+shards, tensor by tensor, never the whole model in memory) that
+``transformers.LlamaForCausalLM.from_pretrained`` and ``bigjob.from_pretrained`` both read.
+Default size: 24 layers of width 1024 (SwiGLU 2816), vocabulary 32000, head tied to the
+embeddings: 341M parameters, 1.36 GB in fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bigjob.engine.safetensors_io import SafetensorsWriter
+
+LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "torch_dtype": "float32",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+def shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor names and shapes, in Transformers' naming (the tied head is not stored)."""
+    width, ffn = config["hidden_size"], config["intermediate_size"]
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config["vocab_size"], width)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out[p + f"self_attn.{name}.weight"] = (width, width)
+        out[p + "mlp.gate_proj.weight"] = (ffn, width)
+        out[p + "mlp.up_proj.weight"] = (ffn, width)
+        out[p + "mlp.down_proj.weight"] = (width, ffn)
+        out[p + "input_layernorm.weight"] = (width,)
+        out[p + "post_attention_layernorm.weight"] = (width,)
+    out["model.norm.weight"] = (width,)
+    if not config.get("tie_word_embeddings"):
+        out["lm_head.weight"] = (config["vocab_size"], width)
+    return out
+
+
+def write_model_folder(folder: Path, config: dict[str, Any] = LLAMA, seed: int = 0, shards: int = 4) -> Path:
+    """Write (once: an existing folder with the same config and seed is kept) the seeded model folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = folder / "bench.json"
+    wanted = {"config": config, "seed": seed, "shards": shards}
+    if stamp.exists() and json.loads(stamp.read_text()) == wanted:
+        return folder
+    for old in folder.glob("*.safetensors"):
+        old.unlink()
+    table = shapes(config)
+    names = list(table)
+    per = math.ceil(len(names) / shards)
+    generator = torch.Generator().manual_seed(seed)
+    weight_map: dict[str, str] = {}
+    for number in range(shards):
+        part = names[number * per : (number + 1) * per]
+        file = f"model-{number + 1:05d}-of-{shards:05d}.safetensors"
+        with SafetensorsWriter(folder / file, [(n, torch.float32, table[n]) for n in part]) as writer:
+            for name in part:
+                shape = table[name]
+                if name.endswith("norm.weight"):
+                    tensor = 1 + 0.1 * torch.randn(shape, generator=generator)
+                else:
+                    tensor = torch.randn(shape, generator=generator) * (1 / math.sqrt(shape[-1]))
+                writer.write(name, tensor)
+                weight_map[name] = file
+    total = sum(math.prod(s) * 4 for s in table.values())
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    stamp.write_text(json.dumps(wanted))
+    return folder
+
+
+def token_batch(batch: int, tokens: int, vocab: int = LLAMA["vocab_size"], seed: int = 0) -> torch.Tensor:
+    """Fixed token ids: the same for every system and run."""
+    return torch.randint(3, vocab, (batch, tokens), generator=torch.Generator().manual_seed(seed + 1000 * batch + tokens))
