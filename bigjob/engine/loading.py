@@ -337,6 +337,7 @@ def _load(
         target,
         special_dtypes,
         prefetch,
+        inventory=inventory,
     )
     tiers = assign_tensors(inventory, resolved)
     main = resolved.summary.main_device if resolved.summary else _main_of(resolved)

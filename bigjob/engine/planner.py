@@ -466,12 +466,16 @@ def infer_auto_device_map(
     special_dtypes: Mapping[str, torch.dtype | str] | None = None,
     strategy: str = "auto",
     prefetch: int = 1,
+    *,
+    inventory: Inventory | None = None,
 ) -> DeviceMap:
     """Plan where each module of ``model`` (empty or not) lives, GPUs first, then CPU, then disk.
 
     ``max_memory`` overrides the detected free memory per device (keys: GPU index,
     ``"cuda:N"``, ``"gpuN"``, ``"mps"``, ``"cpu"``, ``"disk"``; values: bytes or sizes such
     as ``"10GiB"`` or ``"90%"``). Devices named but absent here are planned for all the same.
+    ``inventory``: the model's :func:`build_inventory` for these arguments, when the caller
+    already has it (it is not built twice).
 
     >>> from torch import nn
     >>> model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)])  # 16,640 bytes each
@@ -482,7 +486,8 @@ def infer_auto_device_map(
     no_split = list(no_split_module_classes or ())
     budgets = get_max_memory(max_memory)
     with no_gc():
-        inventory = build_inventory(model, dtype, special_dtypes, no_split)
+        if inventory is None:
+            inventory = build_inventory(model, dtype, special_dtypes, no_split)
         classes = set(inventory.module_classes.values())
         device_map = plan(inventory, budgets, strategy, prefetch)
         del inventory  # freed here, with the collector still paused
@@ -500,6 +505,8 @@ def resolve_device_map(
     dtype: torch.dtype | str | None = None,
     special_dtypes: Mapping[str, torch.dtype | str] | None = None,
     prefetch: int = 1,
+    *,
+    inventory: Inventory | None = None,
 ) -> DeviceMap:
     """Any accepted ``device_map`` argument as a checked :class:`DeviceMap`.
 
@@ -511,7 +518,9 @@ def resolve_device_map(
     {'': 'cpu'}
     """
     if isinstance(device_map, str) and device_map in STRATEGIES:
-        return infer_auto_device_map(model, max_memory, no_split_module_classes, dtype, special_dtypes, device_map, prefetch)
+        return infer_auto_device_map(
+            model, max_memory, no_split_module_classes, dtype, special_dtypes, device_map, prefetch, inventory=inventory
+        )
     if isinstance(device_map, (str, int, torch.device)):
         try:
             device = normalize_device(device_map, key="device_map")
@@ -524,7 +533,8 @@ def resolve_device_map(
         resolved = device_map if isinstance(device_map, DeviceMap) else DeviceMap(device_map)
     else:
         raise ConfigError(f"device_map={device_map!r} is not a strategy name, a device or a mapping")
-    inventory = build_inventory(model, dtype, special_dtypes, no_split_module_classes)
+    if inventory is None:
+        inventory = build_inventory(model, dtype, special_dtypes, no_split_module_classes)
     assign_tensors(inventory, resolved)
     if resolved.summary is None:
         budgets = {d: 0 for d in resolved.devices}
