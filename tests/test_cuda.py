@@ -1,9 +1,11 @@
 """Tests of the accelerator paths of bigjob.engine.dispatch/hooks: StreamedUnit with packed pinned
-homes and pinned staging buffers, CPU and disk tiers executed on cuda:0, model parallel over GPUs.
+homes and pinned staging buffers, CPU and disk tiers executed on cuda:0, model parallel over GPUs,
+and the execution policies (offloaded units run on the CPU: ``local``, ``auto``).
 
 The GPU tests skip on machines without CUDA. References are the tiny model held in RAM by
 PyTorch alone and moved to the same GPU; GPU kernels may differ in the last bits between
-layouts, so those comparisons use a tight tolerance. One CPU test checks the packing itself.
+layouts, so those comparisons use a tight tolerance (a looser one where units compute on the CPU).
+One CPU test checks the packing itself.
 """
 
 from __future__ import annotations
@@ -315,3 +317,94 @@ def test_streamed_unit_packing_is_exact(staged: bool, depth: int) -> None:
         assert torch.equal(home, now)
     with torch.no_grad():
         assert torch.equal(module(x), expected)
+
+
+# --------------------------------------------------------------------------- execution policies on one GPU
+
+# A wider model for memory checks: its largest leaves (up, down: 1.05 MB each) far above the
+# activations of a small batch and the allocator's rounding.
+WIDE = {"width": 256, "heads": 4}
+WIDE_LEAF = (256 * 1024 + 1024) * 4  # blocks.N.up: weight and bias
+WIDE_BLOCKS = 4 * (12 * 256 * 256 + 13 * 256) * 4  # 12.7 MB kept on the CPU
+# A block of the default model (width 32) under these rates runs locally up to 9 tokens:
+# copy 50,816 B / 1e10 B/s = 5.08e-6 s; local 24,576 FLOP / 5e10 + 2 * 128 B / 1e10 = 5.17e-7 s per token.
+RATES = {"h2d": "10GB/s", "cpu_flops": "50G", "device_flops": "1T"}
+
+
+def near(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """CPU and GPU kernels sum in different orders: a looser tolerance than :func:`close`."""
+    assert actual.device == expected.device and actual.dtype == expected.dtype
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize(
+    "execution,counts",
+    [("local", (4, 0, 0)), ("auto", (0, 4, 0)), ({"cpu": "local", "disk": "auto"}, (2, 2, 0)), ("stream", (0, 0, 4))],
+    ids=["local", "auto", "per-tier", "stream"],
+)
+def test_execution_policies_match_the_reference(sharded: Path, execution: object, counts: tuple[int, int, int]) -> None:
+    model = load_checkpoint_and_dispatch(
+        empty_model(), sharded, device_map=GPU_MIXED, no_split_module_classes=["Block"], execution=execution, execution_rates=RATES
+    )
+    info = get_dispatch_info(model)
+    assert info.main_device == "cuda:0"
+    assert (info.local_units, info.auto_units, info.streamed_units) == counts  # blocks.1-3 and norm
+    seen: list[tuple[str, str]] = []  # (weight device, input device) inside blocks.1 during a forward
+    probe = model.blocks[1].up.register_forward_pre_hook(lambda m, args: seen.append((m.weight.device.type, args[0].device.type)))
+    try:
+        reference = gpu_reference()
+        for ids, auto_mode in ((inputs(batch=2, length=1), "cpu"), (inputs(batch=3, length=12), "cuda")):
+            expected = run(reference, ids.cuda())
+            seen.clear()
+            near(run(model, ids.cuda()), expected)
+            near(run(model, ids), expected.cpu())
+            mode = {"local": "cpu", "stream": "cuda", "auto": auto_mode}[execution if isinstance(execution, str) else "local"]
+            assert seen == [(mode, mode)] * 2, seen
+    finally:
+        probe.remove()
+    assert model.blocks[1].up.weight.device.type == "cpu"  # homes restored after streamed forwards
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_local_execution_keeps_cpu_tier_weights_off_the_gpu() -> None:
+    ids = inputs()
+    reference = make_reference(**WIDE).to("cuda:0")
+    expected = run(reference, ids.cuda())
+    del reference
+    torch.cuda.empty_cache()
+    peaks: dict[str, int] = {}
+    for execution in ("stream", "local"):
+        model = cpu_offload(make_reference(**WIDE), "cuda:0", execution=execution)
+        info = get_dispatch_info(model)
+        # cpu_offload's units are leaves: 6 per block and the norm; the tied embed/head always stream.
+        assert info.local_units == (4 * 6 + 1 if execution == "local" else 0)
+        run(model, ids.cuda())  # warm-up: cuBLAS workspace and kernels are allocated once
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        near(run(model, ids.cuda()), expected)
+        peaks[execution] = torch.cuda.max_memory_allocated() - base
+        if execution == "local":
+            assert not model.blocks[0].up.weight.is_pinned()  # no pinned copy made for units that never stream
+        remove_dispatch(model)
+        del model, info
+        torch.cuda.empty_cache()
+    assert peaks["stream"] >= WIDE_LEAF  # the check can fail: streaming brings the largest leaves in
+    assert peaks["local"] < WIDE_LEAF < WIDE_BLOCKS, peaks  # not even one of them came to the GPU
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_measured_rates_drive_auto(sharded: Path) -> None:
+    from bigjob.engine.execution import measure_rates
+
+    rates = measure_rates("cuda:0")
+    assert rates.h2d_bytes_per_s > 0 and rates.cpu_flops > 0 and rates.device_flops > 0
+    assert measure_rates(torch.device("cuda", 0)) is rates  # once per process
+    model = load_checkpoint_and_dispatch(empty_model(), sharded, device_map=GPU_MIXED, no_split_module_classes=["Block"], execution="auto")
+    info = get_dispatch_info(model)
+    assert info.execution.rates == rates and info.auto_units == 4
+    ids = inputs()
+    near(run(model, ids.cuda()), run(gpu_reference(), ids.cuda()))

@@ -99,6 +99,8 @@ def test_unknown_keys_and_wrong_types_are_refused_by_hydra():
         ("data.min_seq_len=500", "data.min_seq_len"),
         ("task.name=summarize", "task.name"),
         ("task.pooling=max", "task.pooling"),
+        ("placement.execution=turbo", "placement.execution"),
+        ("placement.rates.cpu_flops=250G", "placement.rates"),
     ],
 )
 def test_invalid_values_name_their_key(override, key):

@@ -3,7 +3,8 @@
 Empty models (:mod:`.empty`), byte accounting (:mod:`.sizes`), budgets (:mod:`.devices`),
 the planner (:mod:`.planner`) and its :class:`DeviceMap`, checkpoint readers
 (:mod:`.checkpoint`), offload folders (:mod:`.store`), the loader (:mod:`.loading`) and
-the dispatcher with its hooks (:mod:`.dispatch`, :mod:`.hooks`).
+the dispatcher with its hooks (:mod:`.dispatch`, :mod:`.hooks`, :mod:`.local_units`) and the
+execution policy of offloaded units (:mod:`.execution`, with the speeds it weighs in :mod:`.rates`).
 """
 
 from bigjob.engine.checkpoint import Checkpoint, open_checkpoint
@@ -19,6 +20,7 @@ from bigjob.engine.dispatch import (
     remove_dispatch,
 )
 from bigjob.engine.empty import init_empty_weights, init_on_device
+from bigjob.engine.execution import ExecutionPlan, ExecutionRates, measure_rates, plan_execution
 from bigjob.engine.loading import load_checkpoint_in_model
 from bigjob.engine.planner import get_balanced_memory, infer_auto_device_map
 from bigjob.engine.sizes import compute_module_sizes
@@ -27,6 +29,8 @@ __all__ = [
     "Checkpoint",
     "DeviceMap",
     "DispatchInfo",
+    "ExecutionPlan",
+    "ExecutionRates",
     "PlanSummary",
     "check_device_map",
     "compute_module_sizes",
@@ -41,7 +45,9 @@ __all__ = [
     "init_on_device",
     "load_checkpoint_and_dispatch",
     "load_checkpoint_in_model",
+    "measure_rates",
     "open_checkpoint",
     "parse_size",
+    "plan_execution",
     "remove_dispatch",
 ]

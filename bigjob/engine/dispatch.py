@@ -8,6 +8,10 @@
 
 The returned model is the same object, with hooks; :func:`remove_dispatch` takes them off
 again, and :func:`get_dispatch_info` says where the weights went and what loading cost.
+
+On an accelerator, offloaded units stream their weights to it by default; ``execution=``
+(``"local"``, ``"auto"`` or a policy per tier) runs some on the CPU instead, following an
+:class:`~bigjob.engine.execution.ExecutionPlan` recorded on the :class:`DispatchInfo`.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from torch import nn
 from bigjob.engine.checkpoint import Checkpoint
 from bigjob.engine.device_map import DeviceMap
 from bigjob.engine.devices import CPU, DISK, is_accelerator, normalize_device
+from bigjob.engine.execution import ExecutionPlan, ExecutionRates, measure_rates, needs_rates, plan_execution, resolve_policy
 from bigjob.engine.hooks import HookHandle, MoveInputs, PagedUnit, Prefetcher, RootHook, Schedule, StagingPool, StreamedUnit, TensorSlot
+from bigjob.engine.local_units import AutoUnit, LocalUnit
 from bigjob.engine.device_map import assign_tensors
 from bigjob.engine.loading import LoadResult, check_devices, load_checkpoint_in_model, set_tensor
 from bigjob.engine.pages import Range, merge
@@ -51,9 +57,18 @@ log = logging.getLogger(__name__)
 _ATTR = "_bigjob_dispatch"
 
 
+Execution = str | Mapping[str, str]  # "stream" | "local" | "auto", or one of them per tier {"cpu": ..., "disk": ...}
+Rates = ExecutionRates | Mapping[str, str | int | float]
+
+
 @dataclass
 class DispatchInfo:
-    """What a dispatched model is: its map, execution device, bytes per tier and load figures."""
+    """What a dispatched model is: its map, execution device, bytes per tier and load figures.
+
+    ``streamed_units`` always stream to the accelerator, ``local_units`` always run on the
+    CPU there, ``auto_units`` choose per forward (see :attr:`execution`); ``paged_units`` are
+    disk-tier units of a model executing on the CPU.
+    """
 
     device_map: DeviceMap
     main_device: str
@@ -64,6 +79,9 @@ class DispatchInfo:
     prefetch: int
     streamed_units: int
     paged_units: int
+    local_units: int = 0
+    auto_units: int = 0
+    execution: ExecutionPlan | None = field(default=None, repr=False)
     handles: list[HookHandle] = field(default_factory=list, repr=False)
     prefetcher: Prefetcher | None = field(default=None, repr=False)
 
@@ -91,22 +109,42 @@ def remove_dispatch(model: nn.Module) -> nn.Module:
     return model
 
 
-def dispatch_loaded(model: nn.Module, result: LoadResult, prefetch: int = 1, main_device: str | None = None) -> nn.Module:
-    """Attach hooks to a model that :func:`load_checkpoint_in_model` filled, following its placement."""
+def dispatch_loaded(
+    model: nn.Module,
+    result: LoadResult,
+    prefetch: int = 1,
+    main_device: str | None = None,
+    execution: Execution = "stream",
+    execution_rates: Rates | None = None,
+) -> nn.Module:
+    """Attach hooks to a model that :func:`load_checkpoint_in_model` filled, following its placement.
+
+    ``execution`` says how offloaded units run when the execution device is an accelerator
+    (see :mod:`bigjob.engine.execution`): ``"stream"`` their weights there, run them
+    ``"local"``-ly on the CPU, or choose per forward (``"auto"``), for all or per tier.
+    ``execution_rates`` (``{"h2d": "12GB/s", "cpu_flops": ..., "device_flops": ...}``) feed
+    ``auto``'s thresholds; without them they are measured once per process.
+    """
     remove_dispatch(model)
     inventory = result.inventory
     assert inventory is not None
     main = normalize_device(main_device) if main_device else result.main_device
+    resolve_policy(execution)  # a bad policy is refused before anything changes
+    rates = ExecutionRates.from_mapping(execution_rates) if execution_rates is not None else None
     check_devices([main, *result.placement.values()])
     main_dev = torch.device(main)
-    modules = dict(model.named_modules(remove_duplicate=False))
     tiers = result.placement
+    if rates is None and needs_rates(execution, main):
+        floating = (r.dtype for r in inventory.tensors.values() if r.dtype.is_floating_point)
+        rates = measure_rates(main, inventory.target_dtype or next(floating, torch.float32))  # matmuls in the weights' dtype
+    plan = plan_execution(inventory, tiers, main, execution, rates)
+    modules = dict(model.named_modules(remove_duplicate=False))
     prefetcher = Prefetcher(prefetch)
     schedule = Schedule(prefetcher)
     handles: list[HookHandle] = []
     tied = {name for group in inventory.tied_groups for name in group}
     tied_ranges: list[Range] = []
-    streamed = paged = 0
+    streamed = paged = local = auto = 0
     file_backed = set(result.zero_copy)
     if result.offload is not None:
         file_backed.update(result.offload.checkpoint.keys())
@@ -120,8 +158,8 @@ def dispatch_loaded(model: nn.Module, result: LoadResult, prefetch: int = 1, mai
     if is_accelerator(main):
         disk_sizes = [
             sum(inventory.tensors[n].nbytes + 256 for n in owned)
-            for owned in by_unit.values()
-            if any(tiers.get(n) == DISK for n in owned)
+            for name, owned in by_unit.items()
+            if any(tiers.get(n) == DISK for n in owned) and (name not in plan.decisions or plan.decisions[name].policy != "local")
         ]
         if disk_sizes:
             staging = StagingPool(max(disk_sizes), 1 + prefetch, pin=main_dev.type == "cuda")
@@ -144,21 +182,33 @@ def dispatch_loaded(model: nn.Module, result: LoadResult, prefetch: int = 1, mai
             if len(devices) == 1 and several_devices:
                 handles.append(HookHandle(module, MoveInputs(next(iter(devices)))))
             continue
+        # Only views of files may be released (MADV_DONTNEED): on anonymous memory it zeroes the data.
+        ranges = merge(_range(modules, n) for n in offloaded if n not in tied and n in file_backed)
         if is_accelerator(main):
-            slots = [_slot(modules, n) for n in offloaded if n not in tied]
-            for n in offloaded:
-                if n in tied:
-                    _place(modules, n, main_dev)  # tied tensors: brought once and kept on the device
-            unit_staging = staging if any(tiers[n] == DISK for n in offloaded) else None
-            stream_unit = StreamedUnit(unit.name, slots, main_dev, schedule, unit_staging)
-            stream_unit.position = schedule.add(stream_unit)
-            handles.append(HookHandle(module, stream_unit))
-            streamed += 1
+            policy = plan.decisions[unit.name].policy
+            hook: StreamedUnit | LocalUnit | AutoUnit
+            if policy == "local":  # the plan never makes a unit holding tied or resident tensors local
+                hook = LocalUnit(unit.name, ranges, main_dev, schedule)
+                local += 1
+            else:
+                slots = [_slot(modules, n) for n in offloaded if n not in tied]
+                for n in offloaded:
+                    if n in tied:
+                        _place(modules, n, main_dev)  # tied tensors: brought once and kept on the device
+                unit_staging = staging if any(tiers[n] == DISK for n in offloaded) else None
+                hook = StreamedUnit(unit.name, slots, main_dev, schedule, unit_staging)
+                if policy == "auto":
+                    threshold = plan.decisions[unit.name].threshold
+                    assert threshold is not None
+                    hook = AutoUnit(hook, LocalUnit(unit.name, ranges, main_dev, schedule), threshold, schedule)
+                    auto += 1
+                else:
+                    streamed += 1
+            hook.position = schedule.add(hook)
+            handles.append(HookHandle(module, hook))
         else:
-            # Only views of files may be released (MADV_DONTNEED): on anonymous memory it zeroes the data.
-            ranges = [_range(modules, n) for n in offloaded if n not in tied and n in file_backed]
             tied_ranges.extend(_range(modules, n) for n in offloaded if n in tied and n in file_backed)
-            paged_unit = PagedUnit(unit.name, merge(ranges), schedule)
+            paged_unit = PagedUnit(unit.name, ranges, schedule)
             paged_unit.position = schedule.add(paged_unit)
             handles.append(HookHandle(module, paged_unit))
             paged += 1
@@ -173,9 +223,14 @@ def dispatch_loaded(model: nn.Module, result: LoadResult, prefetch: int = 1, mai
         prefetch,
         streamed,
         paged,
-        handles,
-        prefetcher,
+        local_units=local,
+        auto_units=auto,
+        execution=plan,
+        handles=handles,
+        prefetcher=prefetcher,
     )
+    if plan.decisions and is_accelerator(main):
+        log.debug("execution plan on %s:\n%s", main, plan.describe())
     object.__setattr__(model, _ATTR, info)
     weakref.finalize(model, prefetcher.close)
     return model
@@ -227,12 +282,16 @@ def load_checkpoint_and_dispatch(
     prefetch: int = 1,
     strict: bool = True,
     special_dtypes: Mapping[str, torch.dtype | str] | None = None,
+    execution: Execution = "stream",
+    execution_rates: Rates | None = None,
 ) -> nn.Module:
     """Load ``checkpoint`` into the (empty) ``model`` following ``device_map`` and attach the hooks that run it.
 
     ``device_map`` is a strategy (``"auto"``, ``"balanced"``, ``"balanced_low_0"``,
     ``"sequential"``), a device (``"cpu"``, ``"cuda:0"``, ``"disk"``) or an explicit map.
     Outputs equal the same model loaded in RAM, wherever its weights live.
+    ``execution``/``execution_rates``: how offloaded units run on an accelerator (see
+    :func:`dispatch_loaded`); they do not change where the weights go.
 
     >>> import tempfile, torch
     >>> from torch import nn
@@ -243,11 +302,14 @@ def load_checkpoint_and_dispatch(
     >>> write_file(path, reference.state_dict())
     >>> with init_empty_weights():
     ...     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
-    >>> model = load_checkpoint_and_dispatch(model, path, device_map={"0": "cpu", "2": "disk"})
+    >>> model = load_checkpoint_and_dispatch(model, path, device_map={"0": "cpu", "2": "disk"}, execution="auto")
     >>> x = torch.randn(4, 8)
     >>> torch.equal(model(x), reference(x))
     True
+    >>> get_dispatch_info(model).execution.choose("2", 4)  # executing on the CPU: disk-tier units run there
+    'local'
     """
+    _check_execution(execution, execution_rates)
     result = load_checkpoint_in_model(
         model,
         checkpoint,
@@ -261,7 +323,14 @@ def load_checkpoint_and_dispatch(
         offload_buffers=offload_buffers,
         prefetch=prefetch,
     )
-    return dispatch_loaded(model, result, prefetch=prefetch)
+    return dispatch_loaded(model, result, prefetch=prefetch, execution=execution, execution_rates=execution_rates)
+
+
+def _check_execution(execution: Execution, execution_rates: Rates | None) -> None:
+    """Refuse a bad policy or bad rates before any weight is read."""
+    resolve_policy(execution)
+    if execution_rates is not None:
+        ExecutionRates.from_mapping(execution_rates)
 
 
 def dispatch_model(
@@ -271,11 +340,14 @@ def dispatch_model(
     offload_folder: str | os.PathLike[str] | None = None,
     offload_buffers: bool = False,
     prefetch: int = 1,
+    execution: Execution = "stream",
+    execution_rates: Rates | None = None,
 ) -> nn.Module:
     """Dispatch a model whose weights are already materialised (e.g. loaded in RAM) following ``device_map``.
 
     Weights mapped to ``"disk"`` are written once to an offload folder under
-    ``offload_folder`` (as safetensors) and served from there.
+    ``offload_folder`` (as safetensors) and served from there. ``execution`` and
+    ``execution_rates`` are as for :func:`dispatch_loaded`.
 
     >>> import tempfile, torch
     >>> from torch import nn
@@ -286,6 +358,7 @@ def dispatch_model(
     True
     """
     remove_dispatch(model)
+    _check_execution(execution, execution_rates)
     started = time.perf_counter()
     resolved = resolve_device_map(model, device_map)
     inventory = build_inventory(model)
@@ -321,7 +394,7 @@ def dispatch_model(
         placement[record.name] = tier
         bytes_per_tier[tier] = bytes_per_tier.get(tier, 0) + record.nbytes
     result = LoadResult(resolved, main, placement, bytes_per_tier, time.perf_counter() - started, offload, set(), inventory)
-    return dispatch_loaded(model, result, prefetch=prefetch, main_device=main)
+    return dispatch_loaded(model, result, prefetch=prefetch, main_device=main, execution=execution, execution_rates=execution_rates)
 
 
 class _TensorSource:
@@ -345,15 +418,56 @@ class _TensorSource:
         return tensor.to(device).contiguous()
 
 
-def cpu_offload(model: nn.Module, execution_device: str | torch.device | None = None, prefetch: int = 1) -> nn.Module:
-    """Keep every weight in CPU RAM and run each module on ``execution_device``, streaming its weights."""
+def cpu_offload(
+    model: nn.Module,
+    execution_device: str | torch.device | None = None,
+    prefetch: int = 1,
+    execution: Execution = "stream",
+    execution_rates: Rates | None = None,
+) -> nn.Module:
+    """Keep every weight in CPU RAM and run each module on ``execution_device``, streaming its weights
+    (or, with ``execution="local"``/``"auto"``, running some modules on the CPU: see :func:`dispatch_loaded`).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    >>> x = torch.randn(3, 4); expected = model(x)
+    >>> torch.equal(cpu_offload(model, "cpu", execution="local")(x), expected)
+    True
+    """
     device = normalize_device(execution_device or ("cuda:0" if torch.cuda.is_available() else CPU))
-    return dispatch_model(model, {"": CPU}, main_device=device, prefetch=prefetch)
+    return dispatch_model(
+        model, {"": CPU}, main_device=device, prefetch=prefetch, execution=execution, execution_rates=execution_rates
+    )
 
 
 def disk_offload(
-    model: nn.Module, offload_folder: str | os.PathLike[str], execution_device: str | torch.device | None = None, prefetch: int = 1
+    model: nn.Module,
+    offload_folder: str | os.PathLike[str],
+    execution_device: str | torch.device | None = None,
+    prefetch: int = 1,
+    execution: Execution = "stream",
+    execution_rates: Rates | None = None,
 ) -> nn.Module:
-    """Keep every weight on disk (an offload folder) and run each module on ``execution_device``."""
+    """Keep every weight on disk (an offload folder) and run each module on ``execution_device``.
+
+    With ``execution="local"`` or ``"auto"`` on an accelerator, modules may run on the CPU
+    from the mapped files instead of being copied (see :func:`dispatch_loaded`).
+
+    >>> import tempfile, torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    >>> x = torch.randn(3, 4); expected = model(x)
+    >>> torch.equal(disk_offload(model, tempfile.mkdtemp(), "cpu", execution="auto")(x), expected)
+    True
+    """
     device = normalize_device(execution_device or ("cuda:0" if torch.cuda.is_available() else CPU))
-    return dispatch_model(model, {"": DISK}, main_device=device, offload_folder=offload_folder, prefetch=prefetch)
+    return dispatch_model(
+        model,
+        {"": DISK},
+        main_device=device,
+        offload_folder=offload_folder,
+        prefetch=prefetch,
+        execution=execution,
+        execution_rates=execution_rates,
+    )

@@ -12,16 +12,21 @@ Three kinds of unit, chosen at dispatch from where each unit's weights live:
   accelerator: they are packed in one pinned buffer, copied in one transfer (on a side
   stream, ahead of time, by the prefetcher), swapped in for the forward and dropped after.
 
+Units that run on the CPU where their weights live while the model executes on an
+accelerator (execution policies ``local`` and ``auto``) are in :mod:`.local_units`.
+
 A :class:`Prefetcher` (one background thread) prepares the next ``depth`` units while the
 current one computes. :class:`RootHook` moves the model's inputs to the execution device,
-primes the prefetcher, and returns outputs to the device the inputs came from.
+primes the prefetcher, and returns outputs to the device the inputs came from. It also
+counts the forward's tokens (:func:`count_tokens`) on the :class:`Schedule`, before any
+prefetch, so units whose execution depends on the batch size prepare the right way.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +36,7 @@ from torch import nn
 
 from bigjob.engine.pages import Range, merge, populate, release
 
-__all__ = ["MoveInputs", "PagedUnit", "Prefetcher", "RootHook", "StreamedUnit", "TensorSlot", "move_to"]
+__all__ = ["MoveInputs", "PagedUnit", "Prefetcher", "RootHook", "Schedule", "StreamedUnit", "TensorSlot", "count_tokens", "move_to"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +73,42 @@ def first_device(args: Sequence[Any], kwargs: dict[str, Any]) -> torch.device | 
             if found is not None:
                 return found
     return None
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """Every tensor inside ``value`` (tuples, lists, dicts), in order."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+
+
+def count_tokens(args: Sequence[Any], kwargs: dict[str, Any]) -> int | None:
+    """The tokens of a forward: numel of the first integer tensor argument (token ids, ``(B, T)``), else
+    of the first floating one divided by its last dimension (embeddings, ``(B, T, C)``); ``None`` without tensors.
+
+    >>> count_tokens((torch.zeros(2, 1, 8),), {"ids": torch.zeros(3, 5, dtype=torch.long)})
+    15
+    >>> count_tokens((torch.zeros(2, 7, 8),), {}), count_tokens((), {"x": 1})
+    (14, None)
+    """
+    first_float = None
+    for tensor in _tensors((args, kwargs)):
+        if tensor.dtype == torch.bool or tensor.is_complex():
+            continue
+        if not tensor.is_floating_point():
+            return tensor.numel()
+        if first_float is None:
+            first_float = tensor
+    if first_float is None:
+        return None
+    if first_float.dim() == 0:
+        return 1
+    return first_float.numel() // max(first_float.shape[-1], 1)
 
 
 @dataclass
@@ -142,6 +183,7 @@ class Schedule:
     def __init__(self, prefetcher: Prefetcher) -> None:
         self.prefetcher = prefetcher
         self.units: list[Any] = []
+        self.tokens: int | None = None  # of the current root forward; set before its first prefetch
 
     def add(self, unit: Any) -> int:
         self.units.append(unit)
@@ -267,6 +309,10 @@ class StreamedUnit:
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         ready = self.schedule.prefetcher.take(self.position)
         self.schedule.ahead(self.position)
+        return self.enter(args, kwargs, ready)
+
+    def enter(self, args: tuple, kwargs: dict, ready: tuple[torch.Tensor, Any] | None) -> tuple[tuple, dict]:
+        """Install the unit's weights from ``ready`` (a prefetched :meth:`prepare`), or copy them now."""
         target, event = ready if ready is not None else self.prepare()
         if event is not None:
             current = torch.cuda.current_stream(self.device)
@@ -329,6 +375,7 @@ class RootHook:
         if stack is None:
             stack = self._origin.stack = []
         stack.append(origin)
+        self.schedule.tokens = count_tokens(args, kwargs)
         self.schedule.ahead(-1)
         return move_to(args, self.device), move_to(kwargs, self.device)
 

@@ -42,7 +42,7 @@ from bigjob.job.data import load_samples, make_batches
 from bigjob.job.fingerprint import OffloadInputs, PlanInputs, job_key, offload_fingerprint, plan_fingerprint, tensor_signature
 from bigjob.job.progress import ResultWriter
 from bigjob.job.report import DEVICE_MAP_NAME, JobReport, MemorySampler, atomic_write_text, cuda_peaks, percentile, read_report, versions
-from bigjob.job.schema import JobConfig, budget_overrides, validate
+from bigjob.job.schema import JobConfig, budget_overrides, rate_overrides, validate
 from bigjob.job.tasks import build_task
 from bigjob.job.text import TokenizerRef, check_context
 
@@ -558,6 +558,9 @@ def _load(
             offload_buffers=cfg.placement.offload_buffers,
             prefetch=cfg.placement.prefetch,
             strict=cfg.checkpoint.strict,
+            # How offloaded units run; not a plan input (the map and the offload folder do not depend on it).
+            execution=cfg.placement.execution,
+            execution_rates=rate_overrides(cfg.placement.rates) or None,
         )
 
     if disk_modules:

@@ -41,9 +41,11 @@ __all__ = [
     "MaxMemoryConfig",
     "ModelConfig",
     "PlacementConfig",
+    "RatesConfig",
     "RunnerConfig",
     "TaskConfig",
     "budget_overrides",
+    "rate_overrides",
     "register_configs",
     "validate",
 ]
@@ -114,6 +116,24 @@ class MaxMemoryConfig:
 
 
 @dataclass
+class RatesConfig:
+    """Declared speeds for ``placement.execution=auto`` (all three or none; none: measured at load).
+
+    Bandwidths as bytes per second ('12GB/s', '25GiB'); FLOP/s as numbers or strings ('2.5e11', '250G').
+    """
+
+    h2d: Optional[str] = None  # pinned host-to-device copies
+    cpu_flops: Optional[str] = None  # CPU matmul throughput
+    device_flops: Optional[str] = None  # accelerator matmul throughput
+    disk: Optional[str] = None  # optional: disk reads of disk-tier units
+
+
+def rate_overrides(rates: RatesConfig) -> dict[str, str]:
+    """The rates the user set, by config key name."""
+    return {f.name: str(getattr(rates, f.name)) for f in dataclasses.fields(rates) if getattr(rates, f.name) is not None}
+
+
+@dataclass
 class PlacementConfig:
     """How weights are spread over devices."""
 
@@ -124,6 +144,10 @@ class PlacementConfig:
     offload_folder: Optional[str] = None  # null: the cache's offload registry (or the run folder)
     offload_buffers: bool = False
     prefetch: int = 1  # offloaded modules fetched ahead of the one computing
+    # How offloaded modules run on a GPU: stream (weights copied in), local (run on the CPU where they
+    # live), auto (local for small batches), or per tier {cpu: ..., disk: ...}. No effect on the plan.
+    execution: Any = "stream"
+    rates: RatesConfig = field(default_factory=RatesConfig)
 
 
 @dataclass
@@ -209,6 +233,7 @@ def _choice(problems: list[str], key: str, value: object, allowed: tuple[str, ..
 def validate(cfg: JobConfig) -> None:
     """Raises one :class:`ConfigError` listing every invalid value, or returns None."""
     from bigjob.engine.devices import parse_size  # sizes are the engine's vocabulary
+    from bigjob.engine.execution import ExecutionRates, resolve_policy
 
     unknown = {key: f"unknown config key {key}; {_known_keys(key)}" for key in _unknown_keys(cfg)}
     problems: list[str] = list(unknown.values())
@@ -240,6 +265,22 @@ def validate(cfg: JobConfig) -> None:
         problems.append("placement.strategy=explicit needs placement.device_map (a map or a device_map.json path)")
     if cfg.placement.prefetch < 0:
         problems.append(f"placement.prefetch must be at least 0, got {cfg.placement.prefetch}")
+    try:
+        policy = resolve_policy(cfg.placement.execution, key="placement.execution")
+    except ConfigError as err:
+        problems.append(str(err))
+    else:
+        if cfg.task.name == "generate" and "auto" in policy.values():
+            problems.append(
+                "placement.execution=auto cannot run task.name=generate: a layer that switches between the GPU (prompt) "
+                "and the CPU (decoding) would meet its KV cache on the other device; use stream or local"
+            )
+    rates = rate_overrides(cfg.placement.rates)
+    if rates:
+        try:
+            ExecutionRates.from_mapping(rates, key="placement.rates")
+        except ConfigError as err:
+            problems.append(str(err))
     data = cfg.data
     if data.batch_size < 1:
         problems.append(f"data.batch_size must be at least 1, got {data.batch_size}")

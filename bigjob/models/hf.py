@@ -397,6 +397,8 @@ def from_pretrained(
     strict: bool = True,
     prefetch: int = 1,
     offload_buffers: bool = False,
+    execution: str | Mapping[str, str] = "stream",
+    execution_rates: Mapping[str, Any] | None = None,
     **config_overrides: Any,
 ) -> nn.Module:
     """Load a local Transformers model folder through bigjob's planner, loader and dispatcher.
@@ -408,6 +410,13 @@ def from_pretrained(
     defaults to the class's ``_no_split_modules``. Other keyword arguments override config
     attributes (``attn_implementation="eager"``). Returns the dispatched model in eval mode;
     :func:`bigjob.get_dispatch_info` says where its weights went.
+
+    ``execution`` (``"stream"``, ``"local"``, ``"auto"`` or per tier ``{"cpu": ..., "disk": ...}``)
+    says how layers offloaded to CPU RAM or disk run when the model executes on a GPU: their
+    weights streamed in, or run on the CPU (``auto``: for batches of few tokens, by a cost
+    model over ``execution_rates`` such as ``{"h2d": "12GB/s", "cpu_flops": "250G",
+    "device_flops": "50T"}``, measured when not given). Generation with ``auto`` can meet a
+    layer's KV cache on the other device; use ``"local"`` or ``"stream"`` there.
     """
     transformers_module()  # a missing extra first: it is the thing to fix
     model_dir = open_model_dir(path)
@@ -427,4 +436,6 @@ def from_pretrained(
         offload_folder=offload_folder,
         offload_buffers=offload_buffers,
         prefetch=prefetch,
+        execution=execution,
+        execution_rates=execution_rates,
     )
