@@ -216,6 +216,9 @@ def measure_share(ram: Worker, systems: list[str], share: float, weights: int, a
     for system in systems:
         print(f"  loading {system} at {share:.0%} on disk ...", file=sys.stderr, flush=True)
         workers[system] = Worker(system, args.folder, budget, scratch / f"{system}-{share}", args.tokens)
+    # Incumbents write offload folders while loading; flush them now, or their writeback would
+    # compete with the forwards' reads some seconds later (the kernel writes dirty pages late).
+    os.sync()
     rows: list[Row] = []
     for batch in args.batches:
         print(f"  batch {batch} ...", file=sys.stderr, flush=True)

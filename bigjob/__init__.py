@@ -12,29 +12,8 @@ The engine's public names follow the big-model-inference tutorial:
 
 __version__ = "0.1.0"
 
-from bigjob.engine import (  # noqa: E402
-    Checkpoint,
-    DeviceMap,
-    DispatchInfo,
-    PlanSummary,
-    check_device_map,
-    compute_module_sizes,
-    cpu_offload,
-    disk_offload,
-    dispatch_model,
-    get_balanced_memory,
-    get_dispatch_info,
-    get_max_memory,
-    infer_auto_device_map,
-    init_empty_weights,
-    init_on_device,
-    load_checkpoint_and_dispatch,
-    load_checkpoint_in_model,
-    open_checkpoint,
-    parse_size,
-    remove_dispatch,
-)
-
+from bigjob import engine as _engine  # noqa: E402
+from bigjob.engine import *  # noqa: E402,F403 - the engine's public names are bigjob's
 
 
 def __getattr__(name: str):  # type: ignore[no-untyped-def]
@@ -46,27 +25,4 @@ def __getattr__(name: str):  # type: ignore[no-untyped-def]
     raise AttributeError(f"module 'bigjob' has no attribute {name!r}")
 
 
-__all__ = [
-    "Checkpoint",
-    "DeviceMap",
-    "DispatchInfo",
-    "PlanSummary",
-    "__version__",
-    "check_device_map",
-    "compute_module_sizes",
-    "cpu_offload",
-    "disk_offload",
-    "dispatch_model",
-    "from_pretrained",
-    "get_balanced_memory",
-    "get_dispatch_info",
-    "get_max_memory",
-    "infer_auto_device_map",
-    "init_empty_weights",
-    "init_on_device",
-    "load_checkpoint_and_dispatch",
-    "load_checkpoint_in_model",
-    "open_checkpoint",
-    "parse_size",
-    "remove_dispatch",
-]
+__all__ = ["__version__", "from_pretrained", *_engine.__all__]

@@ -33,6 +33,7 @@ from bigjob import (
     cpu_offload,
     disk_offload,
     dispatch_model,
+    execution_tokens,
     get_dispatch_info,
     load_checkpoint_and_dispatch,
 )
@@ -392,6 +393,49 @@ def test_auto_units_run_locally_or_streamed_by_the_root_token_count(depth: int, 
         schedule.prefetcher.close()
 
 
+def test_a_pinned_token_count_decides_every_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    schedule = Schedule(Prefetcher(1))
+    module = nn.Linear(8, 8)
+    stream = StreamedUnit("l", _slots(module), torch.device("cpu"), schedule, None)
+    unit = AutoUnit(stream, LocalUnit("l", [], torch.device("cpu"), schedule), 4, schedule)
+    unit.position = schedule.add(unit)
+    root = nn.Sequential(module)
+    handles = [HookHandle(root, RootHook(torch.device("cpu"), schedule, [])), HookHandle(module, unit)]
+    home = stream.slots[0].home.data_ptr()
+    seen: list[bool] = []
+    probe = module.register_forward_pre_hook(lambda m, args: seen.append(m.weight.data_ptr() == home))
+    try:
+        for pinned, rows, at_home in ((1, 16, True), (100, 1, False), (None, 16, False), (None, 2, True)):
+            schedule.pinned = pinned
+            x = torch.randn(rows, 8)
+            with torch.no_grad():
+                assert torch.equal(root(x), x @ stream.slots[0].home.T + stream.slots[1].home)
+            schedule.prefetcher.drain()
+            assert schedule.tokens == (pinned if pinned is not None else rows)
+            assert seen.pop() is at_home, (pinned, rows)
+    finally:
+        probe.remove()
+        for handle in handles:
+            handle.remove()
+        schedule.prefetcher.close()
+
+
+def test_execution_tokens_nests_and_restores(sharded: Path) -> None:
+    model = load_checkpoint_and_dispatch(empty_model(), sharded, device_map="disk", execution="auto")
+    schedule = get_dispatch_info(model).schedule
+    with execution_tokens(model, 5):
+        with execution_tokens(model, 2):
+            assert schedule.pinned == 2
+        assert schedule.pinned == 5
+        with pytest.raises(RuntimeError):
+            with execution_tokens(model, 9):
+                raise RuntimeError("a failing forward")
+        assert schedule.pinned == 5
+    assert schedule.pinned is None
+    with execution_tokens(nn.Linear(2, 2), 3):  # not dispatched: nothing to pin, no error
+        pass
+
+
 def test_a_stale_prefetch_in_the_other_mode_is_dropped() -> None:
     schedule = Schedule(Prefetcher(1))
     module = nn.Linear(4, 4)
@@ -510,13 +554,11 @@ def test_offload_helpers_take_the_policy(tmp_path: Path) -> None:
         ("placement.execution={cpu:local,disk:sideways}", r"'sideways' for placement\.execution\.disk"),
         ("placement.execution={gpu:local}", r"placement\.execution names tiers"),
         ("placement.rates.h2d=12GB/s", r"placement\.rates lacks cpu_flops, device_flops"),
-        ("task=generate", r"placement\.execution=auto cannot run task\.name=generate"),
     ],
 )
 def test_job_schema_validates_placement_execution(override: str, shown: str) -> None:
-    extra = ["placement.execution=auto"] if override == "task=generate" else []
     with pytest.raises(ConfigError, match=shown):
-        schema.validate(compose_config([override, *extra]))
+        schema.validate(compose_config([override]))
 
 
 def test_job_schema_bad_rate_names_its_key() -> None:

@@ -34,6 +34,28 @@ def test_greedy_tokens_equal_transformers_generate(pair):
     assert ours.prefill_seconds > 0 and ours.decode_seconds > 0
 
 
+def test_generation_pins_one_execution_decision_for_all_its_forwards(hf_models):
+    # With execution="auto" each forward would pick stream or local from its own token count (a
+    # long prompt, then one token a row); a generation instead decides once, from the average
+    # tokens per forward, so no layer leaves its KV cache on the other device between steps.
+    folder = hf_models["llama"]
+    model = from_pretrained(folder, max_memory={"cpu": "150KB"}, execution="auto")
+    schedule = get_dispatch_info(model).schedule
+    seen = []
+    probe = model.register_forward_pre_hook(lambda module, args: seen.append(schedule.tokens))  # after the root hook
+    try:
+        ids, mask = left_padded(PROMPTS)
+        steps = 6
+        ours = generate(model, ids, mask, max_new_tokens=steps, eos_ids=[], pad_id=PAD)
+    finally:
+        probe.remove()
+    batch, width = ids.shape
+    assert seen == [(batch * width + batch * (steps - 1)) // steps] * steps
+    assert ours.tokens == hf_greedy(reference(folder), PROMPTS, steps, eos=None)
+    model(ids[:, :2])  # outside a generation each forward counts its own tokens again
+    assert schedule.tokens == batch * 2 and schedule.pinned is None
+
+
 def test_greedy_stops_at_eos_like_transformers(pair):
     model, ref = pair
     free = hf_greedy(ref, PROMPTS, 10, eos=None)

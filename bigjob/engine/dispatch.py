@@ -21,7 +21,8 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,7 @@ __all__ = [
     "cpu_offload",
     "disk_offload",
     "dispatch_model",
+    "execution_tokens",
     "get_dispatch_info",
     "load_checkpoint_and_dispatch",
     "remove_dispatch",
@@ -84,6 +86,7 @@ class DispatchInfo:
     execution: ExecutionPlan | None = field(default=None, repr=False)
     handles: list[HookHandle] = field(default_factory=list, repr=False)
     prefetcher: Prefetcher | None = field(default=None, repr=False)
+    schedule: Schedule | None = field(default=None, repr=False)
 
     def detach(self) -> None:
         """Remove every hook and stop the prefetch thread; the weights stay where they are."""
@@ -98,6 +101,40 @@ class DispatchInfo:
 def get_dispatch_info(model: nn.Module) -> DispatchInfo | None:
     """The :class:`DispatchInfo` of a dispatched model, or ``None``."""
     return getattr(model, _ATTR, None)
+
+
+@contextmanager
+def execution_tokens(model: nn.Module, tokens: int | None) -> Iterator[None]:
+    """Decide ``auto`` units once for every forward inside the block, as if each had ``tokens`` tokens.
+
+    A generation calls the model once for the prompt and once per new token. Deciding per
+    forward would run a layer's prompt on the accelerator and its decoding on the CPU, away
+    from its KV cache. Pinning one count for the whole generation keeps each layer on one
+    device throughout; the average tokens per forward is the count that minimises the total
+    under the cost model (linear in tokens for local runs, a fixed copy per forward for
+    streamed ones). ``None`` counts each forward's own tokens again; nested blocks restore
+    the outer count. No effect on a model that is not dispatched or has no ``auto`` units.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = cpu_offload(nn.Linear(4, 4))
+    >>> with execution_tokens(model, 1):
+    ...     _ = model(torch.randn(8, 4))
+    ...     get_dispatch_info(model).schedule.tokens
+    1
+    >>> _ = model(torch.randn(8, 4)); get_dispatch_info(model).schedule.tokens
+    8
+    """
+    info = get_dispatch_info(model)
+    schedule = info.schedule if info is not None else None
+    if schedule is None:
+        yield
+        return
+    outer, schedule.pinned = schedule.pinned, tokens
+    try:
+        yield
+    finally:
+        schedule.pinned = outer
 
 
 def remove_dispatch(model: nn.Module) -> nn.Module:
@@ -228,6 +265,7 @@ def dispatch_loaded(
         execution=plan,
         handles=handles,
         prefetcher=prefetcher,
+        schedule=schedule,
     )
     if plan.decisions and is_accelerator(main):
         log.debug("execution plan on %s:\n%s", main, plan.describe())

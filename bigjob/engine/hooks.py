@@ -184,6 +184,7 @@ class Schedule:
         self.prefetcher = prefetcher
         self.units: list[Any] = []
         self.tokens: int | None = None  # of the current root forward; set before its first prefetch
+        self.pinned: int | None = None  # set by dispatch.execution_tokens: the count every forward uses
 
     def add(self, unit: Any) -> int:
         self.units.append(unit)
@@ -375,7 +376,8 @@ class RootHook:
         if stack is None:
             stack = self._origin.stack = []
         stack.append(origin)
-        self.schedule.tokens = count_tokens(args, kwargs)
+        pinned = self.schedule.pinned
+        self.schedule.tokens = pinned if pinned is not None else count_tokens(args, kwargs)
         self.schedule.ahead(-1)
         return move_to(args, self.device), move_to(kwargs, self.device)
 

@@ -12,9 +12,9 @@
 
 Outputs go back to the execution device whatever the inputs' device was: the next unit
 runs there. Objects the hooks do not look into (e.g. a Transformers ``Cache``) keep their
-tensors where the layer that wrote them computed: with ``auto``, a layer that switches mode
-between calls would meet its cached keys on the other device, so keep generation with such
-caches on ``stream`` or ``local``.
+tensors where the layer that wrote them computed: with ``auto``, a layer that switched mode
+between the calls of one generation would meet its cached keys on the other device, so a
+generation pins one decision for all its steps (:func:`~.dispatch.execution_tokens`).
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bigjob.engine.dispatch import execution_tokens
 from bigjob.errors import JobError
 from bigjob.job.data import Batch
 from bigjob.job.schema import TaskConfig
@@ -156,7 +157,10 @@ def generate(
     cache = None
     step_ids = ids
     step_positions = positions
-    with torch.no_grad():
+    # One execution decision for the whole generation (prompt and every step), from the average
+    # tokens per forward: a layer that switched device between steps would leave its KV cache behind.
+    per_forward = (ids.numel() + batch * max(max_new_tokens - 1, 0)) // max(max_new_tokens, 1)
+    with torch.no_grad(), execution_tokens(model, per_forward):
         for step in range(max_new_tokens):
             kwargs = dict(extra, attention_mask=mask)
             kwargs[cache_arg] = cache

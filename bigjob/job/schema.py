@@ -266,15 +266,9 @@ def validate(cfg: JobConfig) -> None:
     if cfg.placement.prefetch < 0:
         problems.append(f"placement.prefetch must be at least 0, got {cfg.placement.prefetch}")
     try:
-        policy = resolve_policy(cfg.placement.execution, key="placement.execution")
+        resolve_policy(cfg.placement.execution, key="placement.execution")
     except ConfigError as err:
         problems.append(str(err))
-    else:
-        if cfg.task.name == "generate" and "auto" in policy.values():
-            problems.append(
-                "placement.execution=auto cannot run task.name=generate: a layer that switches between the GPU (prompt) "
-                "and the CPU (decoding) would meet its KV cache on the other device; use stream or local"
-            )
     rates = rate_overrides(cfg.placement.rates)
     if rates:
         try:

@@ -415,8 +415,9 @@ def from_pretrained(
     says how layers offloaded to CPU RAM or disk run when the model executes on a GPU: their
     weights streamed in, or run on the CPU (``auto``: for batches of few tokens, by a cost
     model over ``execution_rates`` such as ``{"h2d": "12GB/s", "cpu_flops": "250G",
-    "device_flops": "50T"}``, measured when not given). Generation with ``auto`` can meet a
-    layer's KV cache on the other device; use ``"local"`` or ``"stream"`` there.
+    "device_flops": "50T"}``, measured when not given). To generate with ``auto``, decide once
+    per generation with :func:`bigjob.execution_tokens` (as the job's ``generate`` task does),
+    so no layer moves away from its KV cache between steps.
     """
     transformers_module()  # a missing extra first: it is the thing to fix
     model_dir = open_model_dir(path)
