@@ -7,14 +7,12 @@ to the embeddings: about 341M parameters, 1.36 GB in fp32.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-
-from bigjob.engine.safetensors_io import SafetensorsWriter
+from workload import write_seeded_shards
 
 
 @dataclass(frozen=True)
@@ -85,22 +83,7 @@ def write_checkpoint(folder: Path, c: Config = Config(), seed: int = 0, shards: 
         return index
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in LlamaLike(c).state_dict().items() if k != "head.weight"}
-    names = list(shapes)
-    per = math.ceil(len(names) / shards)
-    generator = torch.Generator().manual_seed(seed)
-    weight_map: dict[str, str] = {}
-    for number in range(shards):
-        part = names[number * per : (number + 1) * per]
-        file = f"model-{number + 1:05d}-of-{shards:05d}.safetensors"
-        with SafetensorsWriter(folder / file, [(n, torch.float32, shapes[n]) for n in part]) as writer:
-            for name in part:
-                shape = shapes[name]
-                if name.endswith("norm.weight"):
-                    tensor = 1 + 0.1 * torch.randn(shape, generator=generator)
-                else:
-                    tensor = torch.randn(shape, generator=generator) * (1 / math.sqrt(shape[-1]))
-                writer.write(name, tensor)
-                weight_map[name] = file
+    weight_map = write_seeded_shards(folder, shapes, seed, shards)
     index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     marker.write_text(json.dumps({**asdict(c), "seed": seed}))
     return index

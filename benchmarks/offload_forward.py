@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -30,47 +29,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from llama_like import Config, LlamaLike, write_checkpoint  # noqa: E402
-
-
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-class PeakSampler:
-    """Samples RSS and anonymous RSS every 2 ms in a thread; keeps the peaks."""
-
-    def __init__(self) -> None:
-        self.rss = self.anon = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.rss = max(self.rss, _status("VmRSS"))
-            self.anon = max(self.anon, _status("RssAnon"))
-            time.sleep(0.002)
-
-    def __enter__(self) -> PeakSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def evict(files: list[Path]) -> None:
-    for path in files:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+from _common import PeakSampler, evict
+from _common import proc_status as _status
+from llama_like import Config, LlamaLike, write_checkpoint
 
 
 def child(system: str, folder: Path, budget: int, batch: int, tokens: int, repeat: int, out: Path) -> None:
@@ -151,7 +112,7 @@ def main() -> None:
     systems = args.systems.split(",")
     if "accelerate" in systems:
         try:
-            import accelerate  # noqa: F401
+            import accelerate
         except ImportError:
             systems.remove("accelerate")
     results: dict[str, dict] = {}

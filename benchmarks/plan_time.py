@@ -60,8 +60,8 @@ def main() -> None:
     print(f"# bigjob {__version__}, torch {torch.__version__}, python {platform.python_version()}, {platform.machine()}")
     print(f"# model: {tensors} tensors, {modules} modules, {total / 2**30:.2f} GiB fp32; budgets {budgets} + disk")
     print()
-    print(f"| strategy | no-split | median s | min s | map entries |")
-    print(f"|---|---|---|---|---|")
+    print("| strategy | no-split | median s | min s | map entries |")
+    print("|---|---|---|---|---|")
     for no_split in ([], ["Block"]):
         for strategy in STRATEGIES:
             times = []

