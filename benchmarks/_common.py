@@ -67,7 +67,12 @@ def files_under(*folders: Path) -> list[Path]:
 
 
 def cold_read_gbps(files: list[Path], chunk: int = 16 << 20) -> float:
-    """Sequential read bandwidth (GB/s) of ``files`` with the page cache evicted first."""
+    """Sequential read bandwidth (GB/s) of ``files`` with the page cache evicted first.
+
+    Each file is announced whole (``POSIX_FADV_SEQUENTIAL`` + ``WILLNEED``) before it is read,
+    so the kernel keeps many requests in flight, as a reader that knows what comes next does;
+    one synchronous request at a time understates what a virtual disk can deliver.
+    """
     evict(files)
     buffer = bytearray(chunk)
     view = memoryview(buffer)
@@ -75,6 +80,8 @@ def cold_read_gbps(files: list[Path], chunk: int = 16 << 20) -> float:
     start = time.perf_counter()
     for path in files:
         with open(path, "rb", buffering=0) as handle:
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
             while True:
                 n = handle.readinto(view)
                 if not n:
