@@ -173,13 +173,26 @@ def worker(system: str, folder: Path, budget: int, scratch: Path, tokens: int) -
                 # while the others take their turns, which a run of back-to-back batches never sees.
                 (evict if cmd["cold"] else warm)(files + files_under(scratch))
                 with torch.inference_mode():
+                    before = disk_reads()
                     t = time.perf_counter()
                     logits = model(input_ids=ids, use_cache=False).logits
                     seconds = time.perf_counter() - t
+                    read = disk_reads() - before
                 if cmd.get("save"):
                     torch.save(logits.clone(), cmd["save"])
                 del logits
-                reply.write(json.dumps({"s": seconds}) + "\n")
+                reply.write(json.dumps({"s": seconds, "read": read}) + "\n")
+
+
+def disk_reads() -> int:
+    """Bytes read from block devices so far, machine-wide (``/proc/diskstats``, whole disks only)."""
+    disks = {p.name for p in Path("/sys/block").iterdir()} if Path("/sys/block").exists() else set()
+    total = 0
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[2] in disks and not fields[2].startswith(("loop", "ram", "zram")):
+            total += int(fields[5]) * 512
+    return total
 
 
 class Worker:
@@ -221,6 +234,8 @@ class Row:
     rss: int = 0
     anon: int = 0
     diff: float | None = None
+    warm_read: list[int] = field(default_factory=list)  # bytes read from disk, machine-wide, per forward
+    cold_read: list[int] = field(default_factory=list)
 
 
 def measure_share(ram: Worker, systems: list[str], share: float, weights: int, args: argparse.Namespace, scratch: Path) -> tuple[dict[str, Worker], list[Row]]:
@@ -243,8 +258,9 @@ def measure_share(ram: Worker, systems: list[str], share: float, weights: int, a
         for cold in (False, True):
             for _ in range(args.repeat):
                 for name, w in workers.items():
-                    s = w.ask(op="forward", batch=batch, cold=cold)["s"]
-                    (by[name].cold if cold else by[name].warm).append(s)
+                    answer = w.ask(op="forward", batch=batch, cold=cold)
+                    (by[name].cold if cold else by[name].warm).append(answer["s"])
+                    (by[name].cold_read if cold else by[name].warm_read).append(answer["read"])
         reference = torch.load(scratch / f"ram-{share}-{batch}.pt")
         for name, w in workers.items():
             peaks = w.ask(op="peaks")
@@ -390,8 +406,8 @@ def print_tables(args: argparse.Namespace, limits: dict[str, float], weights: in
         disk_bytes = {s: loaded["tiers"].get("disk", 0) for s, loaded in per_system.items()}
         print()
         print("| system | batch | first s | warm median s | x RAM | cold median s | x RAM warm | cold bound x | "
-              "peak RSS growth MiB | over budget MiB | anon growth MiB | max abs diff |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "disk MiB per cold fwd | peak RSS growth MiB | over budget MiB | anon growth MiB | max abs diff |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         ram_rows = {r.batch: r for r in rows[share] if r.system == "ram"}
         for r in rows[share]:
             ref = ram_rows[r.batch]
@@ -401,7 +417,8 @@ def print_tables(args: argparse.Namespace, limits: dict[str, float], weights: in
             over = "-" if r.system == "ram" else f"{(r.rss - budget) / MiB:+.0f}"
             diff = "-" if r.diff is None else f"{r.diff:.3g}"
             print(f"| {r.system} | {r.batch} | {r.first:.3f} | {warm:.3f} | {warm / ram_warm:.2f} | {cold:.3f} | "
-                  f"{cold / ram_warm:.2f} | {bound:.2f} | {r.rss / MiB:.0f} | {over} | {r.anon / MiB:.0f} | {diff} |")
+                  f"{cold / ram_warm:.2f} | {bound:.2f} | {statistics.median(r.cold_read) / MiB:.0f} | {r.rss / MiB:.0f} | {over} | "
+                  f"{r.anon / MiB:.0f} | {diff} |")
             if r.system == "bigjob" and share == 0.7:
                 if r.batch == 4 or len(args.batches) == 1:
                     checks.append((f"median forward, warm, batch {r.batch}", "<= 1.05x", f"{warm / ram_warm:.2f}x", warm <= 1.05 * ram_warm))
