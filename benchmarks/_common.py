@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import threading
 import time
 from pathlib import Path
 
@@ -17,38 +16,6 @@ def proc_status(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-class PeakSampler:
-    """Samples RSS and anonymous RSS every ``period`` seconds in a thread; keeps the peaks since the last reset."""
-
-    def __init__(self, period: float = 0.002) -> None:
-        self.period = period
-        self.rss = self.anon = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            time.sleep(self.period)
-
-    def sample(self) -> None:
-        self.rss = max(self.rss, proc_status("VmRSS"))
-        self.anon = max(self.anon, proc_status("RssAnon"))
-
-    def reset(self) -> None:
-        self.rss = self.anon = 0
-        self.sample()
-
-    def __enter__(self) -> PeakSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
 
 
 def evict(files: list[Path]) -> None:

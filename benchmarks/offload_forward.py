@@ -29,9 +29,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from _common import PeakSampler, evict
+from _common import evict
 from _common import proc_status as _status
 from llama_like import Config, LlamaLike, write_checkpoint
+
+from bigjob.job.report import MemorySampler
 
 
 def child(system: str, folder: Path, budget: int, batch: int, tokens: int, repeat: int, out: Path) -> None:
@@ -39,7 +41,7 @@ def child(system: str, folder: Path, budget: int, batch: int, tokens: int, repea
     ids = torch.randint(0, Config().vocab, (batch, tokens))
     files = sorted(folder.glob("*.safetensors"))
     base_rss, base_anon = _status("VmRSS"), _status("RssAnon")
-    with PeakSampler() as peak:
+    with MemorySampler(0.002) as peak:
         start = time.perf_counter()
         if system == "ram":
             from safetensors.torch import load_file
@@ -87,7 +89,7 @@ def child(system: str, folder: Path, budget: int, batch: int, tokens: int, repea
     out.write_text(json.dumps({
         "load_s": load_seconds, "first_s": first,
         "warm_s": statistics.median(times["warm"]), "cold_s": statistics.median(times["cold"]),
-        "rss_growth": peak.rss - base_rss, "anon_growth": peak.anon - base_anon,
+        "rss_growth": peak.peak_rss - base_rss, "anon_growth": (peak.peak_anon or 0) - base_anon,
     }))
 
 

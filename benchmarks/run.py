@@ -46,7 +46,6 @@ sys.path.insert(0, str(HERE.parent))
 
 import torch
 from _common import (
-    PeakSampler,
     cold_read_gbps,
     evict,
     files_under,
@@ -58,6 +57,8 @@ from _common import (
     warm,
 )
 from workload import LLAMA, shapes, token_batch, write_model_folder
+
+from bigjob.job.report import MemorySampler
 
 SYSTEMS = ("ram", "bigjob", "accelerate", "transformers")
 MiB = 2**20
@@ -145,14 +146,14 @@ def worker(system: str, folder: Path, budget: int, scratch: Path, tokens: int) -
     files = sorted(folder.glob("*.safetensors"))
     _preload(system)
     base_rss, base_anon = proc_status("VmRSS"), proc_status("RssAnon")
-    with PeakSampler(0.005) as peak:
+    with MemorySampler(0.005) as peak:
         start = time.perf_counter()
         model = _load(system, folder, budget, scratch)
         model.eval()
         load_s = time.perf_counter() - start
         peak.sample()
         reply.write(json.dumps({
-            "load_s": load_s, "load_rss": peak.rss - base_rss, "load_anon": peak.anon - base_anon,
+            "load_s": load_s, "load_rss": peak.peak_rss - base_rss, "load_anon": (peak.peak_anon or 0) - base_anon,
             "tiers": _tier_bytes(model, system),
         }) + "\n")
         for line in sys.stdin:
@@ -164,7 +165,7 @@ def worker(system: str, folder: Path, budget: int, scratch: Path, tokens: int) -
                 reply.write("{}\n")
             elif cmd["op"] == "peaks":
                 peak.sample()
-                reply.write(json.dumps({"rss": peak.rss - base_rss, "anon": peak.anon - base_anon}) + "\n")
+                reply.write(json.dumps({"rss": peak.peak_rss - base_rss, "anon": (peak.peak_anon or 0) - base_anon}) + "\n")
             elif cmd["op"] == "forward":
                 ids = token_batch(cmd["batch"], tokens)
                 # "warm": every file the system reads is in the page cache when the forward starts.
@@ -504,13 +505,17 @@ def main() -> None:
     args.batches = [int(b) for b in args.batches.split(",")]
     skip = set(filter(None, args.skip.split(",")))
     systems = [s for s in args.systems.split(",") if s and s != "ram"]
-    for optional in ("accelerate", "transformers"):
-        if optional in systems:
-            try:
-                __import__("accelerate")
-            except ImportError:
-                print(f"# {optional}: not installed (pip install '.[bench]'), left out", file=sys.stderr)
-                systems.remove(optional)
+    try:
+        import transformers  # noqa: F401 - every system runs Transformers' Llama, the reference included
+    except ImportError:
+        raise SystemExit("benchmarks/run.py needs Transformers: pip install '.[bench]'") from None
+    try:
+        import accelerate  # noqa: F401 - both incumbents load through it
+    except ImportError:
+        dropped = [s for s in systems if s in ("accelerate", "transformers")]
+        if dropped:
+            print(f"# {', '.join(dropped)}: need accelerate (pip install '.[bench]'), left out", file=sys.stderr)
+        systems = [s for s in systems if s not in dropped]
     write_model_folder(args.folder)
     files = sorted(args.folder.glob("*.safetensors"))
     weights = sum(math.prod(s) * 4 for s in shapes(LLAMA).values())

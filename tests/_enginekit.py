@@ -32,6 +32,19 @@ FORMATS = (
 
 WIDTH, VOCAB, CONTEXT, DEPTH = 32, 64, 16, 4
 BLOCK_NUMEL = 12 * WIDTH * WIDTH + 13 * WIDTH  # ln1, qkv, proj, ln2, up, down (weights + biases)
+# A map with both tiers: two blocks and the final norm on disk, the rest in RAM.
+MIXED = {
+    "embed": "cpu",
+    "pos": "cpu",
+    "blocks.0": "cpu",
+    "blocks.1": "disk",
+    "blocks.2": "disk",
+    "blocks.3": "cpu",
+    "norm": "disk",
+    "head": "cpu",
+    "positions": "cpu",
+    "mask": "cpu",
+}
 
 
 def empty_model(**kwargs: int) -> TinyLM:

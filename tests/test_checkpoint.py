@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _enginekit import mapped_ranges
 from safetensors.torch import save_file
 
 from bigjob.engine.checkpoint import (
@@ -33,18 +34,6 @@ def state_dict() -> dict[str, torch.Tensor]:
         "mask": torch.tensor([True, False, True]),
         "scale": torch.tensor(0.5),
     }
-
-
-def mapped_ranges(path: Path) -> list[tuple[int, int]]:
-    target = str(path.resolve())
-    ranges = []
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            parts = line.split(maxsplit=5)
-            if len(parts) == 6 and parts[5].strip() == target:
-                start, end = (int(x, 16) for x in parts[0].split("-"))
-                ranges.append((start, end))
-    return ranges
 
 
 def file_backed(tensor: torch.Tensor, path: Path) -> bool:

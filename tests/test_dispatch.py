@@ -15,6 +15,7 @@ import torch
 from _enginekit import (
     BLOCK_NUMEL,
     CONTEXT,
+    MIXED,
     VOCAB,
     WIDTH,
     empty_model,
@@ -49,18 +50,6 @@ from bigjob.errors import DeviceError, OffloadError
 EMBED, POS, NORM = VOCAB * WIDTH * 4, CONTEXT * WIDTH * 4, 2 * WIDTH * 4
 BLOCK = BLOCK_NUMEL * 4
 POSITIONS, MASK = CONTEXT * 8, CONTEXT * CONTEXT * 4
-MIXED = {
-    "embed": "cpu",
-    "pos": "cpu",
-    "blocks.0": "cpu",
-    "blocks.1": "disk",
-    "blocks.2": "disk",
-    "blocks.3": "cpu",
-    "norm": "disk",
-    "head": "cpu",
-    "positions": "cpu",
-    "mask": "cpu",
-}
 
 
 class MyModel(TinyLM):

@@ -19,6 +19,7 @@ from _enginekit import (
     BLOCK_NUMEL,
     CONTEXT,
     FORMATS,
+    MIXED,
     VOCAB,
     WIDTH,
     empty_model,
@@ -44,18 +45,6 @@ from bigjob.errors import CheckpointError, OffloadError, UnsafeCheckpointError
 TOTAL = 4 * BLOCK_NUMEL * 4 + VOCAB * WIDTH * 4 + CONTEXT * WIDTH * 4 + 2 * WIDTH * 4 + CONTEXT * 8 + CONTEXT * CONTEXT * 4
 RESERVE = 2 * BLOCK_NUMEL * 4  # the planner keeps (1 + prefetch) x the largest offloaded unit free on the CPU
 
-MIXED = {
-    "embed": "cpu",
-    "pos": "cpu",
-    "blocks.0": "cpu",
-    "blocks.1": "disk",
-    "blocks.2": "disk",
-    "blocks.3": "cpu",
-    "norm": "disk",
-    "head": "cpu",
-    "positions": "cpu",
-    "mask": "cpu",
-}
 # name -> (device_map, max_memory, no_split_module_classes, expect cpu+disk both used)
 MAPS: dict[str, tuple[object, dict | None, list[str] | None, bool]] = {
     "cpu": ("cpu", None, ["Block"], False),
@@ -448,6 +437,10 @@ def test_load_result_reports_placement(checkpoints: dict[str, Path]) -> None:
     assert result.placement["blocks.0.up.weight"] == "cpu"
     assert result.placement["norm.weight"] == "disk"
     assert "head.weight" not in result.placement  # a tie is placed under its first name only
-    assert result.zero_copy == {n for n, tier in result.placement.items() if tier == "disk"}
+    # Same dtype on a CPU run: every parameter, disk tier and RAM tier, is a view of the checkpoint;
+    # buffers stay owned copies.
+    params = {name for name, _ in model.named_parameters()}
+    assert {n for n, tier in result.placement.items() if tier == "disk"} <= result.zero_copy
+    assert result.zero_copy == {n for n in result.placement if n in params}
     assert result.offload is None and result.offload_reused is None
     assert result.main_device == "cpu"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _enginekit import mapped_ranges
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -60,19 +61,6 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
-
-
-def mapped_ranges(path: Path) -> list[tuple[int, int]]:
-    """Address ranges of this process's mappings of ``path`` (from /proc/self/maps)."""
-    target = str(path.resolve())
-    ranges = []
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            parts = line.split(maxsplit=5)
-            if len(parts) == 6 and parts[5].strip() == target:
-                start, end = (int(x, 16) for x in parts[0].split("-"))
-                ranges.append((start, end))
-    return ranges
 
 
 def raw_file(path: Path, header: object, data: bytes, *, pad: bool = True) -> Path:

@@ -65,14 +65,7 @@ def move_to(value: Any, device: torch.device) -> Any:
 
 def first_device(args: Sequence[Any], kwargs: dict[str, Any]) -> torch.device | None:
     """The device of the first tensor among the arguments, if any."""
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            return value.device
-        if isinstance(value, (list, tuple)):
-            found = first_device(value, {})
-            if found is not None:
-                return found
-    return None
+    return next((tensor.device for tensor in _tensors((args, kwargs))), None)
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
@@ -210,6 +203,16 @@ class Schedule:
         self.units.append(unit)
         return len(self.units) - 1
 
+    def release_later(self, ranges: list[Range]) -> None:
+        """Unmap a unit's file pages on the prefetch thread, after the next unit's pages are in.
+
+        Unmapping costs page-table work (~8 ms a GiB); done there it overlaps this thread's
+        compute. :class:`RootHook` waits for it at the end of the forward, so resident memory
+        is back within the budget when the forward returns.
+        """
+        if ranges:
+            self.prefetcher.later(lambda: release(ranges))
+
     def ahead(self, position: int) -> None:
         for nxt in range(position + 1, min(position + 1 + self.prefetcher.depth, len(self.units))):
             unit = self.units[nxt]
@@ -250,11 +253,7 @@ class PagedUnit:
         return args, kwargs
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
-        # Unmapping costs page-table work (~8 ms a GiB): the prefetch thread does it, after the
-        # next unit's pages are in, while this thread computes; the root hook waits for it at
-        # the end of the forward, so resident memory is back within the budget when it returns.
-        ranges = self.ranges
-        self.schedule.prefetcher.later(lambda: release(ranges))
+        self.schedule.release_later(self.ranges)
         return output
 
 

@@ -62,9 +62,10 @@ class LoadResult:
     bytes_per_tier: dict[str, int]
     load_seconds: float
     offload: OffloadFolder | None = None
-    zero_copy: set[str] = field(default_factory=set)  # disk-tier tensors viewed from the checkpoint itself
+    # Tensors that are views of the checkpoint's own pages: disk-tier ones, and on a CPU run the
+    # CPU tier too (its pages made resident at load), wherever the stored dtype is the target one.
+    zero_copy: set[str] = field(default_factory=set)
     inventory: Inventory | None = field(default=None, repr=False)
-    mapped: set[str] = field(default_factory=set)  # CPU-tier tensors served as views of the checkpoint's pages
 
     @property
     def offload_folder(self) -> str | None:
@@ -345,29 +346,26 @@ def _load(
     modules = _module_index(model)
     _check_unsaved_buffers(inventory, source, modules)
 
+    # Disk-tier tensors, and CPU-tier ones when the CPU computes, are views of the checkpoint's own
+    # pages wherever the stored dtype is the target one: nothing is copied, and CPU-tier bytes are in
+    # memory once (the page cache, mapped in bulk below) instead of twice (it and a private copy).
+    # Disk-tier tensors that need converting go to an offload folder.
     offload_entries: list[OffloadEntry] = []
     zero_copy: set[str] = set()
+    cpu_computes = not is_accelerator(main)
     for record in inventory.tensors.values():
-        if tiers[record.name] != DISK or record.name not in source:
+        tier = tiers[record.name]
+        if record.name not in source:
             continue
-        if record.is_buffer and not offload_buffers:
+        on_disk = tier == DISK and (offload_buffers or not record.is_buffer)
+        if not on_disk and not (tier == CPU and cpu_computes and not record.is_buffer):
             continue
         key = source[record.name]
         info = ckpt.info(key)
         if info is not None and info.dtype == record.dtype and info.offset % max(1, info.dtype.itemsize) == 0:
             zero_copy.add(record.name)
-        else:
+        elif on_disk:
             offload_entries.append(OffloadEntry(record.name, key, record.dtype, tuple(record.shape)))
-    # CPU-tier tensors computed on the CPU in their stored dtype are views of the checkpoint's
-    # own pages too, mapped in bulk below: nothing is copied, and the bytes are in memory once
-    # (the page cache) instead of twice (the page cache and a private copy).
-    mapped: set[str] = set()
-    if not is_accelerator(main):
-        for record in inventory.tensors.values():
-            if tiers[record.name] == CPU and record.name in source and not record.is_buffer:
-                info = ckpt.info(source[record.name])
-                if info is not None and info.dtype == record.dtype and info.offset % max(1, info.dtype.itemsize) == 0:
-                    mapped.add(record.name)
     offload: OffloadFolder | None = None
     if offload_entries:
         if offload_folder is None:
@@ -390,11 +388,9 @@ def _load(
         home = tier
         if tier == DISK and record.is_buffer and (not offload_buffers or record.name not in source):
             home = main if not is_accelerator(main) else CPU
-        if record.name in mapped:
-            value = ckpt.view(source[record.name])
+        value = _materialise(record, home, ckpt, source, offload, zero_copy, offloaded, modules)
+        if home == CPU and record.name in zero_copy:
             resident.append(Range(value.data_ptr(), record.nbytes).aligned())
-        else:
-            value = _materialise(record, home, ckpt, source, offload, zero_copy, offloaded, modules)
         for name in (record.name, *record.aliases):
             if name == record.name:
                 first = set_tensor(modules, name, value)
@@ -412,7 +408,6 @@ def _load(
         offload,
         zero_copy,
         inventory,
-        mapped,
     )
 
 
@@ -445,9 +440,9 @@ def _materialise(
             )
         device = CPU if home == DISK else home
         return current.to(device=device, dtype=record.dtype if current.is_floating_point() else None)
+    if record.name in zero_copy:
+        return ckpt.view(source[record.name])
     if home == DISK:
-        if record.name in zero_copy:
-            return ckpt.view(source[record.name])
         if offload is not None and record.name in offloaded:
             return offload.checkpoint.view(record.name)
         raise ConfigError(f"internal: no disk home for '{record.name}'")  # pragma: no cover

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from bigjob.engine.hooks import Schedule, StreamedUnit, move_to
-from bigjob.engine.pages import Range, populate, release
+from bigjob.engine.pages import Range, populate
 
 __all__ = ["AutoUnit", "LocalUnit"]
 
@@ -61,8 +61,7 @@ class LocalUnit:
         return move_to(args, _CPU), move_to(kwargs, _CPU)
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
-        if self.ranges:
-            release(self.ranges)
+        self.schedule.release_later(self.ranges)
         return move_to(output, self.device)
 
 

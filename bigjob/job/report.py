@@ -98,6 +98,11 @@ class MemorySampler:
         if anon is not None:
             self.peak_anon = max(self.peak_anon or 0, anon)
 
+    def reset(self) -> None:
+        """Forget the peaks so far; the next ones start from the current use."""
+        self.peak_rss, self.peak_anon = 0, None
+        self.sample()
+
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             self.sample()
