@@ -8,6 +8,7 @@ The reference is always the tiny model built and held in RAM by plain PyTorch
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -146,19 +147,27 @@ def inside_mapping(tensor: torch.Tensor, paths: list[Path]) -> bool:
     return any(start <= ptr and end <= stop for path in paths for start, stop in mapped_ranges(path))
 
 
-def resident_kib(path: Path) -> int:
-    """KiB of ``path``'s mappings resident in this process (Rss lines of /proc/self/smaps)."""
+def _smaps_lines(path: Path) -> Iterator[str]:
+    """The /proc/self/smaps lines describing this process's mappings of ``path``."""
     target = str(Path(path).resolve())
-    total = 0
     current = False
     with open("/proc/self/smaps") as smaps:
         for line in smaps:
             head = line.split(maxsplit=5)
             if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
                 current = len(head) == 6 and head[5].strip() == target
-            elif current and line.startswith("Rss:"):
-                total += int(line.split()[1])
-    return total
+            elif current:
+                yield line
+
+
+def resident_kib(path: Path, field: str = "Rss") -> int:
+    """KiB of ``path``'s mappings in this process by an smaps field (``Rss``, ``FilePmdMapped``)."""
+    return sum(int(line.split()[1]) for line in _smaps_lines(path) if line.startswith(f"{field}:"))
+
+
+def mapping_flags(path: Path) -> set[str]:
+    """The kernel's VmFlags of this process's mappings of ``path`` (``hg``: MADV_HUGEPAGE)."""
+    return {flag for line in _smaps_lines(path) if line.startswith("VmFlags:") for flag in line.split()[1:]}
 
 
 def on_meta(model: torch.nn.Module) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _enginekit import mapped_ranges
+from _enginekit import mapped_ranges, mapping_flags, resident_kib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -176,6 +176,28 @@ def test_view_is_zero_copy_inside_the_file_mapping(tmp_path: Path) -> None:
         assert second[0].item() == 42.0
     # ... but never reaches the file (ACCESS_COPY is a private mapping).
     assert load_file(path)["w"][0].item() == 0.0
+
+
+def _thp_mode() -> str | None:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else None
+
+
+@pytest.mark.skipif(_thp_mode() in (None, "never"), reason="transparent huge pages are not available on this system")
+def test_mapping_asks_for_huge_folios(tmp_path: Path) -> None:
+    # Pages streamed through the mapping are cheapest to map and unmap as 2 MiB folios; the
+    # mapping carries the hint (VmFlags "hg") so that reads it causes bring them in that size.
+    path = tmp_path / "h.safetensors"
+    write_file(path, {"w": torch.arange(3 << 20, dtype=torch.float32)})  # 12 MiB
+    info = read_header(path)[0]["w"]
+    with MappedFile(path) as mapped:
+        assert "hg" in mapping_flags(path)
+        view = mapped.view(info)
+        assert torch.equal(view[:5], torch.arange(5, dtype=torch.float32))  # still the same bytes
+        assert resident_kib(path) > 0
 
 
 def test_views_keep_the_mapping_alive_after_close(tmp_path: Path) -> None:
