@@ -245,10 +245,10 @@ def test_pages_are_populated_ahead_in_the_background(
     calls: list[tuple[str, int]] = []
     real = hooks.populate
 
-    def populate(ranges):  # type: ignore[no-untyped-def]
+    def populate(ranges, readahead=True):  # type: ignore[no-untyped-def]
         ranges = list(ranges)
         calls.append((threading.current_thread().name, sum(r.length for r in ranges)))
-        real(ranges)
+        real(ranges, readahead)
 
     monkeypatch.setattr(hooks, "populate", populate)
     model = load_checkpoint_and_dispatch(

@@ -463,7 +463,7 @@ def test_a_stale_prefetch_in_the_other_mode_is_dropped() -> None:
 @pytest.mark.parametrize("depth", [0, 1])
 def test_local_units_page_their_files_in_ahead_and_out_after(depth: int, monkeypatch: pytest.MonkeyPatch) -> None:
     events: list[tuple[str, str]] = []
-    monkeypatch.setattr(local_units, "populate", lambda ranges: events.append(("populate", ranges[0].start)))
+    monkeypatch.setattr(local_units, "populate", lambda ranges, readahead=True: events.append(("populate", ranges[0].start)))
     monkeypatch.setattr(hooks, "release", lambda ranges: events.append(("release", ranges[0].start)))  # deferred by the schedule
     model = Two().eval()
     schedule = Schedule(Prefetcher(depth))

@@ -37,7 +37,7 @@ from bigjob.engine.hooks import HookHandle, MoveInputs, PagedUnit, Prefetcher, R
 from bigjob.engine.local_units import AutoUnit, LocalUnit
 from bigjob.engine.device_map import assign_tensors
 from bigjob.engine.loading import LoadResult, check_devices, load_checkpoint_in_model, set_tensor
-from bigjob.engine.pages import Range, merge
+from bigjob.engine.pages import Range, merge, prefer_huge
 from bigjob.engine.planner import resolve_device_map
 from bigjob.engine.sizes import build_inventory
 from bigjob.engine.store import OffloadEntry, prepare_offload_folder
@@ -181,6 +181,7 @@ def dispatch_loaded(
     handles: list[HookHandle] = []
     tied = {name for group in inventory.tied_groups for name in group}
     tied_ranges: list[Range] = []
+    streamed_views: list[Range] = []  # file views some unit maps and unmaps on every forward
     streamed = paged = local = auto = 0
     file_backed = set(result.zero_copy)
     if result.offload is not None:
@@ -220,12 +221,14 @@ def dispatch_loaded(
                 handles.append(HookHandle(module, MoveInputs(next(iter(devices)))))
             continue
         # Only views of files may be released (MADV_DONTNEED): on anonymous memory it zeroes the data.
-        ranges = merge(_range(modules, n) for n in offloaded if n not in tied and n in file_backed)
+        views = [_range(modules, n) for n in offloaded if n not in tied and n in file_backed]
+        ranges = merge(views)
         if is_accelerator(main):
             policy = plan.decisions[unit.name].policy
             hook: StreamedUnit | LocalUnit | AutoUnit
             if policy == "local":  # the plan never makes a unit holding tied or resident tensors local
                 hook = LocalUnit(unit.name, ranges, main_dev, schedule)
+                streamed_views.extend(views)
                 local += 1
             else:
                 slots = [_slot(modules, n) for n in offloaded if n not in tied]
@@ -233,7 +236,9 @@ def dispatch_loaded(
                     if n in tied:
                         _place(modules, n, main_dev)  # tied tensors: brought once and kept on the device
                 unit_staging = staging if any(tiers[n] == DISK for n in offloaded) else None
-                hook = StreamedUnit(unit.name, slots, main_dev, schedule, unit_staging)
+                hook = StreamedUnit(unit.name, slots, main_dev, schedule, unit_staging, ranges if unit_staging is not None else None)
+                if unit_staging is not None or policy == "auto":
+                    streamed_views.extend(views)
                 if policy == "auto":
                     threshold = plan.decisions[unit.name].threshold
                     assert threshold is not None
@@ -246,10 +251,14 @@ def dispatch_loaded(
         else:
             tied_ranges.extend(_range(modules, n) for n in offloaded if n in tied and n in file_backed)
             paged_unit = PagedUnit(unit.name, ranges, schedule)
+            streamed_views.extend(views)
             paged_unit.position = schedule.add(paged_unit)
             handles.append(HookHandle(module, paged_unit))
             paged += 1
-    handles.insert(0, HookHandle(model, RootHook(main_dev, schedule, tied_ranges)))
+    # Merged across units: a page two streamed units share belongs to the streamed pages too.
+    streamed_pages = merge([*streamed_views, *tied_ranges])
+    schedule.readahead = not prefer_huge(streamed_pages)  # see bigjob.engine.pages.populate
+    handles.insert(0, HookHandle(model, RootHook(main_dev, schedule, tied_ranges, streamed_pages)))
     info = DispatchInfo(
         result.device_map,
         main,

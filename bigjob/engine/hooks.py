@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bigjob.engine.folios import refresh_small_folios
 from bigjob.engine.pages import Range, merge, populate, release
 
 __all__ = ["MoveInputs", "PagedUnit", "Prefetcher", "RootHook", "Schedule", "StreamedUnit", "TensorSlot", "count_tokens", "move_to"]
@@ -198,6 +199,7 @@ class Schedule:
         self.units: list[Any] = []
         self.tokens: int | None = None  # of the current root forward; set before its first prefetch
         self.pinned: int | None = None  # set by dispatch.execution_tokens: the count every forward uses
+        self.readahead = True  # announce a unit's pages before mapping them; off once they asked for huge folios
 
     def add(self, unit: Any) -> int:
         self.units.append(unit)
@@ -243,7 +245,7 @@ class PagedUnit:
     position: int = -1
 
     def prepare(self) -> None:
-        populate(self.ranges)
+        populate(self.ranges, self.schedule.readahead)
 
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         prefetched = self.schedule.prefetcher.take(self.position)
@@ -270,9 +272,13 @@ def _pack_layout(slots: Sequence[TensorSlot]) -> int:
 class StreamedUnit:
     """A unit whose weights live in CPU RAM or on disk and run on an accelerator, one transfer per forward."""
 
-    def __init__(self, name: str, slots: list[TensorSlot], device: torch.device, schedule: Schedule, staging: StagingPool | None) -> None:
+    def __init__(
+        self, name: str, slots: list[TensorSlot], device: torch.device, schedule: Schedule, staging: StagingPool | None,
+        ranges: list[Range] | None = None,
+    ) -> None:
         self.name = name
         self.slots = slots
+        self.ranges = ranges or []  # page ranges of homes that are file views: mapped for the copy only
         self.device = device
         self.schedule = schedule
         self.position = -1
@@ -305,8 +311,10 @@ class StreamedUnit:
         else:
             assert self.staging is not None
             slot_pool, source = self.staging.acquire(self.size)
+            populate(self.ranges, self.schedule.readahead)  # in bulk, not a fault per page
             for slot in self.slots:  # CPU memcpy from the file mapping; releases the GIL
                 _view(source, slot).copy_(slot.home)
+            release(self.ranges)  # the bytes are in the staging buffer: RSS back within the budget
         if self.device.type == "cuda":
             stream = self.schedule_stream()
             with torch.cuda.stream(stream):
@@ -387,11 +395,14 @@ class StagingPool:
 class RootHook:
     """Inputs to the execution device, prefetch primed, outputs back where the inputs were."""
 
-    def __init__(self, device: torch.device, schedule: Schedule, tied_ranges: list[Range]) -> None:
+    def __init__(self, device: torch.device, schedule: Schedule, tied_ranges: list[Range], streamed: list[Range] | None = None) -> None:
         self.device = device
         self.schedule = schedule
         self.tied_ranges = merge(tied_ranges)
         self._origin = threading.local()
+        # File pages every forward maps and unmaps: checked once, after the first forward, for
+        # small page-cache folios (see bigjob.engine.folios).
+        self._unchecked = [*(streamed or []), *self.tied_ranges]
 
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         origin = first_device(args, kwargs)
@@ -409,6 +420,12 @@ class RootHook:
         self.schedule.prefetcher.settle()
         if self.tied_ranges:
             release(self.tied_ranges)
+        if self._unchecked and not self._origin.stack:
+            unchecked, self._unchecked = self._unchecked, []
+            try:
+                refresh_small_folios(unchecked)
+            except Exception:  # noqa: BLE001 - a speed-up only: the forward's result is already made
+                log.debug("page-cache folio check failed", exc_info=True)
         if origin is not None and origin != self.device:
             return move_to(output, origin)
         return output

@@ -46,7 +46,7 @@ class LocalUnit:
     def prepare(self) -> bool:
         """Map the unit's file pages in (a no-op in RAM); ``True`` marks a prefetch as done."""
         if self.ranges:
-            populate(self.ranges)
+            populate(self.ranges, self.schedule.readahead)
         return True
 
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

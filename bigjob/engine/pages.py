@@ -29,14 +29,16 @@ import sys
 from collections.abc import Iterable
 from typing import NamedTuple
 
-__all__ = ["PAGE", "Range", "merge", "populate", "release"]
+__all__ = ["PAGE", "Range", "huge_pages_enabled", "merge", "populate", "prefer_huge", "release"]
 
 log = logging.getLogger(__name__)
 
 PAGE = mmap.PAGESIZE
 _MADV_WILLNEED = 3
 _MADV_DONTNEED = 4
+_MADV_HUGEPAGE = 14
 _MADV_POPULATE_READ = 22  # Linux >= 5.14
+_THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 _libc = None
 _madvise = None
@@ -104,18 +106,44 @@ def _advise(ranges: Iterable[Range], advice: int) -> int:
     return 0
 
 
-def populate(ranges: Iterable[Range]) -> None:
+def huge_pages_enabled() -> bool:
+    """Whether transparent huge pages may back a mapping that asks for them (``always`` or ``madvise``)."""
+    try:
+        with open(_THP_SETTING) as setting:
+            text = setting.read()
+    except OSError:
+        return False
+    return "[always]" in text or "[madvise]" in text
+
+
+def prefer_huge(ranges: Iterable[Range]) -> bool:
+    """Ask that pages read into the cache through ``ranges`` come as 2 MiB folios (``MADV_HUGEPAGE``).
+
+    A 2 MiB folio maps with one page-table entry instead of 512: a weight streamed through
+    a file mapping every forward costs a few milliseconds a GiB to map and unmap instead of
+    tens (882 MiB: 10 ms against 112 ms measured). The kernel picks a folio's size when it
+    reads the page, and a fault through a mapping carrying this advice reads whole 2 MiB
+    folios. Returns whether the advice took (transparent huge pages on, every call accepted).
+    """
+    ranges = [r.aligned() for r in ranges if r.length > 0]
+    if not ranges or not huge_pages_enabled():
+        return False
+    return _advise(ranges, _MADV_HUGEPAGE) == 0
+
+
+def populate(ranges: Iterable[Range], readahead: bool = True) -> None:
     """Map the pages of ``ranges`` into the process now (reading them from disk if needed).
 
-    The ranges are first announced to the kernel (``MADV_WILLNEED``: readahead of the whole
-    range, many requests in flight, large page-cache folios) and then mapped in bulk. Page
-    faults alone read a little at a time, one request after another, into small folios
-    that later cost more to map and unmap; announced, a cold unit reads at the disk's
-    sequential rate, and a warm one costs one cheap page-cache lookup more.
+    With ``readahead`` the ranges are first announced to the kernel (``MADV_WILLNEED``:
+    readahead of the whole range at once, many requests in flight) and then mapped in bulk.
+    Announced pages come into the cache in folios of the kernel's readahead size, which
+    ignores :func:`prefer_huge`; ranges that asked for huge folios populate without it (the
+    faults then read 2 MiB folios, 4 MiB a request: as fast on a local disk, measured).
     """
     global _populate_supported
     ranges = list(ranges)
-    _advise(ranges, _MADV_WILLNEED)
+    if readahead or not _populate_supported:
+        _advise(ranges, _MADV_WILLNEED)
     if _populate_supported:
         failure = _advise(ranges, _MADV_POPULATE_READ)
         if failure in (0, errno.EINTR):

@@ -43,6 +43,7 @@ from types import TracebackType
 
 import torch
 
+from bigjob.engine.pages import Range, prefer_huge
 from bigjob.errors import CheckpointError, OffloadError
 
 logger = logging.getLogger(__name__)
@@ -141,6 +142,20 @@ def _entry_problem(name: str, entry: object, data_size: int, file_size: int) -> 
     return f"tensor '{name}' has an invalid entry {entry!r:.200}"
 
 
+def _advise_file(fd: int, advice: str, length: int = 0) -> None:
+    """``posix_fadvise`` over the file's first ``length`` bytes (0: all) where the system has it.
+
+    The kernel drops (``DONTNEED``) only whole pages inside the range: round ``length`` up.
+    """
+    value = getattr(os, advice, None)
+    if value is None:
+        return
+    try:
+        os.posix_fadvise(fd, 0, length, value)
+    except OSError:  # only advice: a filesystem that refuses it reads as before
+        pass
+
+
 def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Read and validate the header of a safetensors file without touching its data.
 
@@ -160,7 +175,8 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
     """
     path = Path(path)
     try:
-        with open(path, "rb") as handle:
+        with open(path, "rb", buffering=0) as handle:
+            _advise_file(handle.fileno(), "POSIX_FADV_RANDOM")  # read the header's pages, not a readahead window
             file_size = os.fstat(handle.fileno()).st_size
             if file_size < 8:
                 raise _bad(path, f"the file holds {file_size} bytes, fewer than the 8-byte header length")
@@ -171,7 +187,17 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
                 raise _bad(
                     path, f"header length {header_len} is larger than the {file_size - 8} bytes after the length field"
                 )
-            raw = handle.read(header_len)
+            chunks, got = [], 0
+            while got < header_len and (chunk := handle.read(header_len - got)):  # raw reads may return short
+                chunks.append(chunk)
+                got += len(chunk)
+            raw = b"".join(chunks)
+            if len(raw) != header_len:
+                raise _bad(path, f"the header ends after {len(raw)} of its {header_len} bytes")
+            # The header's pages came in as 4 KiB folios; left cached, they would make the 2 MiB
+            # folio that the first tensor's fault reads impossible (and small ones follow it).
+            # Dropped now, that fault reads them into a huge folio with their neighbours.
+            _advise_file(handle.fileno(), "POSIX_FADV_DONTNEED", -(-(8 + header_len) // mmap.PAGESIZE) * mmap.PAGESIZE)
     except OSError as err:
         raise CheckpointError(f"cannot read safetensors file '{path}': {err.strerror or err}") from err
     # A big header makes hundreds of thousands of small containers; the cyclic GC
@@ -245,24 +271,6 @@ def _parse_header(
     return infos, dict(metadata_raw)
 
 
-def _prefer_huge_folios(mapped: mmap.mmap) -> None:
-    """Ask that pages this mapping reads from disk come into the page cache as 2 MiB folios.
-
-    With ``MADV_HUGEPAGE`` on the mapping, a fault that misses the page cache reads a whole
-    PMD-sized folio, and a later fault (or ``MADV_POPULATE_READ``) maps each such folio
-    with one page-table entry instead of 512: streaming a warm disk tier through the
-    mapping costs a few milliseconds per GiB instead of tens. Only a hint: where
-    transparent huge pages are off, or on other systems, nothing changes.
-    """
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if advice is None:
-        return
-    try:
-        mapped.madvise(advice)
-    except OSError:  # THP compiled out or refused: pages simply stay small
-        pass
-
-
 class MappedFile:
     """One read-only-on-disk memory mapping of a safetensors file.
 
@@ -304,10 +312,10 @@ class MappedFile:
             raise CheckpointError(f"cannot map safetensors file '{self.path}': {err}") from err
         finally:
             os.close(fd)
-        _prefer_huge_folios(self._mm)
         anchor = ctypes.c_char.from_buffer(self._mm)
         self.base_address: int = ctypes.addressof(anchor)
         del anchor  # release the buffer export at once so close() can unmap
+        prefer_huge([Range(self.base_address, self.size)])  # pages it reads come in 2 MiB folios
 
     @property
     def closed(self) -> bool:
