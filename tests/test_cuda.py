@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _enginekit import empty_model, inputs, inside_mapping, untied_state, write_sharded_safetensors
+from _enginekit import empty_model, inputs, inside_mapping, resident_kib, untied_state, write_sharded_safetensors
 from tiny_transformer import make_reference
 from torch import nn
 
@@ -95,6 +95,23 @@ def test_cuda_execution_with_cpu_and_disk_tiers(sharded: Path) -> None:
     assert inside_mapping(model.norm.weight, files)
     assert model.blocks[0].up.weight.is_cuda and model.embed.weight.is_cuda
     assert model.embed.weight is model.head.weight
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_streamed_disk_pages_are_unmapped_after_the_copy(sharded: Path) -> None:
+    # The disk tier is copied from the file mapping into the staging buffer; the pages it
+    # mapped for that are given back, so RSS stays within the budget over many forwards.
+    model = load_checkpoint_and_dispatch(empty_model(), sharded, device_map=GPU_DISK, no_split_module_classes=["Block"])
+    files = sorted(sharded.parent.glob("*.safetensors"))
+    disk_kib = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not p.is_cuda) // 1024
+    ids = inputs().cuda()
+    expected = run(gpu_reference(), ids)
+    for _ in range(3):
+        close(run(model, ids), expected)
+    torch.cuda.synchronize()
+    get_dispatch_info(model).schedule.prefetcher.drain()  # nothing in flight
+    assert sum(resident_kib(f) for f in files) < disk_kib // 10  # (before: all of it, ~disk_kib)
 
 
 @pytest.mark.cuda
