@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,8 +15,8 @@ from torch import nn
 from bigjob.engine.device_map import DeviceMap, assign_tensors
 from bigjob.engine.devices import format_size, get_max_memory
 from bigjob.engine.empty import init_empty_weights
-from bigjob.engine.planner import STRATEGIES, get_balanced_memory, infer_auto_device_map, plan, resolve_device_map
-from bigjob.engine.sizes import build_inventory
+from bigjob.engine.planner import STRATEGIES, _collapse, get_balanced_memory, infer_auto_device_map, plan, resolve_device_map
+from bigjob.engine.sizes import Unit, build_inventory
 from bigjob.errors import BudgetError, ConfigError, DeviceMapError
 from models_for_planning import (
     CLASS_NAMES,
@@ -174,6 +175,31 @@ def test_random_plans_place_everything_within_budget(drawn: tuple, data: st.Data
     if streamed:
         assert summary.reserve.get(main, 0) >= (1 + prefetch) * max(streamed)
     assert DeviceMap.from_json(dm.to_json()) == dm
+
+
+unit_names = st.lists(
+    st.lists(st.sampled_from(["a", "b", "0", "1"]), max_size=3).map(".".join), min_size=1, max_size=12
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(names=unit_names, data=st.data())
+def test_map_entries_are_the_highest_single_device_prefixes(names: list[str], data: st.DataObject) -> None:
+    # Any unit names, even ones no module tree makes (duplicates, a unit named like another's prefix).
+    devices = data.draw(st.lists(st.sampled_from(["cuda:0", "cpu", "disk"]), min_size=len(names), max_size=len(names)))
+    inventory = SimpleNamespace(units=[Unit(name, 1, True) for name in names])
+
+    def devices_under(prefix: str) -> set[str]:
+        return {d for n, d in zip(names, devices) if not prefix or n == prefix or n.startswith(prefix + ".")}
+
+    def top(prefix: str) -> str:  # climb while the parent's units share one device
+        parent = prefix.rpartition(".")[0]
+        return prefix if not prefix or len(devices_under(parent)) > 1 else top(parent)
+
+    expected: dict[str, str] = {}
+    for name, device in zip(names, devices):
+        expected.setdefault(top(name), device)
+    assert list(_collapse(inventory, devices).items()) == list(expected.items())  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- (2) fixed cases

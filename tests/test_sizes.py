@@ -83,6 +83,18 @@ def test_tied_weights_counted_once_in_ancestors() -> None:
     assert inv.tensors["embed.weight"].aliases == ("head.weight",)
 
 
+@pytest.mark.parametrize("special", [{"head": "float32"}, {"embed": "float32"}])
+def test_a_tied_tensor_counts_at_its_first_names_dtype(special: dict[str, str]) -> None:
+    # The first name (embed.weight) decides the dtype, even when special dtypes select only one of the names.
+    inv = build_inventory(TinyLM(vocab=16, width=8, depth=2, tie=True), dtype=torch.float16, special_dtypes=special)
+    embed = 16 * 8 * (4 if "embed" in special else 2)
+    assert inv.tensors["embed.weight"].nbytes == embed
+    assert inv.module_sizes["embed"] == inv.module_sizes["head"] == embed
+    assert {u.name: u.nbytes for u in inv.units}["head"] == embed
+    untied = build_inventory(TinyLM(vocab=16, width=8, depth=2, tie=False), dtype=torch.float16, special_dtypes=special)
+    assert inv.total_bytes == untied.total_bytes - untied.module_sizes["head"]
+
+
 def test_tie_inside_one_subtree_counted_once_there() -> None:
     outer = nn.Module()
     outer.inner = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from itertools import accumulate
 from typing import NamedTuple
 
 import torch
@@ -56,24 +57,31 @@ PLANNER_VERSION = "2"
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-class _Cluster(NamedTuple):
-    """Units that must share a device (tied tensors), with their combined bytes counted once."""
+class _Clusters(NamedTuple):
+    """Units that must share a device (tied tensors), as lists indexed by unit; an untied unit is a cluster of one.
 
-    units: tuple[int, ...]
-    nbytes: int
+    A cluster is named by its first unit (its head); its bytes count each tied tensor once.
+    """
+
+    head: list[int]  # each unit's cluster
+    nbytes: list[int]  # each unit's cluster bytes
+    members: dict[int, tuple[int, ...]]  # the units of each cluster of several, by head
+
+    def units_of(self, head: int) -> tuple[int, ...]:
+        """The units of the cluster headed by unit ``head``, in definition order."""
+        return self.members.get(head, (head,))
 
 
-def _clusters(inventory: Inventory) -> tuple[list[_Cluster], list[int]]:
-    """Group the units that hold aliases of one tensor; return clusters and each unit's cluster index.
+def _clusters(inventory: Inventory) -> _Clusters:
+    """Group the units that hold aliases of one tensor.
 
     Untied units are their own cluster; only tied tensor names are looked up, so this is
     linear in the number of units plus the (few) tied names.
     """
     units = inventory.units
-    clusters = [_Cluster((i,), unit.nbytes) for i, unit in enumerate(units)]  # NamedTuple: cheap to make
-    cluster_of = list(range(len(units)))
+    clusters = _Clusters(list(range(len(units))), [unit.nbytes for unit in units], {})
     if not inventory.tied_groups:
-        return clusters, cluster_of
+        return clusters
     unit_index = {unit.name: i for i, unit in enumerate(units)}
 
     def unit_holding(tensor_name: str) -> int | None:
@@ -113,62 +121,73 @@ def _clusters(inventory: Inventory) -> tuple[list[_Cluster], list[int]]:
     for root, members in groups.items():
         if len(members) == 1:
             continue
-        merged = _Cluster(tuple(members), sum(units[i].nbytes for i in members) - extra.get(root, 0))
+        merged = sum(units[i].nbytes for i in members) - extra.get(root, 0)
+        clusters.members[members[0]] = tuple(members)
         for i in members:
-            clusters[i] = merged
-            cluster_of[i] = members[0]
-    return clusters, cluster_of
+            clusters.head[i] = members[0]
+            clusters.nbytes[i] = merged
+    return clusters
 
 
 def _fill(
     inventory: Inventory,
-    clusters: list[_Cluster],
-    cluster_of: list[int],
+    clusters: _Clusters,
     devices: list[str],
     capacity: dict[str, int],
     key_hint: str,
 ) -> list[str]:
     """Device of each unit: first device at or after the current one with room; linear in units."""
     units = inventory.units
+    sizes = clusters.nbytes
+    tied = clusters.members
     room = [capacity[d] for d in devices]
+    last = len(devices) - 1
     # Smallest cluster from unit i on: once the current device cannot hold it, nothing later fits there.
-    suffix_min = [UNLIMITED] * (len(units) + 1)
-    for i in range(len(units) - 1, -1, -1):
-        suffix_min[i] = min(suffix_min[i + 1], clusters[cluster_of[i]].nbytes)
+    suffix_min = list(accumulate(reversed(sizes), min, initial=UNLIMITED))
+    suffix_min.reverse()
     placed: list[str | None] = [None] * len(units)
     current = 0
-    for i in range(len(units)):
+    for i, nbytes in enumerate(sizes):
         if placed[i] is not None:
-            continue
-        cluster = clusters[cluster_of[i]]
+            continue  # placed with the head of its cluster
         target = current
-        while target < len(devices) and room[target] < cluster.nbytes:
+        while target <= last and room[target] < nbytes:
             target += 1
-        if target == len(devices):
-            raise _too_big(units, cluster, devices, room, [capacity[d] for d in devices], key_hint)
-        room[target] -= cluster.nbytes
-        for member in cluster.units:
-            placed[member] = devices[target]
-        while current < len(devices) - 1 and room[current] < suffix_min[i + 1]:
+        if target > last:
+            raise _too_big(units, clusters.units_of(i), nbytes, devices, room, [capacity[d] for d in devices], key_hint)
+        room[target] -= nbytes
+        device = devices[target]
+        if i in tied:
+            for member in tied[i]:
+                placed[member] = device
+        else:
+            placed[i] = device
+        while current < last and room[current] < suffix_min[i + 1]:
             current += 1
     return [device or devices[-1] for device in placed]
 
 
 def _too_big(
-    units: list[Unit], cluster: _Cluster, devices: list[str], room: list[int], capacity: list[int], key_hint: str
+    units: list[Unit],
+    members: tuple[int, ...],
+    nbytes: int,
+    devices: list[str],
+    room: list[int],
+    capacity: list[int],
+    key_hint: str,
 ) -> BudgetError:
-    names = [units[i].name for i in cluster.units]
+    names = [units[i].name for i in members]
     what = f"module {names[0]!r}" if len(names) == 1 else f"tied modules {names}"
     disk = "" if DISK in devices else " or allow disk offload (max_memory['disk'] > 0)"
-    if cluster.nbytes > max(capacity):  # no budget could ever hold it
+    if nbytes > max(capacity):  # no budget could ever hold it
         best = max(range(len(devices)), key=lambda j: capacity[j])
         return BudgetError(
-            f"{what} needs {format_size(cluster.nbytes)} but the largest budget is "
+            f"{what} needs {format_size(nbytes)} but the largest budget is "
             f"{format_size(capacity[best])} ({devices[best]}); raise {key_hint}[{devices[best]!r}]{disk}"
         )
     best = max(range(len(devices)), key=lambda j: room[j])
     return BudgetError(
-        f"{what} needs {format_size(cluster.nbytes)} but the largest budget left is "
+        f"{what} needs {format_size(nbytes)} but the largest budget left is "
         f"{format_size(room[best])} ({devices[best]}); raise {key_hint}[{devices[best]!r}]{disk}"
     )
 
@@ -278,7 +297,7 @@ def plan(inventory: Inventory, budgets: Mapping[str, int], strategy: str = "auto
     for device, size in budgets.items():
         ordered[normalize_device(device)] = int(size)
     budgets = dict(sorted(ordered.items(), key=lambda item: device_order(item[0])))
-    clusters, cluster_of = _clusters(inventory)
+    clusters = _clusters(inventory)
     placement: list[str] | None = None
     if strategy in ("auto", "balanced", "balanced_low_0"):
         balanced = _balanced(inventory, budgets, low_zero=strategy == "balanced_low_0")
@@ -286,7 +305,7 @@ def plan(inventory: Inventory, budgets: Mapping[str, int], strategy: str = "auto
             # Balancing only matters while the model fits on the GPUs: once anything is offloaded
             # they are full anyway, and a balanced (smaller) budget would only squeeze the reserve.
             try:
-                placement, reserve, main = _place(inventory, clusters, cluster_of, balanced, prefetch)
+                placement, reserve, main = _place(inventory, clusters, balanced, prefetch)
             except BudgetError:
                 placement = None
             if placement is not None and not reserve:
@@ -294,13 +313,14 @@ def plan(inventory: Inventory, budgets: Mapping[str, int], strategy: str = "auto
             else:
                 placement = None
     if placement is None:
-        placement, reserve, main = _place(inventory, clusters, cluster_of, budgets, prefetch)
+        placement, reserve, main = _place(inventory, clusters, budgets, prefetch)
     planned: dict[str, int] = {}
     counts: dict[str, int] = {}
+    heads, sizes = clusters.head, clusters.nbytes
     for i, device in enumerate(placement):
         counts[device] = counts.get(device, 0) + 1
-        if cluster_of[i] == i:  # a cluster's bytes are counted at its first unit
-            planned[device] = planned.get(device, 0) + clusters[i].nbytes
+        if heads[i] == i:  # a cluster's bytes are counted at its first unit
+            planned[device] = planned.get(device, 0) + sizes[i]
     target = inventory.target_dtype
     summary = PlanSummary(
         strategy,
@@ -316,7 +336,7 @@ def plan(inventory: Inventory, budgets: Mapping[str, int], strategy: str = "auto
 
 
 def _place(
-    inventory: Inventory, clusters: list[_Cluster], cluster_of: list[int], budgets: dict[str, int], prefetch: int
+    inventory: Inventory, clusters: _Clusters, budgets: dict[str, int], prefetch: int
 ) -> tuple[list[str], dict[str, int], str]:
     """Each unit's device, the reserve kept for streaming, and the execution device, under ``budgets``."""
     devices = [d for d, size in budgets.items() if size > 0]
@@ -324,15 +344,19 @@ def _place(
         raise BudgetError(f"every budget is 0 ({dict(budgets)}); give at least one device room in max_memory")
     main = _main_device(budgets)
     key_hint = "max_memory"
+    unit_bytes = [unit.nbytes for unit in inventory.units]
+    # Every placement names only these devices, so each is classified once here rather than per unit.
+    streaming = {d for d in devices if d != main and not is_accelerator(d)}  # brought to ``main`` for each use
+    fast = {d for d in devices if d == main or is_accelerator(d)}
 
     def attempt(reserve: dict[str, int]) -> list[str]:
         capacity = {d: max(0, budgets[d] - reserve.get(d, 0)) for d in devices}
-        return _fill(inventory, clusters, cluster_of, devices, capacity, key_hint)
+        return _fill(inventory, clusters, devices, capacity, key_hint)
 
     def needed(placement: list[str]) -> dict[str, int]:
         """Room the dispatcher needs to bring offloaded units to the execution device."""
-        streamed = [u.nbytes for u, d in zip(inventory.units, placement) if d != main and not is_accelerator(d)]
-        from_disk = [u.nbytes for u, d in zip(inventory.units, placement) if d == DISK]
+        streamed = [nbytes for nbytes, d in zip(unit_bytes, placement) if d in streaming]
+        from_disk = [nbytes for nbytes, d in zip(unit_bytes, placement) if d == DISK]
         reserve: dict[str, int] = {}
         if streamed:
             reserve[main] = (1 + prefetch) * max(streamed)
@@ -372,13 +396,13 @@ def _place(
 
     def resident_bytes(placement: list[str]) -> tuple[int, int]:
         """Bytes that need no streaming, then bytes in CPU RAM: more is better."""
-        fast = ram = 0
-        for unit, device in zip(inventory.units, placement):
-            if device == main or is_accelerator(device):
-                fast += unit.nbytes
+        kept = ram = 0
+        for nbytes, device in zip(unit_bytes, placement):
+            if device in fast:
+                kept += nbytes
             elif device == CPU:
-                ram += unit.nbytes
-        return fast, ram
+                ram += nbytes
+        return kept, ram
 
     # Where everything might fit on the devices that run it, try first without any reserve.
     resident = sum(
@@ -390,7 +414,7 @@ def _place(
     if placement is None or needed(placement):
         placement = None
         # Start from the safe bound (any unit could be the one brought back), then tighten while it holds.
-        largest_unit = max((u.nbytes for u in inventory.units), default=0)
+        largest_unit = max(unit_bytes, default=0)
         safe = {main: (1 + prefetch) * largest_unit}
         if is_accelerator(main) and CPU in budgets and DISK in devices:
             safe[CPU] = (1 + prefetch) * largest_unit  # staging from disk: only when disk may be used at all
@@ -408,8 +432,8 @@ def _place(
         worth_growing = placement is None or not fits(reserve)
         if not worth_growing and reserve.get(main, 0) == safe[main] and largest_unit:
             # The safe bound held, but a smaller reserve may keep more resident if every largest unit can stay.
-            biggest = sum(u.nbytes for u in inventory.units if u.nbytes == largest_unit)
-            runner_up = max((u.nbytes for u in inventory.units if u.nbytes < largest_unit), default=0)
+            biggest = sum(nbytes for nbytes in unit_bytes if nbytes == largest_unit)
+            runner_up = max((nbytes for nbytes in unit_bytes if nbytes < largest_unit), default=0)
             worth_growing = biggest + (1 + prefetch) * runner_up <= resident
         if worth_growing:
             candidate, grown = grow()
@@ -429,7 +453,11 @@ _MIXED = "<mixed>"
 
 
 def _collapse(inventory: Inventory, placement: list[str]) -> dict[str, str]:
-    """Map entries at the highest module prefixes whose units all share a device (amortised linear)."""
+    """Map entries at the highest module prefixes whose units all share a device (amortised linear).
+
+    Units come in definition order, so the units under one entry come in a run: once a unit's
+    entry is found by walking up its prefixes, the units after it under that entry need no walk.
+    """
     state: dict[str, str] = {}  # prefix -> its one device, or _MIXED
     for unit, device in zip(inventory.units, placement):
         prefix = unit.name
@@ -441,20 +469,24 @@ def _collapse(inventory: Inventory, placement: list[str]) -> dict[str, str]:
             if not prefix:
                 break
             prefix = prefix.rpartition(".")[0]
-    # Highest single-device ancestor of each prefix, memoised: consecutive units share parents.
-    top_of: dict[str, str] = {}
-
-    def top(prefix: str) -> str:
-        found = top_of.get(prefix)
-        if found is None:
-            parent = prefix.rpartition(".")[0]
-            found = prefix if not prefix or state[parent] == _MIXED else top(parent)
-            top_of[prefix] = found
-        return found
-
     entries: dict[str, str] = {}
+    covered: str | None = None  # the last entry, while all its units share one device
+    inside = ""  # its names' prefix ("" for the root: every name)
     for unit, device in zip(inventory.units, placement):
-        entries.setdefault(top(unit.name), device)
+        name = unit.name
+        if covered is not None and (name.startswith(inside) or name == covered):
+            continue
+        top = name
+        while top:
+            parent = top.rpartition(".")[0]
+            if state[parent] == _MIXED:
+                break
+            top = parent
+        entries.setdefault(top, device)
+        if state[top] == _MIXED:  # a unit named like a prefix of units elsewhere (unheard of): no run
+            covered = None
+        else:
+            covered, inside = top, (top + "." if top else "")
     return entries
 
 

@@ -188,7 +188,24 @@ def _dtype_overrides(
     return chosen
 
 
-def _walk(model: nn.Module) -> list[tuple[str, nn.Module]]:
+class _Tree(NamedTuple):
+    """Every module under every name it has, in definition (pre-)order, as parallel lists.
+
+    The walk reads all it needs from each module object at once (children, class, own
+    tensors); later passes use these lists by walk position and hash no name until the
+    result dicts are built. On a model of 100k modules, touching each module object once
+    rather than once per pass is most of the saving.
+    """
+
+    names: list[str]
+    modules: list[nn.Module]
+    parents: list[int]  # walk position of each module's parent; -1 for the root
+    branches: list[bool]  # whether ``_modules`` has any entry: the module is not a leaf
+    classes: list[str]  # ``type(module).__name__``
+    own: list[tuple[tuple[str, torch.Tensor | None], ...]]  # (local name, tensor): parameters, then buffers
+
+
+def _walk(model: nn.Module) -> _Tree:
     """Modules in definition (pre-)order under every name they have; iterative and fast.
 
     A module registered under several names (T5's shared embedding) is walked under each,
@@ -197,36 +214,50 @@ def _walk(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """
     first: dict[int, str] = {}  # id(module) -> its first name
     again: dict[int, list[str]] = {}  # its further names (rare: shared modules)
-    order: list[tuple[str, nn.Module]] = []
-    stack: list[tuple[str, nn.Module]] = [("", model)]
-    pop, push, add = stack.pop, stack.append, order.append
+    tree = _Tree([], [], [], [], [], [])
+    add_name, add_module, add_parent, add_branch, add_class, add_own = (
+        tree.names.append,
+        tree.modules.append,
+        tree.parents.append,
+        tree.branches.append,
+        tree.classes.append,
+        tree.own.append,
+    )
+    stack: list[tuple[str, nn.Module, int]] = [("", model, -1)]
+    pop, push = stack.pop, stack.append
+    index = 0
     while stack:
-        item = pop()
-        key = id(item[1])
+        name, module, parent = pop()
+        key = id(module)
         if key in first:
             earlier = [first[key], *again.get(key, ())]
-            if any(not old or item[0].startswith(old + ".") for old in earlier):
+            if any(not old or name.startswith(old + ".") for old in earlier):
                 continue  # a cycle: the module is its own ancestor
-            again.setdefault(key, []).append(item[0])
+            again.setdefault(key, []).append(name)
         else:
-            first[key] = item[0]
-        module = item[1]
-        add(item)
+            first[key] = name
+        add_name(name)
+        add_module(module)
+        add_parent(parent)
+        add_class(type(module).__name__)
+        add_own((*module._parameters.items(), *module._buffers.items()))
         children = module._modules
+        add_branch(bool(children))
         if children:
-            prefix = item[0] + "." if item[0] else ""
+            prefix = name + "." if name else ""
             for child, sub in reversed(children.items()):
                 if sub is not None:
-                    push((prefix + child, sub))
-    return order
+                    push((prefix + child, sub, index))
+        index += 1
+    return tree
 
 
-def _module_dtypes(modules: list[tuple[str, nn.Module]], overrides: dict[str, torch.dtype]) -> dict[str, torch.dtype]:
+def _module_dtypes(names: list[str], overrides: dict[str, torch.dtype]) -> dict[str, torch.dtype]:
     """The override each module inherits from itself or its nearest overridden ancestor."""
     inherited: dict[str, torch.dtype] = {}
     if not overrides:
         return inherited
-    for name, _ in modules:
+    for name in names:
         own = overrides.get(name)
         if own is None and name:
             own = inherited.get(name.rpartition(".")[0])
@@ -287,13 +318,13 @@ def _build_inventory(
     no_split_module_classes: Iterable[str] | None,
 ) -> Inventory:
     no_split = set(no_split_module_classes or ())
-    modules = _walk(model)
-    module_names = [name for name, _ in modules]
-    overrides = _dtype_overrides(module_names, special_dtypes)
-    known = set(module_names)
+    tree = _walk(model)
+    names = tree.names
+    overrides = _dtype_overrides(names, special_dtypes)
+    known = set(names) if special_dtypes else set()
     rules = _Rules(
         resolve_dtype(dtype),
-        _module_dtypes(modules, overrides),
+        _module_dtypes(names, overrides),
         special_dtypes,
         # Tensor-level keys (e.g. "lm_head.weight") are rare; only check tensors when some key is not a module.
         bool(special_dtypes) and any(key not in known for key in special_dtypes or {}),
@@ -302,37 +333,25 @@ def _build_inventory(
     target = rules.target
     slow_dtype = bool(module_overrides) or rules.tensor_level
 
-    first: dict[int, tuple[str, str, int]] = {}  # id(tensor) -> (module name, local name, nbytes)
-    aliases: dict[str, list[str]] = {}
-    tied_bytes: dict[str, int] = {}
-    holders: set[str] = set()  # modules with at least one tensor of their own
-    alias_of: dict[str, str] = {}
-    direct_bytes: dict[str, int] = {}
-    module_classes: dict[str, str] = {}
+    # One row per tensor slot in walk order (a tied tensor has a row under each name): its id and bytes.
+    ids: list[int] = []
+    row_bytes: list[int] = []
+    add_id, add_bytes = ids.append, row_bytes.append
+    # Per walk position: bytes of the module's own tensors, and whether it has any.
+    direct = [0] * len(names)
+    holds = [False] * len(names)
     itemsize = _ITEMSIZE
 
-    # The hot loop: per tensor only an id lookup and a byte count; names are built for ties alone.
-    for name, module in modules:
-        module_classes[name] = type(module).__name__
-        params, buffers = module._parameters, module._buffers
-        if not params and not buffers:
-            direct_bytes[name] = 0
+    # The hot loop: per tensor only a byte count; ties are found afterwards, all at once.
+    for index, tensors in enumerate(tree.own):
+        if not tensors:
             continue
         here = 0
-        for local, tensor in (*params.items(), *buffers.items()):
+        for local, tensor in tensors:
             if tensor is None:
                 continue
-            seen = first.get(id(tensor))
-            if seen is not None:
-                owner = f"{seen[0]}.{seen[1]}" if seen[0] else seen[1]
-                full = f"{name}.{local}" if name else local
-                alias_of[full] = owner
-                aliases.setdefault(owner, []).append(full)
-                tied_bytes[owner] = seen[2]
-                here += seen[2]
-                holders.add(name)
-                continue
             if slow_dtype:
+                name = names[index]
                 full = f"{name}.{local}" if name else local
                 stored = _stored_dtype(tensor, full, module_overrides.get(name), rules)
             else:
@@ -340,28 +359,70 @@ def _build_inventory(
                 if target is not None and stored.is_floating_point:
                     stored = target
             nbytes = tensor.numel() * (itemsize.get(stored) or stored.itemsize)
-            first[id(tensor)] = (name, local, nbytes)
+            add_id(id(tensor))
+            add_bytes(nbytes)
             here += nbytes
-            holders.add(name)
-        direct_bytes[name] = here
+            holds[index] = True
+        direct[index] = here
 
-    tied_groups = [(owner, *rest) for owner, rest in aliases.items()]
-    sizes = _accumulate(module_names, direct_bytes, tied_groups, tied_bytes)
-    units = _units(modules, no_split, sizes, first, holders)
-    return Inventory(units, sizes, module_classes, tied_groups, alias_of, model, rules)
+    # The row of each tensor's first name: a dict keeps the last value of a repeated key, so fill it backwards.
+    first = dict(zip(reversed(ids), range(len(ids) - 1, -1, -1)))
+    ties = _find_ties(tree, ids, first, row_bytes) if len(first) < len(ids) else _Ties({}, {}, {}, {})
+    for index, delta in ties.recount.items():
+        direct[index] += delta
+    tied_groups = [(owner, *rest) for owner, rest in ties.aliases.items()]
+    sizes = _accumulate(tree, direct, tied_groups, ties.tied_bytes)
+    units = _units(tree, no_split, sizes, first, row_bytes, holds)
+    return Inventory(units, sizes, dict(zip(names, tree.classes)), tied_groups, ties.alias_of, model, rules)
+
+
+class _Ties(NamedTuple):
+    """The later names of tensors met before under another name (tied weights), in walk order."""
+
+    alias_of: dict[str, str]  # alias -> first name
+    aliases: dict[str, list[str]]  # first name -> its aliases
+    tied_bytes: dict[str, int]  # first name -> bytes
+    recount: dict[int, int]  # walk position -> bytes to add so each alias counts as its first name's bytes
+
+
+def _find_ties(tree: _Tree, ids: list[int], first: dict[int, int], row_bytes: list[int]) -> _Ties:
+    """Every row whose tensor has an earlier row (``first``), named as an alias of that first name.
+
+    An alias counts at its first name's bytes: the two differ only when special dtypes select
+    one name and not the other.
+    """
+    where: list[tuple[int, str]] = []  # (walk position, local name) of each row
+    for index, tensors in enumerate(tree.own):
+        where.extend((index, local) for local, tensor in tensors if tensor is not None)
+    names = tree.names
+    ties = _Ties({}, {}, {}, {})
+    for row, key in enumerate(ids):
+        owner_row = first[key]
+        if owner_row == row:
+            continue
+        index, local = where[row]
+        owner_index, owner_local = where[owner_row]
+        owner = f"{names[owner_index]}.{owner_local}" if names[owner_index] else owner_local
+        full = f"{names[index]}.{local}" if names[index] else local
+        ties.alias_of[full] = owner
+        ties.aliases.setdefault(owner, []).append(full)
+        ties.tied_bytes[owner] = row_bytes[owner_row]
+        ties.recount[index] = ties.recount.get(index, 0) + row_bytes[owner_row] - row_bytes[row]
+    return ties
 
 
 def _accumulate(
-    module_names: list[str],
-    direct_bytes: dict[str, int],
+    tree: _Tree,
+    direct: list[int],
     tied_groups: list[tuple[str, ...]],
     tied_bytes: dict[str, int],
 ) -> dict[str, int]:
     """Bytes under each module prefix, every tensor counted once per prefix."""
-    sizes = dict(direct_bytes)
-    for name in reversed(module_names):  # children before parents
-        if name:
-            sizes[name.rpartition(".")[0]] += sizes[name]
+    totals = list(direct)
+    parents = tree.parents
+    for index in range(len(totals) - 1, 0, -1):  # children before parents; 0 is the root
+        totals[parents[index]] += totals[index]
+    sizes = dict(zip(tree.names, totals))
     # Tied tensors were added once per alias; take the extra copies back out of shared ancestors.
     for group in tied_groups:
         nbytes = tied_bytes[group[0]]
@@ -380,40 +441,41 @@ def _accumulate(
 
 
 def _units(
-    modules: list[tuple[str, nn.Module]],
+    tree: _Tree,
     no_split: set[str],
     sizes: dict[str, int],
-    first: dict[int, tuple[str, str, int]],
-    holders: set[str],
+    first: dict[int, int],
+    row_bytes: list[int],
+    holds: list[bool],
 ) -> list[Unit]:
     """Placement units in definition order: leaves and no-split modules whole, split modules' direct tensors alone."""
+    names, branches, classes = tree.names, tree.branches, tree.classes
     units: list[Unit] = []
     append = units.append
     index = 0
-    count = len(modules)
+    count = len(names)
     while index < count:
-        name, module = modules[index]
-        index += 1
-        if not module._modules:  # a leaf
-            if name in holders:
+        name = names[index]
+        if not branches[index]:  # a leaf
+            if holds[index]:
                 append(Unit(name, sizes[name], True))
+            index += 1
             continue
-        if type(module).__name__ in no_split:
+        if classes[index] in no_split:
             inside = name + "."
-            has_tensors = name in holders
-            while index < count and (not name or modules[index][0].startswith(inside)):
-                has_tensors = has_tensors or modules[index][0] in holders
+            has_tensors = holds[index]
+            index += 1
+            while index < count and (not name or names[index].startswith(inside)):
+                has_tensors = has_tensors or holds[index]
                 index += 1
             if has_tensors:
                 append(Unit(name, sizes[name], True))
             continue
         prefix = name + "." if name else ""
-        for local, tensor in (*module._parameters.items(), *module._buffers.items()):
-            if tensor is None:
-                continue
-            full = prefix + local
-            seen = first[id(tensor)]
-            append(Unit(full, seen[2], False))
+        for local, tensor in tree.own[index]:
+            if tensor is not None:
+                append(Unit(prefix + local, row_bytes[first[id(tensor)]], False))
+        index += 1
     return units
 
 
@@ -422,17 +484,27 @@ def _records(model: nn.Module, rules: _Rules, tied_groups: list[tuple[str, ...]]
     alias_names = {group[0]: tuple(group[1:]) for group in tied_groups}
     records: dict[str, TensorRecord] = {}
     seen: set[int] = set()
-    for name, module in _walk(model):
+    overrides, target, tensor_level = rules.module_overrides, rules.target, rules.tensor_level
+    tree = _walk(model)
+    for name, module in zip(tree.names, tree.modules):
+        params, buffers = module._parameters, module._buffers
+        if not params and not buffers:
+            continue
         prefix = name + "." if name else ""
-        module_dtype = rules.module_overrides.get(name)
+        module_dtype = overrides.get(name)
         non_persistent = module._non_persistent_buffers_set
-        for is_buffer, tensors in ((False, module._parameters), (True, module._buffers)):
+        for is_buffer, tensors in ((False, params), (True, buffers)):
             for local, tensor in tensors.items():
                 if tensor is None or id(tensor) in seen:
                     continue
                 seen.add(id(tensor))
                 full = prefix + local
-                stored = _stored_dtype(tensor, full, module_dtype, rules)
+                if tensor_level:
+                    stored = _stored_dtype(tensor, full, module_dtype, rules)
+                else:  # _stored_dtype without the per-name lookup
+                    stored = tensor.dtype
+                    if stored.is_floating_point:
+                        stored = module_dtype or target or stored
                 nbytes = tensor.numel() * (_ITEMSIZE.get(stored) or stored.itemsize)
                 persistent = not (is_buffer and local in non_persistent)
                 records[full] = TensorRecord(
