@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import platform
 import time
@@ -29,13 +30,27 @@ def evict(files: list[Path]) -> None:
             os.close(fd)
 
 
-def warm(files: list[Path], chunk: int = 256 << 10) -> None:
-    """Read ``files`` once so they are in the page cache (a small buffer: it counts in the caller's RSS)."""
-    buffer = bytearray(chunk)
+def warm(files: list[Path], window: int = 64 << 20) -> None:
+    """Bring ``files`` into the page cache, as a reader mapping them with ``MADV_HUGEPAGE`` would.
+
+    Pages already cached stay as they are; missing ones are read through a shared mapping that
+    asks for huge folios, window by window (mapped, then unmapped). The folio size decides what
+    mapping the pages costs later: a ``read()`` loop leaves readahead-sized folios, which cost
+    a system streaming weights through mappings up to 11x more page-table work per forward
+    (docs/benchmarks.md). Call it from a process whose memory is not being measured.
+    """
+    populate = getattr(mmap, "MADV_POPULATE_READ", 22)
     for path in files:
-        with open(path, "rb", buffering=0) as handle:
-            while handle.readinto(buffer):
-                pass
+        size = path.stat().st_size
+        if size == 0:
+            continue
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapping:
+            if hasattr(mmap, "MADV_HUGEPAGE"):
+                mapping.madvise(mmap.MADV_HUGEPAGE)
+            for offset in range(0, size, window):
+                length = min(window, size - offset)
+                mapping.madvise(populate, offset, length)
+                mapping.madvise(mmap.MADV_DONTNEED, offset, length)
 
 
 def files_under(*folders: Path) -> list[Path]:

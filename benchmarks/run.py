@@ -143,7 +143,6 @@ def worker(system: str, folder: Path, budget: int, scratch: Path, tokens: int) -
     reply = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # libraries' prints go to stderr; stdout is the reply channel
     scratch.mkdir(parents=True, exist_ok=True)
-    files = sorted(folder.glob("*.safetensors"))
     _preload(system)
     base_rss, base_anon = proc_status("VmRSS"), proc_status("RssAnon")
     with MemorySampler(0.005) as peak:
@@ -168,11 +167,6 @@ def worker(system: str, folder: Path, budget: int, scratch: Path, tokens: int) -
                 reply.write(json.dumps({"rss": peak.peak_rss - base_rss, "anon": (peak.peak_anon or 0) - base_anon}) + "\n")
             elif cmd["op"] == "forward":
                 ids = token_batch(cmd["batch"], tokens)
-                # "warm": every file the system reads is in the page cache when the forward starts.
-                # Read it again first: this machine runs a proactive reclaimer (DAMON pageout of pages
-                # idle for ~60 s) that drops cached pages of a system whose forwards are seconds apart
-                # while the others take their turns, which a run of back-to-back batches never sees.
-                (evict if cmd["cold"] else warm)(files + files_under(scratch))
                 with torch.inference_mode():
                     before = disk_reads()
                     t = time.perf_counter()
@@ -201,6 +195,7 @@ class Worker:
 
     def __init__(self, system: str, folder: Path, budget: int, scratch: Path, tokens: int) -> None:
         self.system = system
+        self.folder, self.scratch = folder, scratch
         cmd = [sys.executable, __file__, "--worker", system, "--folder", str(folder), "--budget", str(budget),
                "--scratch", str(scratch), "--tokens", str(tokens)]
         env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
@@ -212,6 +207,11 @@ class Worker:
         if not line:
             raise SystemExit(f"{self.system}: the worker process died (exit {self.proc.wait()}); see its stderr above")
         return json.loads(line)
+
+    @property
+    def files(self) -> list[Path]:
+        """What the system may read in a forward: the checkpoint and its own offload folder."""
+        return sorted(self.folder.glob("*.safetensors")) + files_under(self.scratch)
 
     def ask(self, **cmd: Any) -> dict[str, Any]:
         self.proc.stdin.write(json.dumps(cmd) + "\n")  # type: ignore[union-attr]
@@ -255,10 +255,17 @@ def measure_share(ram: Worker, systems: list[str], share: float, weights: int, a
         for w in workers.values():
             w.ask(op="reset")
         for name, w in workers.items():
+            warm(w.files)
             by[name].first = w.ask(op="forward", batch=batch, cold=False, save=str(scratch / f"{name}-{share}-{batch}.pt"))["s"]
         for cold in (False, True):
             for _ in range(args.repeat):
                 for name, w in workers.items():
+                    # "warm": every file the system reads is in the page cache when the forward starts.
+                    # Read it again first: this machine runs a proactive reclaimer (DAMON pageout of
+                    # pages idle for ~60 s) that drops cached pages of a system whose forwards are
+                    # seconds apart while the others take their turns, which back-to-back batches never
+                    # see. Done here, in the driver, so the worker's memory figures do not include it.
+                    (evict if cold else warm)(w.files)
                     answer = w.ask(op="forward", batch=batch, cold=cold)
                     (by[name].cold if cold else by[name].warm).append(answer["s"])
                     (by[name].cold_read if cold else by[name].warm_read).append(answer["read"])
