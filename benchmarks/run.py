@@ -310,7 +310,7 @@ def job_level(folder: Path, scratch: Path, share: float) -> list[dict[str, Any]]
     sweep = scratch / "job-sweep"
     evict(files_under(folder, cache))
     start = time.perf_counter()
-    subprocess.run([*job, "-m", "data.seed=1,2", "runner.isolate=false", f"hydra.sweep.dir={sweep}"], check=True,
+    subprocess.run([*job[:3], "-m", *job[3:], "data.seed=1,2", "runner.isolate=false", f"hydra.sweep.dir={sweep}"], check=True,
                    cwd=scratch, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     wall = time.perf_counter() - start
     for number in (0, 1):
