@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from bigjob.engine import safetensors_io
+from bigjob.engine.pages import huge_pages_enabled
 from bigjob.engine.safetensors_io import (
     MAX_HEADER_BYTES,
     MappedFile,
@@ -178,15 +179,7 @@ def test_view_is_zero_copy_inside_the_file_mapping(tmp_path: Path) -> None:
     assert load_file(path)["w"][0].item() == 0.0
 
 
-def _thp_mode() -> str | None:
-    try:
-        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return None
-    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else None
-
-
-@pytest.mark.skipif(_thp_mode() in (None, "never"), reason="transparent huge pages are not available on this system")
+@pytest.mark.skipif(not huge_pages_enabled(), reason="transparent huge pages are not available on this system")
 def test_mapping_asks_for_huge_folios(tmp_path: Path) -> None:
     # Pages streamed through the mapping are cheapest to map and unmap as 2 MiB folios; the
     # mapping carries the hint (VmFlags "hg") so that reads it causes bring them in that size.
