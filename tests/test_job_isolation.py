@@ -11,7 +11,7 @@ import pytest
 
 from _jobkit import TINY_OVERRIDES, compose_config, read_jsonl, run_cli
 from bigjob.errors import BudgetError, ConfigError, JobError
-from bigjob.job import isolation
+from bigjob.job import forkserver, isolation
 from bigjob.job.isolation import ChildTraceback, JobProcessError, config_from_json, isolation_wanted, run_isolated
 from bigjob.job.runner import KILL_AFTER_ENV, run_job
 
@@ -126,7 +126,37 @@ def test_an_isolated_cli_run_logs_to_the_run_log(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
-def test_the_child_stops_when_its_parent_dies(tmp_path):
+def test_warm_start_forks_each_job_from_one_process_that_imported_once(tmp_path, monkeypatch):
+    plain = run_job(config(tmp_path), tmp_path / "plain")
+    first = run_isolated(config(tmp_path, "runner.warm_start=true"), tmp_path / "w1")
+    second = run_isolated(config(tmp_path, "runner.warm_start=true", "data.seed=3"), tmp_path / "w2")
+    server = forkserver.shared_server(["torch"])
+    assert server is not None and server.alive
+    # Each job in a process of its own, both children of the one warm-start process.
+    assert first.isolated and second.isolated and first.pid != second.pid != os.getpid()
+    assert first.parent_pid == second.parent_pid == server.process.pid != os.getpid()
+    assert read_jsonl(tmp_path / "w1" / "predictions.jsonl") == read_jsonl(tmp_path / "plain" / "predictions.jsonl")
+    assert read_jsonl(tmp_path / "w2" / "predictions.jsonl") != read_jsonl(tmp_path / "plain" / "predictions.jsonl")
+    assert plain.status == "completed"
+    # The child runs with the parent's environment of now, not the server's from its start;
+    # a signal that ends it is reported as for a fresh child, and the job resumes.
+    monkeypatch.setenv(KILL_AFTER_ENV, "1")
+    with pytest.raises(JobError, match="killed by SIGKILL"):
+        run_isolated(config(tmp_path, "runner.warm_start=true"), tmp_path / "w3")
+    monkeypatch.delenv(KILL_AFTER_ENV)
+    resumed = run_isolated(config(tmp_path, "runner.warm_start=true"), tmp_path / "w3")
+    assert resumed.status == "completed" and resumed.resumed_from_batch == 1 and resumed.parent_pid == server.process.pid
+
+
+def test_warm_start_errors_keep_their_class_and_traceback(tmp_path):
+    with pytest.raises(BudgetError) as info:
+        run_isolated(config(tmp_path, "runner.warm_start=true", "placement.max_memory.cpu=1KiB", "placement.max_memory.disk=0"), tmp_path / "run")
+    assert "placement.max_memory.cpu" in str(info.value)
+    assert isinstance(info.value.__cause__, ChildTraceback) and "runner.py" in str(info.value.__cause__)
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_the_child_stops_when_its_parent_dies(tmp_path, warm):
     import subprocess
     import sys
     import time
@@ -136,7 +166,7 @@ def test_the_child_stops_when_its_parent_dies(tmp_path):
         "import sys; sys.path[:0] = sys.argv[2:]\n"
         "from _jobkit import compose_config, TINY_OVERRIDES\n"
         "from bigjob.job.isolation import run_isolated\n"
-        f"cfg = compose_config(TINY_OVERRIDES + ['data.num_samples=20000', 'data.batch_size=1', 'quiet=true', 'cache.dir={tmp_path / 'cache'}'])\n"
+        f"cfg = compose_config(TINY_OVERRIDES + ['data.num_samples=20000', 'data.batch_size=1', 'quiet=true', 'cache.dir={tmp_path / 'cache'}', 'runner.warm_start={str(warm).lower()}'])\n"
         "run_isolated(cfg, sys.argv[1])\n"
     )
     here = os.path.dirname(__file__)

@@ -144,18 +144,42 @@ def run_isolated(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool
         except TypeError as err:
             raise JobError(f"runner.isolate needs a config made of JSON values ({err}); set runner.isolate=false") from None
         started = time.perf_counter()
-        process = subprocess.Popen([sys.executable, "-c", _BOOT, str(spec_path)])
-        logger.info("job running in child process %d (runner.isolate)", process.pid)
-        try:
-            code = process.wait()
-        except BaseException:  # interrupted: take the child down too
-            _stop(process)
-            raise
-        logger.info("child process %d ended with code %d after %.2f s", process.pid, code, time.perf_counter() - started)
+        server = _warm_server(cfg) if cfg.runner.warm_start else None
+        if server is not None:
+            spec["env"] = dict(os.environ)  # the server's is from its start; the job gets today's
+            spec_path.write_text(json.dumps(spec), encoding="utf-8")
+            pid = server.start(spec_path)
+            logger.info("job running in child process %d, forked by warm-start process %d", pid, server.process.pid)
+            try:
+                code = server.wait()
+            except BaseException:  # interrupted: take the child down too
+                server.interrupt()
+                server.wait()
+                raise
+        else:
+            process = subprocess.Popen([sys.executable, "-c", _BOOT, str(spec_path)])
+            pid = process.pid
+            logger.info("job running in child process %d (runner.isolate)", pid)
+            try:
+                code = process.wait()
+            except BaseException:  # interrupted: take the child down too
+                _stop(process)
+                raise
+        logger.info("child process %d ended with code %d after %.2f s", pid, code, time.perf_counter() - started)
         result = Path(spec["result"])
         if code == 0 and result.exists():
             return JobReport.from_json(result.read_text(encoding="utf-8"))
-        raise _child_failure(Path(spec["error"]), code, process.pid, run_dir)
+        raise _child_failure(Path(spec["error"]), code, pid, run_dir)
+
+
+def _warm_server(cfg: JobConfig) -> Any:
+    """The warm-start process for this sweep (:mod:`bigjob.job.forkserver`), or None where there can be none."""
+    from bigjob.job.forkserver import preload_modules, shared_server
+
+    server = shared_server(preload_modules(cfg.model._target_, cfg.model.path))
+    if server is None:
+        logger.info("runner.warm_start: forking is not safe here; the job starts a fresh Python instead")
+    return server
 
 
 def _completed_here(cfg: JobConfig, run_dir: Path) -> JobReport | None:
