@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import random
 from pathlib import Path
@@ -15,21 +14,17 @@ from tiny_transformer import TinyLM
 from bigjob import get_dispatch_info, load_checkpoint_and_dispatch
 from bigjob.engine import folios, hooks
 from bigjob.engine.folios import HUGE, drop_cached, file_mappings, refresh_small_folios
-from bigjob.engine.pages import PAGE, Range, huge_pages_enabled, merge, populate, release
+from bigjob.engine.pages import PAGE, Range, huge_pages_enabled, merge, populate, release, resident
 from bigjob.engine.safetensors_io import MappedFile, read_header, write_file
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
 
 MIB = 2**20
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-
-
 def resident_pages(r: Range) -> int:
     """Pages of ``r`` (page-aligned) in the page cache, whether or not this process maps them."""
-    vec = (ctypes.c_ubyte * (r.length // PAGE))()
-    assert _libc.mincore(r.start, r.length, vec) == 0, os.strerror(ctypes.get_errno())
-    return sum(b & 1 for b in vec)
+    count = resident(r)
+    assert count is not None, "mincore failed"
+    return count
 
 
 def tensor_file(path: Path, mib: int) -> Path:

@@ -27,14 +27,12 @@ True
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from bigjob.engine.pages import PAGE, Range, huge_pages_enabled, populate, release
+from bigjob.engine.pages import PAGE, Range, huge_pages_enabled, populate, release, resident
 
 __all__ = ["FileMapping", "drop_cached", "file_mappings", "pmd_mapped_kib", "refresh_small_folios"]
 
@@ -116,21 +114,25 @@ def drop_cached(ranges: Iterable[Range]) -> int:
         mapping = mappings.get(r.start)
         if mapping is not None:
             by_path.setdefault(mapping.path, []).append((mapping.file_offset(r.start), r.length))
+    return sum(_drop(path, spans) for path, spans in by_path.items())
+
+
+def _drop(path: str, spans: list[tuple[int, int]]) -> int:
+    """``POSIX_FADV_DONTNEED`` over ``(offset, length)`` spans of ``path`` (length 0: to the end)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as err:
+        log.debug("cannot open %s to drop its cached pages: %s", path, err)
+        return 0
     advised = 0
-    for path, spans in by_path.items():
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as err:
-            log.debug("cannot open %s to drop its cached pages: %s", path, err)
-            continue
-        try:
-            for offset, length in spans:
-                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-                advised += length
-        except OSError as err:
-            log.debug("posix_fadvise(DONTNEED) failed on %s: %s", path, err)
-        finally:
-            os.close(fd)
+    try:
+        for offset, length in spans:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+            advised += length or os.fstat(fd).st_size - offset
+    except OSError as err:
+        log.debug("posix_fadvise(DONTNEED) failed on %s: %s", path, err)
+    finally:
+        os.close(fd)
     return advised
 
 
@@ -154,9 +156,9 @@ def refresh_small_folios(ranges: Iterable[Range]) -> list[str]:
     """Drop streamed files held in small page-cache folios, so the next reads bring huge ones.
 
     ``ranges`` are the pages of the views a forward maps and unmaps (file views of streamed
-    weights only: they are unmapped here first). For each file they lie in, a probe window is mapped, measured and unmapped; a file
-    whose probe came in without PMD mappings has its unmapped pages dropped from the page
-    cache. Returns the paths dropped. Costs two reads of ``/proc/self/smaps`` and a few MiB
+    weights only: they are unmapped here first). For each file they lie in, a probe window
+    is mapped, measured and unmapped; a file whose probe came in without PMD mappings has
+    its unmapped pages dropped from the page cache. Returns the paths dropped. Costs two reads of ``/proc/self/smaps`` and a few MiB
     of mapping per file; nothing at all where transparent huge pages are off.
     """
     ranges = [r for r in ranges if r.length >= PAGE]
@@ -185,8 +187,8 @@ def refresh_small_folios(ranges: Iterable[Range]) -> list[str]:
             continue
         # The whole file: pages this process still maps (its resident tier) stay; the header's
         # and the neighbours' small folios go too, or the first 2 MiB read would collide with them.
-        drop_cached([Range(mapping.start, mapping.end - mapping.start)])
-        if _resident_pages(window) == 0:  # tmpfs, or pages another process maps, stay: then say nothing
+        _drop(mapping.path, [(0, 0)])
+        if resident(window) == 0:  # tmpfs, or pages another process maps, stay: then say nothing
             dropped.append(mapping.path)
     if dropped:
         streamed = sum(r.length for m, rs in grouped.items() if m.path in dropped for r in rs)
@@ -196,23 +198,3 @@ def refresh_small_folios(ranges: Iterable[Range]) -> list[str]:
             len(dropped), dropped[0], streamed / 2**20,
         )
     return dropped
-
-
-def _resident_pages(r: Range) -> int | None:
-    """Pages of the page-aligned range ``r`` of a mapping that are in the page cache (``mincore``)."""
-    if _mincore is None:
-        return None
-    vector = (ctypes.c_ubyte * (r.length // PAGE))()
-    if _mincore(r.start, r.length, vector) != 0:
-        return None
-    return bytes(vector).translate(_LOW_BIT).count(1)  # bit 0 says resident; the others are reserved
-
-
-_LOW_BIT = bytes(b & 1 for b in range(256))
-_mincore = None
-try:
-    _mincore = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).mincore
-    _mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    _mincore.restype = ctypes.c_int
-except (OSError, AttributeError):  # pragma: no cover - no mincore: every drop is reported
-    _mincore = None

@@ -400,9 +400,9 @@ class RootHook:
         self.schedule = schedule
         self.tied_ranges = merge(tied_ranges)
         self._origin = threading.local()
-        # File pages every forward maps and unmaps: checked once, after the first forward, for
-        # small page-cache folios (see bigjob.engine.folios).
-        self._unchecked = [*(streamed or []), *self.tied_ranges]
+        # File pages every forward maps and unmaps (tied ones included): checked once, after the
+        # first forward, for small page-cache folios (see bigjob.engine.folios).
+        self._unchecked = list(streamed or [])
 
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         origin = first_device(args, kwargs)

@@ -29,7 +29,7 @@ import sys
 from collections.abc import Iterable
 from typing import NamedTuple
 
-__all__ = ["PAGE", "Range", "huge_pages_enabled", "merge", "populate", "prefer_huge", "release"]
+__all__ = ["PAGE", "Range", "huge_pages_enabled", "merge", "populate", "prefer_huge", "release", "resident"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ _THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 _libc = None
 _madvise = None
+_mincore = None
 _populate_supported = True
 if sys.platform.startswith("linux"):
     try:
@@ -49,8 +50,12 @@ if sys.platform.startswith("linux"):
         _madvise = _libc.madvise
         _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         _madvise.restype = ctypes.c_int
+        _mincore = _libc.mincore
+        _mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        _mincore.restype = ctypes.c_int
     except (OSError, AttributeError):  # pragma: no cover - exotic libc
         _madvise = None
+        _mincore = None
 
 
 class Range(NamedTuple):
@@ -153,6 +158,22 @@ def populate(ranges: Iterable[Range], readahead: bool = True) -> None:
             log.debug("MADV_POPULATE_READ unsupported; pages fault in on use after the readahead")
         else:
             log.debug("populate failed: %s", os.strerror(failure))
+
+
+def resident(r: Range) -> int | None:
+    """Pages of the page-aligned range ``r`` of a mapping that are in the page cache, mapped or not.
+
+    ``None`` where the system cannot say (no ``mincore``, or a range outside any mapping).
+    """
+    if _mincore is None or r.length <= 0:
+        return None
+    vector = (ctypes.c_ubyte * (r.length // PAGE))()
+    if _mincore(r.start, r.length, vector) != 0:
+        return None
+    return bytes(vector).translate(_LOW_BIT).count(1)  # bit 0 says resident; the others are reserved
+
+
+_LOW_BIT = bytes(b & 1 for b in range(256))
 
 
 def release(ranges: Iterable[Range]) -> None:

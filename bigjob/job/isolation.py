@@ -139,15 +139,15 @@ def run_isolated(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool
             "error": str(Path(tmp) / "error.json"),
         }
         spec_path = Path(tmp) / "spec.json"
-        try:
-            spec_path.write_text(json.dumps(spec), encoding="utf-8")
-        except TypeError as err:
-            raise JobError(f"runner.isolate needs a config made of JSON values ({err}); set runner.isolate=false") from None
         started = time.perf_counter()
         server = _warm_server(cfg) if cfg.runner.warm_start else None
         if server is not None:
             spec["env"] = dict(os.environ)  # the server's is from its start; the job gets today's
+        try:
             spec_path.write_text(json.dumps(spec), encoding="utf-8")
+        except TypeError as err:
+            raise JobError(f"runner.isolate needs a config made of JSON values ({err}); set runner.isolate=false") from None
+        if server is not None:
             pid = server.start(spec_path)
             logger.info("job running in child process %d, forked by warm-start process %d", pid, server.process.pid)
             try:
