@@ -231,9 +231,11 @@ def test_direct_reads_leave_the_disk_tier_out_of_the_page_cache(checkpoint: Path
     ids = inputs(vocab=SHAPE["vocab"], length=8)
     with torch.no_grad():
         _evict_all(files)
+        before, total = _disk_pages(model)  # pages another live mapping holds cannot be evicted: a few may stay
+        assert before < total // 10
         model(ids)
     cached, total = _disk_pages(model)
-    assert total > 0 and cached == 0
+    assert cached == before
     assert get_dispatch_info(model).schedule.direct_reads == len(_units(model))
     # The mapped path, for contrast, leaves them cached.
     mapped = _dispatch(checkpoint, reference, "mapped")

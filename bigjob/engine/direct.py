@@ -205,8 +205,9 @@ class BufferPool:
     """Page-aligned read buffers of one size, shared by a model's units, reused from forward to forward.
 
     :meth:`acquire` never waits: when every buffer is out (a prefetched unit that the
-    forward skipped still holds one) it makes another. :meth:`trim` gives the memory back
-    once a forward used none.
+    forward skipped still holds one) it makes another. :meth:`trim` gives the free ones'
+    memory back; a unit that maps its pages calls it, so buffers and mapped pages are not
+    resident together beyond one unit's worth.
     """
 
     def __init__(self, size: int) -> None:
@@ -220,7 +221,9 @@ class BufferPool:
             self._out += 1
             if self._free:
                 return self._free.pop()
-        buffer = mmap.mmap(-1, self.size)
+        # Private: counted as the process's anonymous memory, and eligible for transparent huge pages
+        # (shared anonymous memory is shmem, which most systems keep on small pages).
+        buffer = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if hasattr(mmap, "MADV_HUGEPAGE"):
             try:
                 buffer.madvise(mmap.MADV_HUGEPAGE)  # fewer TLB misses while the unit computes on it

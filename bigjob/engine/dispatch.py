@@ -274,7 +274,9 @@ def dispatch_loaded(
     schedule.readahead = not prefer_huge(streamed_pages)  # see bigjob.engine.pages.populate
     if disk_reads != "mapped":
         _attach_direct_reads(paged_units, disk_reads, schedule)
-    handles.insert(0, HookHandle(model, RootHook(main_dev, schedule, tied_ranges, streamed_pages)))
+    # Folio sizes matter to pages that are mapped; units that always read directly map none.
+    checked = [] if disk_reads == "direct" else streamed_pages
+    handles.insert(0, HookHandle(model, RootHook(main_dev, schedule, tied_ranges, checked)))
     info = DispatchInfo(
         result.device_map,
         main,

@@ -258,8 +258,10 @@ class PagedUnit:
 
     def prepare(self) -> Any:
         """Bring the unit's bytes in: a buffer holding them, or ``True`` once its file pages are mapped."""
-        if self.direct is not None and self.direct.choose(self.ranges):
-            return self.direct.read()
+        if self.direct is not None:
+            if self.direct.choose(self.ranges):
+                return self.direct.read()
+            self.direct.pool.trim()  # mapping from now on: the free read buffers would only add to resident memory
         populate(self.ranges, self.schedule.readahead)
         return True
 
