@@ -248,15 +248,26 @@ class BufferPool:
             self._free.clear()
 
 
-def cached_fraction(ranges: Iterable[Range]) -> float | None:
-    """The fraction of the pages of ``ranges`` (page-aligned) in the page cache; ``None`` where unknown."""
+def cached_fraction(ranges: Iterable[Range], windows: int = 8, window: int = 64 * PAGE) -> float | None:
+    """The fraction of the pages of ``ranges`` (page-aligned) in the page cache; ``None`` where unknown.
+
+    Each range is sampled at ``windows`` evenly spaced windows of ``window`` bytes (whole where
+    it is shorter): ``mincore`` costs about 50 ns a page, ~13 ms a forward for a 1 GiB disk tier
+    read whole, and the page cache gains and loses a file's pages in runs far longer than that.
+    """
     total = hit = 0
     for r in ranges:
-        pages = resident(r)
-        if pages is None:
-            return None
-        total += r.length // PAGE
-        hit += pages
+        if r.length <= windows * window:
+            samples = [r]
+        else:
+            stride = (r.length - window) // (windows - 1)
+            samples = [Range(r.start + i * stride - (i * stride) % PAGE, window) for i in range(windows)]
+        for sample in samples:
+            pages = resident(sample)
+            if pages is None:
+                return None
+            total += sample.length // PAGE
+            hit += pages
     return hit / total if total else None
 
 
