@@ -206,7 +206,7 @@ class ConcurrentRead(threading.Thread):
     is what any system that reads those bytes during the forward could at best achieve here.
     """
 
-    CHUNK = 4 << 20
+    CHUNK = 32 << 20  # about one decoder layer: what bigjob's direct reads ask for at a time
 
     def __init__(self, files: list[Path], nbytes: int) -> None:
         super().__init__(daemon=True)
@@ -498,7 +498,7 @@ def print_tables(args: argparse.Namespace, limits: dict[str, float], weights: in
                 bound_text = f"{bound:.2f} (measured {contended[r.batch]:.2f})"
             else:
                 bound_text = f"{bound:.2f}"
-            over = "-" if r.system == "ram" else f"{(r.rss - budget) / MiB:+.0f}"
+            over = "-" if r.system in ("ram", "ram+read") else f"{(r.rss - budget) / MiB:+.0f}"
             diff = "-" if r.diff is None else f"{r.diff:.3g}"
             print(f"| {r.system} | {r.batch} | {r.first:.3f} | {warm:.3f} | {warm / ram_warm:.2f} | {cold:.3f} | "
                   f"{cold / ram_warm:.2f} | {bound_text} | {statistics.median(r.cold_read) / MiB:.0f} | {r.rss / MiB:.0f} | {over} | "
