@@ -19,7 +19,7 @@ never while they are cached.
 
 >>> layout = Layout.of([("/m.safetensors", 4100, 8), ("/m.safetensors", 4108, 4)])
 >>> [(e.offset, e.length, e.at) for e in layout.extents], layout.positions, layout.size
-([(4096, 4096, 0)], [4, 12], 4096)
+([(4096, 4096, 0)], (4, 12), 4096)
 """
 
 from __future__ import annotations
