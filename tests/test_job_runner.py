@@ -76,6 +76,20 @@ def test_second_run_is_a_plan_cache_hit(tmp_path):
     assert (tmp_path / "a" / "predictions.jsonl").read_bytes() == (tmp_path / "b" / "predictions.jsonl").read_bytes()
 
 
+def test_disk_reads_change_neither_the_plan_nor_the_outputs(tmp_path, monkeypatch):
+    from bigjob.engine.direct import DirectReads
+
+    reads = []
+    real = DirectReads.read
+    monkeypatch.setattr(DirectReads, "read", lambda self: reads.append(self) or real(self))
+    mapped = run_job(config(tmp_path, "placement.disk_reads=mapped"), tmp_path / "a")
+    assert reads == []
+    direct = run_job(config(tmp_path, "placement.disk_reads=direct"), tmp_path / "b")
+    assert len(reads) >= 3  # the disk-tier units of each of the 3 batches
+    assert mapped.plan_cache_hit is False and direct.plan_cache_hit is True
+    assert (tmp_path / "a" / "predictions.jsonl").read_bytes() == (tmp_path / "b" / "predictions.jsonl").read_bytes()
+
+
 @pytest.mark.parametrize(
     "change",
     [

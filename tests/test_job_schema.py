@@ -101,6 +101,7 @@ def test_unknown_keys_and_wrong_types_are_refused_by_hydra():
         ("task.pooling=max", "task.pooling"),
         ("placement.execution=turbo", "placement.execution"),
         ("placement.rates.cpu_flops=250G", "placement.rates"),
+        ("placement.disk_reads=fast", "placement.disk_reads"),
     ],
 )
 def test_invalid_values_name_their_key(override, key):

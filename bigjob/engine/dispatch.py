@@ -31,17 +31,19 @@ from torch import nn
 
 from bigjob.engine.checkpoint import Checkpoint
 from bigjob.engine.device_map import DeviceMap
+from bigjob.engine.direct import BufferPool, DirectReads, Files, Layout
 from bigjob.engine.devices import CPU, DISK, is_accelerator, normalize_device
 from bigjob.engine.execution import ExecutionPlan, ExecutionRates, measure_rates, needs_rates, plan_execution, resolve_policy
 from bigjob.engine.hooks import HookHandle, MoveInputs, PagedUnit, Prefetcher, RootHook, Schedule, StagingPool, StreamedUnit, TensorSlot
 from bigjob.engine.local_units import AutoUnit, LocalUnit
 from bigjob.engine.device_map import assign_tensors
 from bigjob.engine.loading import LoadResult, check_devices, load_checkpoint_in_model, set_tensor
+from bigjob.engine.folios import file_mappings
 from bigjob.engine.pages import Range, merge, prefer_huge
 from bigjob.engine.planner import resolve_device_map
 from bigjob.engine.sizes import build_inventory
 from bigjob.engine.store import OffloadEntry, prepare_offload_folder
-from bigjob.errors import OffloadError
+from bigjob.errors import ConfigError, OffloadError
 
 __all__ = [
     "DispatchInfo",
@@ -61,6 +63,8 @@ _ATTR = "_bigjob_dispatch"
 
 Execution = str | Mapping[str, str]  # "stream" | "local" | "auto", or one of them per tier {"cpu": ..., "disk": ...}
 Rates = ExecutionRates | Mapping[str, str | int | float]
+DiskReads = str  # "auto" | "mapped" | "direct": how disk-tier units executed on the CPU get their bytes
+DISK_READS = ("auto", "mapped", "direct")
 
 
 @dataclass
@@ -153,6 +157,7 @@ def dispatch_loaded(
     main_device: str | None = None,
     execution: Execution = "stream",
     execution_rates: Rates | None = None,
+    disk_reads: DiskReads = "auto",
 ) -> nn.Module:
     """Attach hooks to a model that :func:`load_checkpoint_in_model` filled, following its placement.
 
@@ -161,12 +166,18 @@ def dispatch_loaded(
     ``"local"``-ly on the CPU, or choose per forward (``"auto"``), for all or per tier.
     ``execution_rates`` (``{"h2d": "12GB/s", "cpu_flops": ..., "device_flops": ...}``) feed
     ``auto``'s thresholds; without them they are measured once per process.
+
+    ``disk_reads`` says how disk-tier units executed on the CPU get their bytes:
+    ``"mapped"`` runs them on views of their memory-mapped files (the page cache holds the
+    bytes; nothing is copied), ``"direct"`` reads them on every forward into reused buffers
+    past the page cache (``O_DIRECT``), and ``"auto"`` maps them while the page cache keeps
+    them and reads directly once it is seen to drop them (see :mod:`bigjob.engine.direct`).
     """
+    _check_execution(execution, execution_rates, disk_reads)
     remove_dispatch(model)
     inventory = result.inventory
     assert inventory is not None
     main = normalize_device(main_device) if main_device else result.main_device
-    resolve_policy(execution)  # a bad policy is refused before anything changes
     rates = ExecutionRates.from_mapping(execution_rates) if execution_rates is not None else None
     check_devices([main, *result.placement.values()])
     main_dev = torch.device(main)
@@ -183,6 +194,7 @@ def dispatch_loaded(
     tied_ranges: list[Range] = []
     streamed_views: list[Range] = []  # file views some unit maps and unmaps on every forward
     streamed = paged = local = auto = 0
+    paged_units: list[PagedUnit] = []
     file_backed = set(result.zero_copy)
     if result.offload is not None:
         file_backed.update(result.offload.checkpoint.keys())
@@ -250,7 +262,9 @@ def dispatch_loaded(
             handles.append(HookHandle(module, hook))
         else:
             tied_ranges.extend(_range(modules, n) for n in offloaded if n in tied and n in file_backed)
-            paged_unit = PagedUnit(unit.name, ranges, schedule)
+            slots = [_slot(modules, n) for n in offloaded if n not in tied and n in file_backed]  # the order of views
+            paged_unit = PagedUnit(unit.name, ranges, schedule, slots=slots)
+            paged_units.append(paged_unit)
             streamed_views.extend(views)
             paged_unit.position = schedule.add(paged_unit)
             handles.append(HookHandle(module, paged_unit))
@@ -258,7 +272,11 @@ def dispatch_loaded(
     # Merged across units: a page two streamed units share belongs to the streamed pages too.
     streamed_pages = merge([*streamed_views, *tied_ranges])
     schedule.readahead = not prefer_huge(streamed_pages)  # see bigjob.engine.pages.populate
-    handles.insert(0, HookHandle(model, RootHook(main_dev, schedule, tied_ranges, streamed_pages)))
+    if disk_reads != "mapped":
+        _attach_direct_reads(paged_units, disk_reads, schedule)
+    # Folio sizes matter to pages that are mapped; units that always read directly map none.
+    checked = [] if disk_reads == "direct" else streamed_pages
+    handles.insert(0, HookHandle(model, RootHook(main_dev, schedule, tied_ranges, checked)))
     info = DispatchInfo(
         result.device_map,
         main,
@@ -289,6 +307,36 @@ def _tensor(modules: Mapping[str, nn.Module], name: str) -> tuple[nn.Module, str
     if local in module._parameters:
         return module, local, True, module._parameters[local]
     return module, local, False, module._buffers[local]
+
+
+def _attach_direct_reads(units: list[PagedUnit], mode: DiskReads, schedule: Schedule) -> None:
+    """Give each paged unit what it needs to read itself past the page cache (see :mod:`bigjob.engine.direct`).
+
+    A unit whose file views cannot be traced to a file that is still the one mapped keeps mapping only.
+    """
+    units = [u for u in units if u.slots]
+    mappings = file_mappings(slot.home.data_ptr() for u in units for slot in u.slots)
+    files = Files()
+    usable: dict[str, bool] = {}
+    layouts: list[tuple[PagedUnit, Layout]] = []
+    for unit in units:
+        places = []
+        for slot in unit.slots:
+            mapping = mappings.get(slot.home.data_ptr())
+            if mapping is None:
+                break
+            if mapping.path not in usable:
+                usable[mapping.path] = files.add(mapping.path, mapping.inode)
+            if not usable[mapping.path]:
+                break
+            places.append((mapping.path, mapping.file_offset(slot.home.data_ptr()), slot.home.numel() * slot.home.element_size()))
+        else:
+            layouts.append((unit, Layout.of(places)))
+    if not layouts:
+        return
+    schedule.pool = BufferPool(max(layout.size for _, layout in layouts))
+    for unit, layout in layouts:
+        unit.direct = DirectReads(layout, files, schedule.pool, mode)
 
 
 def _slot(modules: Mapping[str, nn.Module], name: str) -> TensorSlot:
@@ -331,6 +379,7 @@ def load_checkpoint_and_dispatch(
     special_dtypes: Mapping[str, torch.dtype | str] | None = None,
     execution: Execution = "stream",
     execution_rates: Rates | None = None,
+    disk_reads: DiskReads = "auto",
 ) -> nn.Module:
     """Load ``checkpoint`` into the (empty) ``model`` following ``device_map`` and attach the hooks that run it.
 
@@ -356,7 +405,7 @@ def load_checkpoint_and_dispatch(
     >>> get_dispatch_info(model).execution.choose("2", 4)  # executing on the CPU: disk-tier units run there
     'local'
     """
-    _check_execution(execution, execution_rates)
+    _check_execution(execution, execution_rates, disk_reads)
     result = load_checkpoint_in_model(
         model,
         checkpoint,
@@ -370,11 +419,13 @@ def load_checkpoint_and_dispatch(
         offload_buffers=offload_buffers,
         prefetch=prefetch,
     )
-    return dispatch_loaded(model, result, prefetch=prefetch, execution=execution, execution_rates=execution_rates)
+    return dispatch_loaded(model, result, prefetch=prefetch, execution=execution, execution_rates=execution_rates, disk_reads=disk_reads)
 
 
-def _check_execution(execution: Execution, execution_rates: Rates | None) -> None:
-    """Refuse a bad policy or bad rates before any weight is read."""
+def _check_execution(execution: Execution, execution_rates: Rates | None, disk_reads: DiskReads = "auto") -> None:
+    """Refuse a bad policy, bad rates or a bad ``disk_reads`` before any weight is read."""
+    if disk_reads not in DISK_READS:
+        raise ConfigError(f"disk_reads must be one of {', '.join(map(repr, DISK_READS))}; got {disk_reads!r}")
     resolve_policy(execution)
     if execution_rates is not None:
         ExecutionRates.from_mapping(execution_rates)
@@ -389,6 +440,7 @@ def dispatch_model(
     prefetch: int = 1,
     execution: Execution = "stream",
     execution_rates: Rates | None = None,
+    disk_reads: DiskReads = "auto",
 ) -> nn.Module:
     """Dispatch a model whose weights are already materialised (e.g. loaded in RAM) following ``device_map``.
 
@@ -405,7 +457,7 @@ def dispatch_model(
     True
     """
     remove_dispatch(model)
-    _check_execution(execution, execution_rates)
+    _check_execution(execution, execution_rates, disk_reads)
     started = time.perf_counter()
     resolved = resolve_device_map(model, device_map)
     inventory = build_inventory(model)
@@ -441,7 +493,9 @@ def dispatch_model(
         placement[record.name] = tier
         bytes_per_tier[tier] = bytes_per_tier.get(tier, 0) + record.nbytes
     result = LoadResult(resolved, main, placement, bytes_per_tier, time.perf_counter() - started, offload, set(), inventory)
-    return dispatch_loaded(model, result, prefetch=prefetch, main_device=main, execution=execution, execution_rates=execution_rates)
+    return dispatch_loaded(
+        model, result, prefetch=prefetch, main_device=main, execution=execution, execution_rates=execution_rates, disk_reads=disk_reads
+    )
 
 
 class _TensorSource:
@@ -471,6 +525,7 @@ def cpu_offload(
     prefetch: int = 1,
     execution: Execution = "stream",
     execution_rates: Rates | None = None,
+    disk_reads: DiskReads = "auto",
 ) -> nn.Module:
     """Keep every weight in CPU RAM and run each module on ``execution_device``, streaming its weights
     (or, with ``execution="local"``/``"auto"``, running some modules on the CPU: see :func:`dispatch_loaded`).
@@ -484,7 +539,8 @@ def cpu_offload(
     """
     device = normalize_device(execution_device or ("cuda:0" if torch.cuda.is_available() else CPU))
     return dispatch_model(
-        model, {"": CPU}, main_device=device, prefetch=prefetch, execution=execution, execution_rates=execution_rates
+        model, {"": CPU}, main_device=device, prefetch=prefetch, execution=execution, execution_rates=execution_rates,
+        disk_reads=disk_reads,
     )
 
 
@@ -495,6 +551,7 @@ def disk_offload(
     prefetch: int = 1,
     execution: Execution = "stream",
     execution_rates: Rates | None = None,
+    disk_reads: DiskReads = "auto",
 ) -> nn.Module:
     """Keep every weight on disk (an offload folder) and run each module on ``execution_device``.
 
@@ -517,4 +574,5 @@ def disk_offload(
         prefetch=prefetch,
         execution=execution,
         execution_rates=execution_rates,
+        disk_reads=disk_reads,
     )

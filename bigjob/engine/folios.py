@@ -50,6 +50,7 @@ class FileMapping:
     end: int
     offset: int  # of ``start`` in the file
     path: str
+    inode: int = 0
 
     def file_offset(self, address: int) -> int:
         return self.offset + (address - self.start)
@@ -75,7 +76,7 @@ def file_mappings(addresses: Iterable[int]) -> dict[int, FileMapping]:
                 mapping = None
                 for address in wanted:
                     if start <= address < end:
-                        mapping = mapping or FileMapping(start, end, int(parts[2], 16), parts[5].rstrip("\n"))
+                        mapping = mapping or FileMapping(start, end, int(parts[2], 16), parts[5].rstrip("\n"), int(parts[4]))
                         found[address] = mapping
     except OSError:
         return {}

@@ -7,7 +7,8 @@ Three kinds of unit, chosen at dispatch from where each unit's weights live:
 * :class:`PagedUnit` - a disk-tier unit executed on the CPU: its parameters are zero-copy
   views of memory-mapped files. Before it runs, its pages are mapped in bulk (by the
   prefetcher, one unit ahead); after, they are unmapped so resident memory stays within
-  the budget (the page cache keeps them for the next forward).
+  the budget (the page cache keeps them for the next forward). Where the page cache does
+  not keep them, it reads the unit into a reused buffer instead (:mod:`.direct`).
 * :class:`StreamedUnit` - a unit whose weights live in CPU RAM or on disk and run on an
   accelerator: they are packed in one pinned buffer, copied in one transfer (on a side
   stream, ahead of time, by the prefetcher), swapped in for the forward and dropped after.
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bigjob.engine.direct import BufferPool, DirectReads
 from bigjob.engine.folios import refresh_small_folios
 from bigjob.engine.pages import Range, merge, populate, release
 
@@ -200,6 +202,8 @@ class Schedule:
         self.tokens: int | None = None  # of the current root forward; set before its first prefetch
         self.pinned: int | None = None  # set by dispatch.execution_tokens: the count every forward uses
         self.readahead = True  # announce a unit's pages before mapping them; off once they asked for huge folios
+        self.pool: BufferPool | None = None  # read buffers of units that read directly (bigjob.engine.direct)
+        self.direct_reads = 0  # units read directly in the current forward
 
     def add(self, unit: Any) -> int:
         self.units.append(unit)
@@ -236,26 +240,53 @@ class MoveInputs:
 
 @dataclass
 class PagedUnit:
-    """A disk-tier unit on the CPU: page its views in ahead of use and out after."""
+    """A disk-tier unit on the CPU: page its views in ahead of use and out after.
+
+    With ``direct`` (and ``slots``, its file-backed tensors in the order of its layout), a
+    forward may read the unit into a buffer instead and run on views of that buffer, when
+    the page cache is found not to keep the file (:meth:`DirectReads.choose`).
+    """
 
     name: str
     ranges: list[Range]
     schedule: Schedule
     keep: list[Range] = field(default_factory=list)  # tied tensors: released at the end of the forward
     position: int = -1
+    direct: DirectReads | None = None
+    slots: list[TensorSlot] = field(default_factory=list)
+    _buffer: Any = field(default=None, repr=False)
 
-    def prepare(self) -> None:
+    def prepare(self) -> Any:
+        """Bring the unit's bytes in: a buffer holding them, or ``True`` once its file pages are mapped."""
+        if self.direct is not None:
+            if self.direct.choose(self.ranges):
+                return self.direct.read()
+            self.direct.pool.trim()  # mapping from now on: the free read buffers would only add to resident memory
         populate(self.ranges, self.schedule.readahead)
+        return True
 
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        prefetched = self.schedule.prefetcher.take(self.position)
+        ready = self.schedule.prefetcher.take(self.position)
         self.schedule.ahead(self.position)
-        if prefetched is None and self.schedule.prefetcher.depth == 0:
-            self.prepare()
+        if ready is None:
+            ready = self.prepare()
+        if ready is not True:
+            assert self.direct is not None
+            self._buffer = ready
+            for slot, view in zip(self.slots, self.direct.views(ready, [slot.home for slot in self.slots])):
+                slot.install(view)
+            self.schedule.direct_reads += 1
         return args, kwargs
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
-        self.schedule.release_later(self.ranges)
+        if self._buffer is not None:
+            assert self.direct is not None
+            for slot in self.slots:
+                slot.restore()
+            buffer, self._buffer = self._buffer, None
+            self.direct.pool.release(buffer)
+        else:
+            self.schedule.release_later(self.ranges)
         return output
 
 
@@ -412,6 +443,8 @@ class RootHook:
         stack.append(origin)
         pinned = self.schedule.pinned
         self.schedule.tokens = pinned if pinned is not None else count_tokens(args, kwargs)
+        if len(stack) == 1:
+            self.schedule.direct_reads = 0
         self.schedule.ahead(-1)
         return move_to(args, self.device), move_to(kwargs, self.device)
 
@@ -420,10 +453,16 @@ class RootHook:
         self.schedule.prefetcher.settle()
         if self.tied_ranges:
             release(self.tied_ranges)
+        pool = self.schedule.pool
+        if pool is not None and not self._origin.stack and not self.schedule.direct_reads:
+            pool.trim()  # every unit mapped its pages this forward: the read buffers' memory goes back
         if self._unchecked and not self._origin.stack:
             unchecked, self._unchecked = self._unchecked, []
             try:
-                refresh_small_folios(unchecked)
+                if refresh_small_folios(unchecked):
+                    for unit in self.schedule.units:  # those pages were dropped by us, not by a cache too small
+                        if getattr(unit, "direct", None) is not None:
+                            unit.direct.forget()
             except Exception:  # noqa: BLE001 - a speed-up only: the forward's result is already made
                 log.debug("page-cache folio check failed", exc_info=True)
         if origin is not None and origin != self.device:

@@ -561,6 +561,7 @@ def _load(
             # How offloaded units run; not a plan input (the map and the offload folder do not depend on it).
             execution=cfg.placement.execution,
             execution_rates=rate_overrides(cfg.placement.rates) or None,
+            disk_reads=cfg.placement.disk_reads,
         )
 
     if disk_modules:

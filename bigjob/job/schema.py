@@ -148,6 +148,9 @@ class PlacementConfig:
     # live), auto (local for small batches), or per tier {cpu: ..., disk: ...}. No effect on the plan.
     execution: Any = "stream"
     rates: RatesConfig = field(default_factory=RatesConfig)
+    # How disk-tier layers run on the CPU get their bytes: auto (through the page cache while it keeps
+    # them, read directly into reused buffers once it drops them), mapped, or direct. No effect on the plan.
+    disk_reads: str = "auto"
 
 
 @dataclass
@@ -236,6 +239,7 @@ def _choice(problems: list[str], key: str, value: object, allowed: tuple[str, ..
 def validate(cfg: JobConfig) -> None:
     """Raises one :class:`ConfigError` listing every invalid value, or returns None."""
     from bigjob.engine.devices import parse_size  # sizes are the engine's vocabulary
+    from bigjob.engine.dispatch import DISK_READS
     from bigjob.engine.execution import ExecutionRates, resolve_policy
 
     unknown = {key: f"unknown config key {key}; {_known_keys(key)}" for key in _unknown_keys(cfg)}
@@ -272,6 +276,7 @@ def validate(cfg: JobConfig) -> None:
         resolve_policy(cfg.placement.execution, key="placement.execution")
     except ConfigError as err:
         problems.append(str(err))
+    _choice(problems, "placement.disk_reads", cfg.placement.disk_reads, DISK_READS)
     rates = rate_overrides(cfg.placement.rates)
     if rates:
         try:

@@ -399,6 +399,7 @@ def from_pretrained(
     offload_buffers: bool = False,
     execution: str | Mapping[str, str] = "stream",
     execution_rates: Mapping[str, Any] | None = None,
+    disk_reads: str = "auto",
     **config_overrides: Any,
 ) -> nn.Module:
     """Load a local Transformers model folder through bigjob's planner, loader and dispatcher.
@@ -418,6 +419,9 @@ def from_pretrained(
     "device_flops": "50T"}``, measured when not given). To generate with ``auto``, decide once
     per generation with :func:`bigjob.execution_tokens` (as the job's ``generate`` task does),
     so no layer moves away from its KV cache between steps.
+
+    ``disk_reads`` (``"auto"``, ``"mapped"``, ``"direct"``): how disk-tier layers run on the
+    CPU get their bytes; see :func:`bigjob.engine.dispatch.dispatch_loaded`.
     """
     transformers_module()  # a missing extra first: it is the thing to fix
     model_dir = open_model_dir(path)
@@ -439,4 +443,5 @@ def from_pretrained(
         prefetch=prefetch,
         execution=execution,
         execution_rates=execution_rates,
+        disk_reads=disk_reads,
     )
