@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from _jobkit import TINY_OVERRIDES, compose_config, read_jsonl
+from _jobkit import TINY, TINY_OVERRIDES, compose_config, read_jsonl, run_cli
+from safetensors.torch import save_file
 from bigjob.errors import BudgetError, ConfigError, JobError
 from bigjob.job import schema
 from bigjob.job.daemon import socket_dir, stop_daemons
 from bigjob.job.isolation import ChildTraceback, isolation_wanted, run_isolated
 from bigjob.job.runner import run_job
+from bigjob.models.demo import demo_checkpoint_spec, demo_tensor
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or not hasattr(signal, "SIGKILL"), reason="needs fork() and POSIX signals")
 
@@ -96,14 +98,17 @@ def test_the_job_runs_in_the_commands_folder_and_writes_to_its_streams(
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    target = "model._target_=daemon_user_model.make"
-    run_isolated(config(tmp_path, target), tmp_path / "r1")
+    weights = tmp_path / "user.safetensors"
+    spec = demo_checkpoint_spec(TINY)
+    save_file({name: demo_tensor(name, shape, 0, TINY["n_layers"]) for name, shape in spec}, str(weights))
+    target = ["model._target_=daemon_user_model.make", "checkpoint=path", f"checkpoint.path={weights}"]
+    run_isolated(config(tmp_path, *target), tmp_path / "r1")
     (server,) = _servers(runtime)
     assert f"user model 1 in {work}" in capfd.readouterr().out
     # The model's file changes: the daemon that imported it refuses, a new one imports the new code.
     time.sleep(0.01)
     (models / "daemon_user_model.py").write_text(USER_MODEL.format(version=2))
-    run_isolated(config(tmp_path, target), tmp_path / "r2")
+    run_isolated(config(tmp_path, *target), tmp_path / "r2")
     assert f"user model 2 in {work}" in capfd.readouterr().out
     (new_server,) = _servers(runtime)
     assert new_server != server
@@ -120,9 +125,11 @@ def test_errors_keep_their_class_and_traceback(tmp_path: Path, runtime: Path) ->
     assert isinstance(info.value.__cause__, ChildTraceback) and "runner.py" in str(info.value.__cause__)
 
 
-def test_an_idle_daemon_exits_and_removes_its_socket(tmp_path: Path, runtime: Path) -> None:
-    run_isolated(config(tmp_path, "runner.daemon_idle_s=1"), tmp_path / "run")
-    (server,) = _servers(runtime)
+def test_an_idle_daemon_exits_and_removes_its_socket(tmp_path: Path, runtime: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="bigjob.job.isolation"):
+        report = run_isolated(config(tmp_path, "runner.daemon_idle_s=1"), tmp_path / "run")
+    assert report.status == "completed"  # a daemon idle while its job runs leaves the job alone
+    (server,) = [int(r.getMessage().rsplit(" ", 1)[1]) for r in caplog.records if "forked by warm-start process" in r.getMessage()]
     deadline = time.time() + 15
     while _alive(server) and time.time() < deadline:
         time.sleep(0.1)
@@ -160,3 +167,28 @@ def test_the_job_stops_when_the_command_dies(tmp_path: Path, runtime: Path) -> N
     time.sleep(1.5)
     assert json.loads(progress.read_text())["batches_done"] == done  # no batch after the command died
     assert len(_servers(runtime)) == 1  # the daemon itself stays for the next command
+
+
+def test_two_commands_share_one_daemon_and_print_as_their_own(tmp_path: Path, runtime: Path) -> None:
+    args = JOB + [f"cache.dir={tmp_path / 'cache'}", "quiet=false"]
+    plain = run_cli([*args, f"hydra.run.dir={tmp_path / 'plain'}"], cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr
+    runs = []
+    for name in ("d1", "d2"):
+        done = run_cli([*args, "runner.daemon=true", f"hydra.run.dir={tmp_path / name}"], cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        runs.append(done)
+    (server,) = _servers(runtime)
+    for name, done in zip(("d1", "d2"), runs):
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert metrics["isolated"] is True
+        assert read_jsonl(tmp_path / name / "predictions.jsonl") == read_jsonl(tmp_path / "plain" / "predictions.jsonl")
+        # What the job printed reached the command's own output, as without the daemon.
+        assert f"forked by warm-start process {server}" in done.stdout + done.stderr
+    # A failing job: the command's exit code and one-line error, as without the daemon.
+    bad = run_cli([*args, "runner.daemon=true", "placement.max_memory.cpu=1KiB", "placement.max_memory.disk=0",
+                   f"hydra.run.dir={tmp_path / 'bad'}"], cwd=tmp_path)
+    reference = run_cli([*args, "runner.isolate=true", "placement.max_memory.cpu=1KiB", "placement.max_memory.disk=0",
+                         f"hydra.run.dir={tmp_path / 'bad-plain'}"], cwd=tmp_path)
+    assert bad.returncode == reference.returncode != 0
+    assert bad.stderr.strip().splitlines()[-1] == reference.stderr.strip().splitlines()[-1]

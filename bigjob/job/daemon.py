@@ -148,6 +148,8 @@ def _changed(files: dict[str, int]) -> str | None:
 
 def serve(preload: list[str], path: str, reply_fd: int, idle_s: float) -> None:
     """The server: preload, listen on ``path``, fork a job per connection until idle or stale."""
+    if os.fork() > 0:  # the command reaps this process at once; the server, its child, goes on under init
+        os._exit(0)
     for name in preload:
         try:
             importlib.import_module(name)
@@ -177,6 +179,7 @@ def serve(preload: list[str], path: str, reply_fd: int, idle_s: float) -> None:
                 stale = _changed(files)
                 if stale is not None:
                     print(f"bigjob daemon {os.getpid()}: {stale} changed since it was imported; exiting", file=sys.stderr)
+                    _retire(listener, path, inode, pid_file)  # first, or the command's retry could reach this server again
                     conn.sendall(json.dumps({"stale": stale}).encode() + b"\n")
                     return
                 if os.fork() == 0:
@@ -190,11 +193,16 @@ def serve(preload: list[str], path: str, reply_fd: int, idle_s: float) -> None:
                     with contextlib.suppress(OSError):
                         os.close(fd)
     finally:
-        with contextlib.suppress(OSError):
-            if os.stat(path).st_ino == inode:  # still ours: a newer server may have taken the name
-                os.unlink(path)
-                pid_file.unlink(missing_ok=True)
-        listener.close()
+        _retire(listener, path, inode, pid_file)
+
+
+def _retire(listener: socket.socket, path: str, inode: int, pid_file: Path) -> None:
+    """Stop listening and remove the socket's name (if it is still ours: a newer server may have taken it)."""
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
+            pid_file.unlink(missing_ok=True)
+    listener.close()
 
 
 def _handle(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None:
@@ -237,7 +245,8 @@ def _job(request: dict[str, Any], fds: list[int]) -> None:
         os.environ.update(spec.get("env") or {})
         sys.path[:0] = [p for p in spec.get("sys_path", []) if p not in sys.path]
         spec["parent_pid"] = os.getppid()  # the handler: it goes when the command does
-        sys.stdout.reconfigure(line_buffering=os.isatty(1))  # buffered as the command's own stdout would be
+        with contextlib.suppress(AttributeError, ValueError):
+            sys.stdout.reconfigure(line_buffering=os.isatty(1))  # buffered as the command's own stdout would be
         from bigjob.job.isolation import child_main
 
         code = child_main(spec)
@@ -322,9 +331,9 @@ class DaemonClient:
                 "sys_path": [p for p in sys.path if isinstance(p, str)]}
         try:
             with open(self._log, "ab") as log:
-                subprocess.Popen(
+                subprocess.run(  # returns once the server has forked itself away (no zombie left with this command)
                     [sys.executable, "-c", _BOOT, json.dumps(args)], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                    pass_fds=(write_fd,), start_new_session=True, cwd="/",
+                    pass_fds=(write_fd,), start_new_session=True, cwd="/", check=False,
                 )
         finally:
             os.close(write_fd)
@@ -349,16 +358,21 @@ class DaemonClient:
     def start(self, spec_path: Path) -> int:
         """Fork the job that runs the spec at ``spec_path`` from the daemon; returns its pid."""
         request = json.dumps({"spec": str(spec_path), "cwd": os.getcwd(), "umask": _umask()}).encode()
-        for _ in range(2):  # a stale server exits; the second try starts a new one
-            self._conn = self._server()
-            self._replies = b""
-            socket.send_fds(self._conn, [request], [0, 1, 2])
-            answer = self._read()
-            if "pid" in answer:
-                self.pid = answer.get("server")
-                return int(answer["pid"])
-            self._conn.close()
-            self._conn = None
+        devnull = os.open(os.devnull, os.O_RDWR)
+        try:
+            streams = [devnull] + [fd if _is_open(fd) else devnull for fd in (1, 2)]  # the job reads no stdin
+            for _ in range(2):  # a stale server exits; the second try starts a new one
+                self._conn = self._server()
+                self._replies = b""
+                socket.send_fds(self._conn, [request], streams)
+                answer = self._read()
+                if "pid" in answer:
+                    self.pid = answer.get("server")
+                    return int(answer["pid"])
+                self._conn.close()
+                self._conn = None
+        finally:
+            os.close(devnull)
         raise JobError("runner.daemon: the warm-start daemon kept finding its modules changed; set runner.daemon=false")
 
     def wait(self) -> int:
@@ -375,6 +389,14 @@ class DaemonClient:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 def _umask() -> int:

@@ -80,11 +80,11 @@ class JobProcessError(RuntimeError):
 
 
 def isolation_wanted(cfg: JobConfig, multirun: bool) -> bool:
-    """``runner.isolate`` if set; else on for sweeps of runs (not of plans, which load nothing), unless
-    the launcher gave this job a process of its own."""
+    """``runner.isolate`` if set; else on for sweeps of runs (not of plans, which load nothing), and for
+    single runs with ``runner.daemon``, unless the launcher gave this job a process of its own."""
     if cfg.runner.isolate is not None:
         return bool(cfg.runner.isolate)
-    if cfg.runner.daemon and cfg.mode == "run":
+    if cfg.runner.daemon and cfg.mode == "run" and not _fresh_process_per_job():
         return True
     return multirun and cfg.mode == "run" and not _fresh_process_per_job()
 
