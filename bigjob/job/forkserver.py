@@ -190,6 +190,10 @@ class ForkServer:
         self.process.stdin.flush()
 
     @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
     def alive(self) -> bool:
         return self.process.poll() is None
 

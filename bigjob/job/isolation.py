@@ -80,10 +80,12 @@ class JobProcessError(RuntimeError):
 
 
 def isolation_wanted(cfg: JobConfig, multirun: bool) -> bool:
-    """``runner.isolate`` if set; else on for sweeps of runs (not of plans, which load nothing), unless
-    the launcher gave this job a process of its own."""
+    """``runner.isolate`` if set; else on for sweeps of runs (not of plans, which load nothing), and for
+    single runs with ``runner.daemon``, unless the launcher gave this job a process of its own."""
     if cfg.runner.isolate is not None:
         return bool(cfg.runner.isolate)
+    if cfg.runner.daemon and cfg.mode == "run" and not _fresh_process_per_job():
+        return True
     return multirun and cfg.mode == "run" and not _fresh_process_per_job()
 
 
@@ -140,7 +142,7 @@ def run_isolated(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool
         }
         spec_path = Path(tmp) / "spec.json"
         started = time.perf_counter()
-        server = _warm_server(cfg) if cfg.runner.warm_start else None
+        server = _warm_server(cfg) if cfg.runner.warm_start or cfg.runner.daemon else None
         if server is not None:
             spec["env"] = dict(os.environ)  # the server's is from its start; the job gets today's
         try:
@@ -148,14 +150,18 @@ def run_isolated(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool
         except TypeError as err:
             raise JobError(f"runner.isolate needs a config made of JSON values ({err}); set runner.isolate=false") from None
         if server is not None:
-            pid = server.start(spec_path)
-            logger.info("job running in child process %d, forked by warm-start process %d", pid, server.process.pid)
             try:
-                code = server.wait()
-            except BaseException:  # interrupted: take the child down too
-                server.interrupt()
-                server.wait()
-                raise
+                pid = server.start(spec_path)
+                logger.info("job running in child process %d, forked by warm-start process %s", pid, server.pid)
+                try:
+                    code = server.wait()
+                except BaseException:  # interrupted: take the child down too
+                    server.interrupt()
+                    server.wait()
+                    raise
+            finally:
+                if cfg.runner.daemon:
+                    server.close()  # one connection per job; the shared forkserver stays for the next
         else:
             process = subprocess.Popen([sys.executable, "-c", _BOOT, str(spec_path)])
             pid = process.pid
@@ -176,7 +182,15 @@ def _warm_server(cfg: JobConfig) -> Any:
     """The warm-start process for this sweep (:mod:`bigjob.job.forkserver`), or None where there can be none."""
     from bigjob.job.forkserver import preload_modules, shared_server
 
-    server = shared_server(preload_modules(cfg.model._target_, cfg.model.path))
+    preload = preload_modules(cfg.model._target_, cfg.model.path)
+    if cfg.runner.daemon:
+        from bigjob.job.daemon import DaemonClient, daemon_usable
+
+        if daemon_usable():
+            return DaemonClient([*preload, "bigjob.job.isolation"], cfg.runner.daemon_idle_s)
+        logger.info("runner.daemon: no fork() or Unix sockets here; the job starts a fresh Python instead")
+        return None
+    server = shared_server(preload)
     if server is None:
         logger.info("runner.warm_start: forking is not safe here; the job starts a fresh Python instead")
     return server

@@ -207,6 +207,10 @@ class RunnerConfig:
     # Isolated jobs are forked from one process per sweep that imported torch, bigjob and the
     # model's library once, instead of each starting Python and importing them (2-5 s a job).
     warm_start: bool = False
+    # Keep that process between commands (one per environment, exiting after daemon_idle_s idle
+    # seconds): a rerun skips the imports too. Single runs are then isolated as well.
+    daemon: bool = False
+    daemon_idle_s: float = 600.0
 
 
 @dataclass
@@ -283,6 +287,10 @@ def validate(cfg: JobConfig) -> None:
             ExecutionRates.from_mapping(rates, key="placement.rates")
         except ConfigError as err:
             problems.append(str(err))
+    if cfg.runner.daemon and cfg.runner.isolate is False:
+        problems.append("runner.daemon=true runs each job in a process forked from the daemon; it cannot be combined with runner.isolate=false")
+    if not cfg.runner.daemon_idle_s > 0:
+        problems.append(f"runner.daemon_idle_s must be a positive number of seconds, got {cfg.runner.daemon_idle_s}")
     data = cfg.data
     if data.batch_size < 1:
         problems.append(f"data.batch_size must be at least 1, got {data.batch_size}")
