@@ -391,3 +391,19 @@ def _cached_pages(path: Path) -> int:
         count = resident(Range(address, size + -size % PAGE))
     assert count is not None
     return count
+
+
+def test_tied_weights_on_the_disk_tier_read_directly(checkpoint: Path, reference: TinyLM) -> None:
+    # The head shares the embedding's weight; both modules on disk, each read into its own buffer.
+    device_map = {"embed": "disk", "pos": "cpu", "blocks.0": "cpu", "blocks.1": "disk", "blocks.2": "cpu", "blocks.3": "disk",
+                  "norm": "cpu", "head": "disk", "positions": "cpu", "mask": "cpu"}
+    model = load_checkpoint_and_dispatch(empty_model(**SHAPE), checkpoint, device_map=device_map, disk_reads="direct")
+    assert model.head.weight is model.embed.weight
+    ids = inputs(vocab=SHAPE["vocab"], length=8)
+    with torch.no_grad():
+        expected = reference(ids)
+        for _ in range(3):
+            _evict_all(_disk_files(model))
+            assert torch.equal(model(ids), expected)
+    assert get_dispatch_info(model).schedule.direct_reads >= 3
+    assert model.head.weight is model.embed.weight  # restored, still tied
