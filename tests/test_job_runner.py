@@ -87,6 +87,9 @@ def test_disk_reads_change_neither_the_plan_nor_the_outputs(tmp_path, monkeypatc
     direct = run_job(config(tmp_path, "placement.disk_reads=direct"), tmp_path / "b")
     assert len(reads) >= 3  # the disk-tier units of each of the 3 batches
     assert mapped.plan_cache_hit is False and direct.plan_cache_hit is True
+    assert mapped.disk_unit_reads["mapped"] >= 3 and mapped.disk_unit_reads["direct"] == 0
+    assert direct.disk_unit_reads == {"mapped": 0, "direct": len(reads)}
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["disk_unit_reads"] == direct.disk_unit_reads
     assert (tmp_path / "a" / "predictions.jsonl").read_bytes() == (tmp_path / "b" / "predictions.jsonl").read_bytes()
 
 

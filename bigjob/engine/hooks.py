@@ -204,6 +204,7 @@ class Schedule:
         self.readahead = True  # announce a unit's pages before mapping them; off once they asked for huge folios
         self.pool: BufferPool | None = None  # read buffers of units that read directly (bigjob.engine.direct)
         self.direct_reads = 0  # units read directly in the current forward
+        self.unit_reads = {"mapped": 0, "direct": 0}  # disk-tier units run on the CPU so far, by how their bytes came
 
     def add(self, unit: Any) -> int:
         self.units.append(unit)
@@ -276,6 +277,9 @@ class PagedUnit:
             for slot, view in zip(self.slots, self.direct.views(ready, [slot.home for slot in self.slots])):
                 slot.install(view)
             self.schedule.direct_reads += 1
+            self.schedule.unit_reads["direct"] += 1
+        else:
+            self.schedule.unit_reads["mapped"] += 1
         return args, kwargs
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:

@@ -164,6 +164,9 @@ class JobReport:
     first_batch_seconds: float | None = None  # job start to the first batch written (this session's first)
     main_device: str | None = None
     bytes_per_tier: dict[str, int] = field(default_factory=dict)
+    # Disk-tier units run on the CPU, by how their bytes came: "mapped" (page cache) or "direct"
+    # (read past it into reused buffers: placement.disk_reads).
+    disk_unit_reads: dict[str, int] = field(default_factory=dict)
     planned_bytes: dict[str, int] = field(default_factory=dict)
     budgets: dict[str, int] = field(default_factory=dict)
     batches: int = 0

@@ -514,6 +514,9 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
                 report.samples_per_s = sum(len(b.sample_ids) for b in session) / loop_seconds
                 report.tokens_per_s = sum(b.num_tokens for b in session) / loop_seconds
             report.task_metrics = task.metrics()
+            schedule = getattr(info, "schedule", None)
+            if schedule is not None and any(schedule.unit_reads.values()):
+                report.disk_unit_reads = dict(schedule.unit_reads)
             report.outputs = {**writer.outputs(), "record": str(run_dir / "metrics.json")}
             report.status = "completed"
             info.detach()  # stop the prefetch thread and drop the hooks: the next sweep job starts clean
