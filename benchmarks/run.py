@@ -37,6 +37,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -184,6 +185,7 @@ def worker(system: str, folder: Path, budget: int, scratch: Path, tokens: int) -
                     reader = ConcurrentRead(sorted(folder.glob("*.safetensors")), weights - budget)
                 with torch.inference_mode():
                     before = disk_reads()
+                    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                     t = time.perf_counter()
                     if reader is not None:
                         reader.start()
@@ -192,10 +194,11 @@ def worker(system: str, folder: Path, budget: int, scratch: Path, tokens: int) -
                         reader.join()
                     seconds = time.perf_counter() - t
                     read = disk_reads() - before
+                    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
                 if cmd.get("save"):
                     torch.save(logits.clone(), cmd["save"])
                 del logits
-                reply.write(json.dumps({"s": seconds, "read": read}) + "\n")
+                reply.write(json.dumps({"s": seconds, "read": read, "minflt": faults}) + "\n")
 
 
 class ConcurrentRead(threading.Thread):
@@ -292,6 +295,7 @@ class Row:
     diff: float | None = None
     warm_read: list[int] = field(default_factory=list)  # bytes read from disk, machine-wide, per forward
     cold_read: list[int] = field(default_factory=list)
+    warm_faults: list[int] = field(default_factory=list)  # minor page faults of the worker per warm forward
 
 
 def measure_share(ram: Worker, systems: list[str], share: float, weights: int, args: argparse.Namespace, scratch: Path) -> tuple[dict[str, Worker], list[Row]]:
@@ -324,6 +328,8 @@ def measure_share(ram: Worker, systems: list[str], share: float, weights: int, a
                     answer = w.ask(op="forward", batch=batch, cold=cold)
                     (by[name].cold if cold else by[name].warm).append(answer["s"])
                     (by[name].cold_read if cold else by[name].warm_read).append(answer["read"])
+                    if not cold:
+                        by[name].warm_faults.append(answer.get("minflt", 0))
         reference = torch.load(scratch / f"ram-{share}-{batch}.pt")
         for name, w in workers.items():
             peaks = w.ask(op="peaks")
@@ -504,8 +510,8 @@ def print_tables(args: argparse.Namespace, limits: dict[str, float], weights: in
         disk_bytes = {s: loaded["tiers"].get("disk", 0) for s, loaded in per_system.items()}
         print()
         print("| system | batch | first s | warm median s | x RAM | cold median s | x RAM warm | cold bound x | "
-              "disk MiB per cold fwd | peak RSS growth MiB | over budget MiB | anon growth MiB | max abs diff |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "disk MiB per cold fwd | minor faults per warm fwd | peak RSS growth MiB | over budget MiB | anon growth MiB | max abs diff |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         ram_rows = {r.batch: r for r in rows[share] if r.system == "ram"}
         contended = {r.batch: statistics.median(r.cold) / statistics.median(ram_rows[r.batch].warm)
                      for r in rows[share] if r.system == "ram+read"}
@@ -521,7 +527,7 @@ def print_tables(args: argparse.Namespace, limits: dict[str, float], weights: in
             over = "-" if r.system in ("ram", "ram+read") else f"{(r.rss - budget) / MiB:+.0f}"
             diff = "-" if r.diff is None else f"{r.diff:.3g}"
             print(f"| {r.system} | {r.batch} | {r.first:.3f} | {warm:.3f} | {warm / ram_warm:.2f} | {cold:.3f} | "
-                  f"{cold / ram_warm:.2f} | {bound_text} | {statistics.median(r.cold_read) / MiB:.0f} | {r.rss / MiB:.0f} | {over} | "
+                  f"{cold / ram_warm:.2f} | {bound_text} | {statistics.median(r.cold_read) / MiB:.0f} | {statistics.median(r.warm_faults or [0]):.0f} | {r.rss / MiB:.0f} | {over} | "
                   f"{r.anon / MiB:.0f} | {diff} |")
             if r.system == "bigjob" and share == 0.7:
                 if r.batch == 4 or len(args.batches) == 1:
