@@ -192,3 +192,35 @@ def test_two_commands_share_one_daemon_and_print_as_their_own(tmp_path: Path, ru
                          f"hydra.run.dir={tmp_path / 'bad-plain'}"], cwd=tmp_path)
     assert bad.returncode == reference.returncode != 0
     assert bad.stderr.strip().splitlines()[-1] == reference.stderr.strip().splitlines()[-1]
+
+
+def test_ctrl_c_in_the_command_stops_the_job_and_a_rerun_continues(tmp_path: Path, runtime: Path) -> None:
+    from _jobkit import cli_env
+
+    run_dir = tmp_path / "run"
+    args = [*TINY_OVERRIDES, "data.num_samples=3000", "data.batch_size=1", "quiet=true", f"cache.dir={tmp_path / 'cache'}",
+            "runner.daemon=true", f"hydra.run.dir={run_dir}"]
+    job = subprocess.Popen([sys.executable, "-m", "bigjob", *args], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    progress = run_dir / "progress.json"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and job.poll() is None:
+        try:
+            if json.loads(progress.read_text())["batches_done"] >= 2:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    job.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode == 130, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("interrupted: "), stderr
+    done = json.loads(progress.read_text())["batches_done"]
+    time.sleep(1.5)
+    assert json.loads(progress.read_text())["batches_done"] == done  # the job stopped with the command
+    assert done < 3000
+    rerun = run_cli([*args[:-1], f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["status"] == "completed" and record["resumed_from_batch"] == done

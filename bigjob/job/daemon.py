@@ -40,6 +40,7 @@ import select
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -175,6 +176,8 @@ def serve(preload: list[str], path: str, reply_fd: int, idle_s: float) -> None:
             fds: list[int] = []
             try:
                 message, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
+                if _peer_uid(conn) not in (None, os.getuid()):  # the folder's mode keeps others out; this too
+                    continue
                 request = json.loads(message.decode())
                 stale = _changed(files)
                 if stale is not None:
@@ -194,6 +197,15 @@ def serve(preload: list[str], path: str, reply_fd: int, idle_s: float) -> None:
                         os.close(fd)
     finally:
         _retire(listener, path, inode, pid_file)
+
+
+def _peer_uid(conn: socket.socket) -> int | None:
+    """The user id of the process at the other end of ``conn`` (Linux), or None where unknown."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return None
+    _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i")))
+    return uid
 
 
 def _retire(listener: socket.socket, path: str, inode: int, pid_file: Path) -> None:
