@@ -8,6 +8,7 @@ The reference is always the tiny model built and held in RAM by plain PyTorch
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -173,3 +174,14 @@ def mapping_flags(path: Path) -> set[str]:
 def on_meta(model: torch.nn.Module) -> list[str]:
     """Names of parameters and buffers still on the meta device."""
     return [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+
+
+def evict(*paths: Path) -> None:
+    """Drop ``paths`` from the page cache (written pages are flushed first, or they would stay)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _enginekit import empty_model, inputs, untied_state, write_sharded_safetensors
+from _enginekit import empty_model, evict, inputs, untied_state, write_sharded_safetensors
 from tiny_transformer import TinyLM
 
 from bigjob import dispatch_model, get_dispatch_info, load_checkpoint_and_dispatch
@@ -69,7 +69,7 @@ def _bytes_file(path: Path, size: int) -> bytes:
 def test_reads_give_the_file_bytes_and_leave_the_page_cache_alone(tmp_path: Path) -> None:
     path = tmp_path / "w.bin"
     data = _bytes_file(path, 3 * 2**20 + 123)
-    _evict(path)
+    evict(path)
     places = [(str(path), 5_000, 70_000), (str(path), 2 * 2**20, 2**20 + 123)]
     layout = Layout.of(places)
     files = Files()
@@ -261,7 +261,7 @@ def test_outputs_equal_the_model_in_ram_warm_and_evicted(checkpoint: Path, refer
         expected = reference(ids)
         for evicted in (False, True, True, False, True):
             if evicted:
-                _evict_all(_disk_files(model) or sorted(checkpoint.parent.glob("*.safetensors")))
+                evict(*_disk_files(model) or sorted(checkpoint.parent.glob("*.safetensors")))
             assert torch.equal(model(ids), expected)
     # The forward's tensors are the file views again, whatever the forward ran on.
     for unit in units:
@@ -277,7 +277,7 @@ def test_direct_reads_leave_the_disk_tier_out_of_the_page_cache(checkpoint: Path
         pytest.skip("this file system refuses O_DIRECT")
     ids = inputs(vocab=SHAPE["vocab"], length=8)
     with torch.no_grad():
-        _evict_all(files)
+        evict(*files)
         before, total = _disk_pages(model)  # pages another live mapping holds cannot be evicted: a few may stay
         assert before < total // 10
         model(ids)
@@ -287,7 +287,7 @@ def test_direct_reads_leave_the_disk_tier_out_of_the_page_cache(checkpoint: Path
     # The mapped path, for contrast, leaves them cached.
     mapped = _dispatch(checkpoint, reference, "mapped")
     with torch.no_grad():
-        _evict_all(files)
+        evict(*files)
         mapped(ids)
     cached, total = _disk_pages(mapped)
     assert cached == total
@@ -307,12 +307,12 @@ def test_auto_reads_directly_only_after_the_cache_dropped_what_it_mapped(checkpo
         assert seen == [0, 0, 0]
         assert schedule.pool is not None and schedule.pool.held == 0  # no buffer kept while nothing reads directly
 
-        _evict_all(files)  # pages it read through the cache are gone: read directly from now on
+        evict(*files)  # pages it read through the cache are gone: read directly from now on
         model(ids)
         assert schedule.direct_reads == n_units
         assert schedule.pool.held >= 1
 
-        _evict_all(files)
+        evict(*files)
         runs = []
         for _ in range(8):
             model(ids)
@@ -359,20 +359,6 @@ def _aligned(buffer: bytearray, size: int) -> memoryview:
     return memoryview(buffer)[skip : skip + size]
 
 
-def _evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def _evict_all(paths: list[Path]) -> None:
-    for path in paths:
-        _evict(path)
-
-
 def _warm(paths: list[Path]) -> None:
     for path in paths:
         with open(path, "rb") as f:
@@ -403,7 +389,7 @@ def test_tied_weights_on_the_disk_tier_read_directly(checkpoint: Path, reference
     with torch.no_grad():
         expected = reference(ids)
         for _ in range(3):
-            _evict_all(_disk_files(model))
+            evict(*_disk_files(model))
             assert torch.equal(model(ids), expected)
     assert get_dispatch_info(model).schedule.direct_reads >= 3
     assert model.head.weight is model.embed.weight  # restored, still tied

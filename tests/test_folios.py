@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _enginekit import empty_model, inputs, resident_kib, untied_state, write_sharded_safetensors
+from _enginekit import empty_model, evict, inputs, resident_kib, untied_state, write_sharded_safetensors
 from tiny_transformer import TinyLM
 
 from bigjob import get_dispatch_info, load_checkpoint_and_dispatch
@@ -30,15 +30,6 @@ def resident_pages(r: Range) -> int:
 def tensor_file(path: Path, mib: int) -> Path:
     write_file(path, {"w": torch.arange(mib * MIB // 4, dtype=torch.float32)})
     return path
-
-
-def evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def read_in_small_folios(path: Path) -> None:
