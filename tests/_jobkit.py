@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,3 +69,19 @@ def run_entry(entry: str, args: list[str], cwd: Path, env: dict[str, str] | None
     """A console-script function of ``bigjob.cli`` (e.g. ``cache_main``) run as a subprocess."""
     code = f"import sys; from bigjob.cli import {entry}; sys.argv[0] = {entry!r}; {entry}()"
     return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=cli_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for_batches(progress: Path, count: int, process: subprocess.Popen | None = None, timeout: float = 90) -> bool:
+    """Wait until the job writing ``progress`` (its progress.json) has ``count`` batches done; whether it did.
+
+    Gives up early when ``process`` (the job's command) ends first.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (process is None or process.poll() is None):
+        try:
+            if json.loads(progress.read_text())["batches_done"] >= count:
+                return True
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
+    return False

@@ -28,7 +28,7 @@ from _faultkit import (
     metrics,
     offload_folders,
 )
-from _jobkit import cli_env, run_cli
+from _jobkit import cli_env, run_cli, wait_for_batches
 
 BATCHES = 8  # JOB: 16 samples in batches of 2
 
@@ -116,14 +116,7 @@ def test_ctrl_c_stops_with_one_line_and_the_rerun_continues(tmp_path, reference)
         [sys.executable, "-c", DRIVER, "slow", *args], cwd=tmp_path, env=cli_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     progress = run_dir / "progress.json"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and job.poll() is None:
-        try:
-            if json.loads(progress.read_text())["batches_done"] >= 2:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.02)
+    wait_for_batches(progress, 2, job, timeout=60)
     job.send_signal(signal.SIGINT)  # what Ctrl-C sends
     _, stderr = job.communicate(timeout=60)
     assert job.returncode == 130, stderr

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from _jobkit import TINY, TINY_OVERRIDES, compose_config, read_jsonl, run_cli
+from _jobkit import TINY, TINY_OVERRIDES, compose_config, read_jsonl, run_cli, wait_for_batches
 from safetensors.torch import save_file
 from bigjob.errors import BudgetError, ConfigError, JobError
 from bigjob.job import schema
@@ -144,31 +144,6 @@ def test_a_runtime_folder_others_can_enter_is_refused(runtime: Path) -> None:
         socket_dir()
 
 
-def test_the_job_stops_when_the_command_dies(tmp_path: Path, runtime: Path) -> None:
-    code = (
-        "import sys; sys.path[:0] = sys.argv[2:]\n"
-        "from _jobkit import compose_config, TINY_OVERRIDES\n"
-        "from bigjob.job.isolation import run_isolated\n"
-        f"cfg = compose_config(TINY_OVERRIDES + ['data.num_samples=20000', 'data.batch_size=1', 'quiet=true', "
-        f"'cache.dir={tmp_path / 'cache'}', 'runner.daemon=true'])\n"
-        "run_isolated(cfg, sys.argv[1])\n"
-    )
-    here = os.path.dirname(__file__)
-    parent = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run"), here, os.path.dirname(here)])
-    progress = tmp_path / "run" / "progress.json"
-    deadline = time.time() + 90
-    while not progress.exists() and time.time() < deadline:
-        time.sleep(0.2)
-    assert progress.exists(), "the job never started its batches"
-    parent.kill()
-    parent.wait()
-    time.sleep(2)
-    done = json.loads(progress.read_text())["batches_done"]
-    time.sleep(1.5)
-    assert json.loads(progress.read_text())["batches_done"] == done  # no batch after the command died
-    assert len(_servers(runtime)) == 1  # the daemon itself stays for the next command
-
-
 def test_two_commands_share_one_daemon_and_print_as_their_own(tmp_path: Path, runtime: Path) -> None:
     args = JOB + [f"cache.dir={tmp_path / 'cache'}", "quiet=false"]
     plain = run_cli([*args, f"hydra.run.dir={tmp_path / 'plain'}"], cwd=tmp_path)
@@ -203,14 +178,7 @@ def test_ctrl_c_in_the_command_stops_the_job_and_a_rerun_continues(tmp_path: Pat
     job = subprocess.Popen([sys.executable, "-m", "bigjob", *args], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     progress = run_dir / "progress.json"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and job.poll() is None:
-        try:
-            if json.loads(progress.read_text())["batches_done"] >= 2:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.02)
+    assert wait_for_batches(progress, 2, job)
     job.send_signal(signal.SIGINT)  # what Ctrl-C sends
     _, stderr = job.communicate(timeout=60)
     assert job.returncode == 130, stderr

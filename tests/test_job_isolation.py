@@ -6,10 +6,11 @@ import dataclasses
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
-from _jobkit import TINY_OVERRIDES, compose_config, read_jsonl, run_cli
+from _jobkit import TINY_OVERRIDES, compose_config, read_jsonl, run_cli, wait_for_batches
 from bigjob.errors import BudgetError, ConfigError, JobError
 from bigjob.job import forkserver, isolation
 from bigjob.job.isolation import ChildTraceback, JobProcessError, config_from_json, isolation_wanted, run_isolated
@@ -155,30 +156,41 @@ def test_warm_start_errors_keep_their_class_and_traceback(tmp_path):
     assert isinstance(info.value.__cause__, ChildTraceback) and "runner.py" in str(info.value.__cause__)
 
 
-@pytest.mark.parametrize("warm", [False, True])
-def test_the_child_stops_when_its_parent_dies(tmp_path, warm):
+@pytest.mark.parametrize("start", ["fresh", "runner.warm_start=true", "runner.daemon=true"])
+def test_the_child_stops_when_its_parent_dies(tmp_path, start, monkeypatch):
+    import shutil
     import subprocess
     import sys
+    import tempfile
     import time
 
+    from bigjob.job.daemon import stop_daemons
+
+    runtime = Path(tempfile.mkdtemp(prefix="bj", dir="/tmp"))  # the daemon's sockets: short paths, this test's own
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    extra = [] if start == "fresh" else [start]
     # A parent that starts an isolated job and is then killed: the child notices and exits.
     code = (
         "import sys; sys.path[:0] = sys.argv[2:]\n"
         "from _jobkit import compose_config, TINY_OVERRIDES\n"
         "from bigjob.job.isolation import run_isolated\n"
-        f"cfg = compose_config(TINY_OVERRIDES + ['data.num_samples=20000', 'data.batch_size=1', 'quiet=true', 'cache.dir={tmp_path / 'cache'}', 'runner.warm_start={str(warm).lower()}'])\n"
+        f"cfg = compose_config(TINY_OVERRIDES + ['data.num_samples=20000', 'data.batch_size=1', 'quiet=true', 'cache.dir={tmp_path / 'cache'}', *{extra!r}])\n"
         "run_isolated(cfg, sys.argv[1])\n"
     )
     here = os.path.dirname(__file__)
     parent = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run"), here, os.path.dirname(here)])
     progress = tmp_path / "run" / "progress.json"
-    deadline = time.time() + 60
-    while not progress.exists() and time.time() < deadline:
-        time.sleep(0.2)
-    assert progress.exists(), "the child never started its batches"
-    parent.kill()
-    parent.wait()
-    time.sleep(3 * isolation.PARENT_POLL_S + 1)
-    done = json.loads(progress.read_text())["batches_done"]
-    time.sleep(1.5)
-    assert json.loads(progress.read_text())["batches_done"] == done  # no batch after the parent died
+    try:
+        assert wait_for_batches(progress, 1, parent), "the child never started its batches"
+        parent.kill()
+        parent.wait()
+        time.sleep(3 * isolation.PARENT_POLL_S + 1)
+        done = json.loads(progress.read_text())["batches_done"]
+        time.sleep(1.5)
+        assert json.loads(progress.read_text())["batches_done"] == done  # no batch after the parent died
+        if start == "runner.daemon=true":
+            assert len(list((runtime / f"bigjob-{os.getuid()}").glob("*.pid"))) == 1  # the daemon stays for the next command
+    finally:
+        if (runtime / f"bigjob-{os.getuid()}").exists():
+            stop_daemons(runtime / f"bigjob-{os.getuid()}")
+        shutil.rmtree(runtime, ignore_errors=True)

@@ -38,7 +38,7 @@ from bigjob.engine.devices import (
     is_accelerator,
     normalize_device,
 )
-from bigjob.engine.sizes import Inventory, Unit, build_inventory, no_gc, resolve_dtype
+from bigjob.engine.sizes import Inventory, Unit, build_inventory, no_gc
 from bigjob.errors import BudgetError, ConfigError
 
 __all__ = [

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import importlib
 import json
 import os
 import resource
@@ -151,11 +150,9 @@ def serve(preload: list[str], path: str, reply_fd: int, idle_s: float) -> None:
     """The server: preload, listen on ``path``, fork a job per connection until idle or stale."""
     if os.fork() > 0:  # the command reaps this process at once; the server, its child, goes on under init
         os._exit(0)
-    for name in preload:
-        try:
-            importlib.import_module(name)
-        except Exception as err:  # noqa: BLE001 - the job imports what it needs anyway
-            print(f"bigjob daemon: could not preload {name}: {err}", file=sys.stderr)
+    from bigjob.job.forkserver import import_all
+
+    import_all(preload, "bigjob daemon")
     reply = os.fdopen(reply_fd, "w", buffering=1)
     if threading.active_count() != 1:  # fork() copies one thread: another one's locks could hang a job
         reply.write(json.dumps({"ready": False, "why": f"{threading.active_count()} threads after the imports"}) + "\n")

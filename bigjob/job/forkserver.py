@@ -84,13 +84,18 @@ class _Lines:
         return line.decode()
 
 
-def serve(preload: list[str], reply_fd: int) -> None:
-    """The server's loop: preload, say whether forking is safe, then fork one child per spec path read."""
-    for name in preload:
+def import_all(modules: list[str], who: str) -> None:
+    """Import ``modules``, saying on stderr which could not be (a job imports what it needs anyway)."""
+    for name in modules:
         try:
             importlib.import_module(name)
-        except Exception as err:  # noqa: BLE001 - the child imports what it needs anyway
-            print(f"bigjob warm start: could not preload {name}: {err}", file=sys.stderr)
+        except Exception as err:  # noqa: BLE001 - a speed-up only
+            print(f"{who}: could not preload {name}: {err}", file=sys.stderr)
+
+
+def serve(preload: list[str], reply_fd: int) -> None:
+    """The server's loop: preload, say whether forking is safe, then fork one child per spec path read."""
+    import_all(preload, "bigjob warm start")
     reply = os.fdopen(reply_fd, "w", buffering=1)
     # fork() copies only the calling thread: with another thread alive (holding who knows
     # which lock) a child could hang, so such a server refuses and the parent starts fresh ones.
