@@ -122,7 +122,7 @@ _MEASURE = textwrap.dedent(
     info = get_dispatch_info(model)
     print(json.dumps({
         "base": base, "load": load, "after_load": after_load, "run": run, "final": status(), "same": same,
-        "tiers": info.bytes_per_tier, "load_seconds": load_seconds,
+        "tiers": info.bytes_per_tier, "load_seconds": load_seconds, "unit_reads": info.schedule.unit_reads,
     }))
     """
 )
@@ -163,16 +163,19 @@ def _shard_sizes(folder: Path, pattern: str) -> list[int]:
     return [p.stat().st_size for p in folder.glob(pattern)]
 
 
-def test_peak_memory_within_cpu_budget_with_70_percent_on_disk(model_files: tuple[Path, int]) -> None:
+@pytest.mark.parametrize("disk_reads", ["auto", "direct"])  # direct: the disk tier read into reused buffers
+def test_peak_memory_within_cpu_budget_with_70_percent_on_disk(model_files: tuple[Path, int], disk_reads: str) -> None:
     root, largest = model_files
     total = sum(_shard_sizes(root / "st", "*.safetensors"))
     block = 12 * KWARGS["width"] ** 2 * 4
     budget = 2 * block + int(0.3 * total)  # room to bring back 1 + prefetch blocks, plus ~30% resident
-    figures = _measure(root, root / "st", device_map="auto", max_memory={"cpu": budget})
+    figures = _measure(root, root / "st", device_map="auto", max_memory={"cpu": budget}, disk_reads=disk_reads)
     tiers = figures["tiers"]
     print(json.dumps({k: v for k, v in figures.items() if k.endswith("growth") or k in ("tiers", "load_seconds")}))
     assert figures["same"], "outputs differ from the in-RAM model"
     assert tiers["disk"] >= 0.6 * sum(tiers.values()), tiers
+    if disk_reads == "direct":
+        assert figures["unit_reads"]["direct"] > 0 and figures["unit_reads"]["mapped"] == 0, figures["unit_reads"]
     cpu_tier = tiers["cpu"]
     load, run = figures["load_growth"], figures["run_growth"]
     # Loading copies nothing: the CPU tier is the checkpoint's own pages, mapped and made resident
