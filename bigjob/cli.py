@@ -298,3 +298,30 @@ def cache_main(argv: list[str] | None = None) -> None:
             for path in orphans:
                 print(f"note: offload folder {path} has no entry (a job may be building it, or it is left over; `clear` removes it)")
             print(f"verified {root}: {len(dropped)} entries dropped")
+
+
+def daemon_main(argv: list[str] | None = None) -> None:
+    """``bigjob-daemon list|stop``: the warm-start daemons of ``runner.daemon=true`` (see docs/jobs.md)."""
+    import time
+
+    from bigjob.job.daemon import list_daemons, socket_dir, stop_daemons
+
+    parser = argparse.ArgumentParser(prog="bigjob-daemon", description="List or stop the warm-start daemons of runner.daemon=true.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the running daemons: pid, age, idle timeout, what they preloaded")
+    sub.add_parser("stop", help="stop them all (jobs they started run on to their end)")
+    args = parser.parse_args(argv)
+    try:
+        folder = socket_dir()
+    except BigJobError as err:
+        fail(err)
+        return
+    if args.command == "list":
+        daemons = list_daemons(folder)
+        for info in daemons:
+            age = time.time() - float(info.get("started", time.time()))
+            print(f"pid {info['pid']}  up {age:.0f} s  idle exit {info.get('idle_s')} s  preloaded {', '.join(info.get('preload', []))}")
+        print(f"{len(daemons)} daemon(s) in {folder}")
+    else:
+        stopped = stop_daemons(folder)
+        print(f"stopped {len(stopped)} daemon(s)" + (f": {', '.join(map(str, stopped))}" if stopped else ""))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from _jobkit import TINY, TINY_OVERRIDES, compose_config, read_jsonl, run_cli, wait_for_batches
+from _jobkit import TINY, TINY_OVERRIDES, compose_config, read_jsonl, run_cli, run_entry, wait_for_batches
 from safetensors.torch import save_file
 from bigjob.errors import BudgetError, ConfigError, JobError
 from bigjob.job import schema
@@ -53,7 +53,7 @@ def runtime(monkeypatch: pytest.MonkeyPatch):
 
 
 def _servers(folder: Path) -> list[int]:
-    return sorted(int(p.read_text()) for p in folder.glob("*.pid"))
+    return sorted(int(json.loads(p.read_text())["pid"]) for p in folder.glob("*.pid"))
 
 
 def _alive(pid: int) -> bool:
@@ -192,3 +192,21 @@ def test_ctrl_c_in_the_command_stops_the_job_and_a_rerun_continues(tmp_path: Pat
     assert rerun.returncode == 0, rerun.stderr
     record = json.loads((run_dir / "metrics.json").read_text())
     assert record["status"] == "completed" and record["resumed_from_batch"] == done
+
+
+def test_bigjob_daemon_lists_and_stops_them(tmp_path: Path, runtime: Path) -> None:
+    env = {"XDG_RUNTIME_DIR": str(runtime.parent)}
+    assert run_entry("daemon_main", ["list"], tmp_path, env).stdout.strip().endswith(f"0 daemon(s) in {runtime}")
+    run_isolated(config(tmp_path), tmp_path / "run")
+    (server,) = _servers(runtime)
+    listed = run_entry("daemon_main", ["list"], tmp_path, env)
+    assert listed.returncode == 0 and f"pid {server}  up " in listed.stdout and "preloaded torch, bigjob.job.runner" in listed.stdout
+    stopped = run_entry("daemon_main", ["stop"], tmp_path, env)
+    assert stopped.stdout.strip() == f"stopped 1 daemon(s): {server}"
+    deadline = time.time() + 10
+    while _alive(server) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(server) and list(runtime.iterdir()) == [p for p in runtime.iterdir() if p.suffix in (".lock", ".log")]
+    # The next command starts a new one.
+    run_isolated(config(tmp_path, "data.seed=4"), tmp_path / "again")
+    assert _servers(runtime) != [server] and len(_servers(runtime)) == 1

@@ -44,12 +44,13 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from bigjob.errors import JobError
 
-__all__ = ["DaemonClient", "daemon_key", "daemon_usable", "socket_dir", "stop_daemons"]
+__all__ = ["DaemonClient", "daemon_key", "daemon_usable", "list_daemons", "socket_dir", "stop_daemons"]
 
 # Variables a shell changes between commands without changing what a process computes.
 _NOISE = frozenset({"PWD", "OLDPWD", "SHLVL", "_", "COLUMNS", "LINES"})
@@ -107,18 +108,34 @@ def socket_dir() -> Path:
     return folder
 
 
+def list_daemons(folder: Path | None = None) -> list[dict[str, Any]]:
+    """The running daemons of this user: ``pid``, ``started`` (epoch seconds), ``idle_s``, ``preload``, ``socket``.
+
+    >>> list_daemons(Path(tempfile.mkdtemp()))
+    []
+    """
+    folder = folder or socket_dir()
+    found = []
+    for pid_file in sorted(folder.glob("*.pid")):
+        try:
+            info = json.loads(pid_file.read_text())
+            os.kill(int(info["pid"]), 0)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # gone (or being written): nothing to list
+        found.append({**info, "socket": str(pid_file.with_suffix(".sock"))})
+    return found
+
+
 def stop_daemons(folder: Path | None = None) -> list[int]:
-    """Stop every daemon of this user (SIGTERM); returns their pids. ``bigjob`` never needs this; tests and upgrades may."""
+    """Stop every daemon of this user (SIGTERM); returns their pids. Jobs they forked run on to their end."""
     folder = folder or socket_dir()
     stopped = []
-    for pid_file in folder.glob("*.pid"):
-        try:
-            pid = int(pid_file.read_text())
-            os.kill(pid, signal.SIGTERM)
-            stopped.append(pid)
-        except (OSError, ValueError):
-            pass
-        pid_file.unlink(missing_ok=True)
+    for info in list_daemons(folder):
+        with contextlib.suppress(OSError):
+            os.kill(int(info["pid"]), signal.SIGTERM)
+            stopped.append(int(info["pid"]))
+        Path(info["socket"]).with_suffix(".pid").unlink(missing_ok=True)
+        Path(info["socket"]).unlink(missing_ok=True)
     return stopped
 
 
@@ -163,7 +180,7 @@ def serve(preload: list[str], path: str, reply_fd: int, idle_s: float) -> None:
     listener.listen(16)
     inode = os.stat(path).st_ino
     pid_file = Path(path).with_suffix(".pid")
-    pid_file.write_text(str(os.getpid()))
+    pid_file.write_text(json.dumps({"pid": os.getpid(), "started": time.time(), "idle_s": idle_s, "preload": preload}))
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # handlers are reaped by the kernel
     reply.write(json.dumps({"ready": True, "pid": os.getpid()}) + "\n")
     reply.close()
