@@ -8,6 +8,7 @@ the engine makes from it.
 from __future__ import annotations
 
 import errno
+import gc
 import os
 from pathlib import Path
 
@@ -393,3 +394,27 @@ def test_tied_weights_on_the_disk_tier_read_directly(checkpoint: Path, reference
             assert torch.equal(model(ids), expected)
     assert get_dispatch_info(model).schedule.direct_reads >= 3
     assert model.head.weight is model.embed.weight  # restored, still tied
+
+
+def test_removing_the_hooks_closes_the_files_read_directly(checkpoint: Path, reference: TinyLM) -> None:
+    from bigjob import remove_dispatch
+
+    def open_on_checkpoint() -> int:
+        folder = str(checkpoint.parent.resolve())
+        return sum(1 for fd in Path("/proc/self/fd").iterdir() if os.path.realpath(fd).startswith(folder + os.sep))
+
+    gc.collect()
+    gc.disable()  # what is freed below must be freed by reference counting, not by a collection
+    try:
+        before = open_on_checkpoint()
+        model = _dispatch(checkpoint, reference, "direct")
+        with torch.no_grad():
+            model(inputs(vocab=SHAPE["vocab"], length=8))
+        dispatched, shards = open_on_checkpoint(), len(_disk_files(model))
+        assert dispatched >= before + 2 * shards  # the loader's and the direct reads' descriptors
+        remove_dispatch(model)
+        assert open_on_checkpoint() == dispatched - shards  # the direct reads' closed at once
+        del model
+        assert open_on_checkpoint() == before  # and the model's own go with it: no cycle holds it
+    finally:
+        gc.enable()

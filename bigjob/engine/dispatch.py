@@ -100,6 +100,14 @@ class DispatchInfo:
         if self.prefetcher is not None:
             self.prefetcher.close()
             self.prefetcher = None
+        if self.schedule is not None:
+            if self.schedule.files is not None:  # descriptors of direct reads: not left to the garbage collector
+                self.schedule.files.close()
+            if self.schedule.pool is not None:
+                self.schedule.pool.trim()
+            # Units and schedule refer to each other, and units hold the model's tensor slots: without
+            # this the model (and the checkpoint files its views keep open) would wait for the cyclic GC.
+            self.schedule.units.clear()
 
 
 def get_dispatch_info(model: nn.Module) -> DispatchInfo | None:
@@ -333,7 +341,9 @@ def _attach_direct_reads(units: list[PagedUnit], mode: DiskReads, schedule: Sche
         else:
             layouts.append((unit, Layout.of(places)))
     if not layouts:
+        files.close()
         return
+    schedule.files = files
     schedule.pool = BufferPool(max(layout.size for _, layout in layouts))
     for unit, layout in layouts:
         unit.direct = DirectReads(layout, files, schedule.pool, mode)

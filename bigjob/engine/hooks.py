@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bigjob.engine.direct import BufferPool, DirectReads
+from bigjob.engine.direct import BufferPool, DirectReads, Files
 from bigjob.engine.folios import refresh_small_folios
 from bigjob.engine.pages import Range, merge, populate, release
 
@@ -203,6 +203,7 @@ class Schedule:
         self.pinned: int | None = None  # set by dispatch.execution_tokens: the count every forward uses
         self.readahead = True  # announce a unit's pages before mapping them; off once they asked for huge folios
         self.pool: BufferPool | None = None  # read buffers of units that read directly (bigjob.engine.direct)
+        self.files: Files | None = None  # their open checkpoint files: closed when the hooks are removed
         self.direct_reads = 0  # units read directly in the current forward
         self.unit_reads = {"mapped": 0, "direct": 0}  # disk-tier units run on the CPU so far, by how their bytes came
 
