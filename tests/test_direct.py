@@ -418,3 +418,44 @@ def test_removing_the_hooks_closes_the_files_read_directly(checkpoint: Path, ref
         assert open_on_checkpoint() == before  # and the model's own go with it: no cycle holds it
     finally:
         gc.enable()
+
+
+class _Table(torch.nn.Module):
+    """Returns a view of its own weight (as a rotary or positional table may): the output aliases the unit's bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(64, 1024))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight[:4]
+
+
+class _Tables(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = _Table(), _Table(), _Table()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, second, third = self.a(x), self.b(x), self.c(x)  # all three alive until the sum
+        return first + 2 * second + 3 * third
+
+
+def test_an_output_that_views_the_weights_keeps_its_bytes(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from bigjob import init_empty_weights
+
+    torch.manual_seed(0)
+    reference = _Tables().eval()
+    save_file(reference.state_dict(), str(tmp_path / "t.safetensors"))
+    with init_empty_weights():
+        model = _Tables().eval()
+    model = load_checkpoint_and_dispatch(model, str(tmp_path / "t.safetensors"), device_map={"a": "disk", "b": "disk", "c": "disk"},
+                                         disk_reads="direct")
+    x = torch.zeros(1)
+    with torch.no_grad():
+        expected = reference(x)
+        for _ in range(3):  # each unit's buffer would otherwise be refilled by the next unit's read while its output lives
+            assert torch.equal(model(x), expected)
+    assert get_dispatch_info(model).schedule.direct_reads == 3

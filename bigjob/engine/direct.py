@@ -17,6 +17,12 @@ decides per forward, from what the page cache holds (``mincore``), whether the u
 directly: only after the cache was seen to lose pages the unit had read through it, and
 never while they are cached.
 
+A buffer goes back to the pool after its unit's forward, to be refilled by a later unit. An
+output that views the unit's weights (a module returning a slice of a table) keeps its buffer
+out of the pool instead (:class:`~bigjob.engine.hooks.PagedUnit` checks the output's storages).
+A view kept anywhere else past the forward (module state, a global) is not seen: such a model
+should use ``disk_reads="mapped"``.
+
 >>> layout = Layout.of([("/m.safetensors", 4100, 8), ("/m.safetensors", 4108, 4)])
 >>> [(e.offset, e.length, e.at) for e in layout.extents], layout.positions, layout.size
 ([(4096, 4096, 0)], (4, 12), 4096)
@@ -235,6 +241,11 @@ class BufferPool:
         with self._lock:
             self._out -= 1
             self._free.append(buffer)
+
+    def abandon(self, buffer: mmap.mmap) -> None:
+        """Let ``buffer`` go without reusing it (something outside the unit still views it)."""
+        with self._lock:
+            self._out -= 1
 
     @property
     def held(self) -> int:

@@ -257,6 +257,7 @@ class PagedUnit:
     direct: DirectReads | None = None
     slots: list[TensorSlot] = field(default_factory=list)
     _buffer: Any = field(default=None, repr=False)
+    _base: int = field(default=0, repr=False)  # address of the buffer's tensor storage while installed
 
     def prepare(self) -> Any:
         """Bring the unit's bytes in: a buffer holding them, or ``True`` once its file pages are mapped."""
@@ -275,7 +276,9 @@ class PagedUnit:
         if ready is not True:
             assert self.direct is not None
             self._buffer = ready
-            for slot, view in zip(self.slots, self.direct.views(ready, [slot.home for slot in self.slots])):
+            views = self.direct.views(ready, [slot.home for slot in self.slots])
+            self._base = views[0].untyped_storage().data_ptr() if views else 0
+            for slot, view in zip(self.slots, views):
                 slot.install(view)
             self.schedule.direct_reads += 1
             self.schedule.unit_reads["direct"] += 1
@@ -289,7 +292,12 @@ class PagedUnit:
             for slot in self.slots:
                 slot.restore()
             buffer, self._buffer = self._buffer, None
-            self.direct.pool.release(buffer)
+            if any(t.device.type == "cpu" and t.untyped_storage().data_ptr() == self._base for t in _tensors(output)):
+                # The output is (a view of) a weight: the buffer must live on with it, unchanged, so it
+                # leaves the pool (the output's storage keeps it alive) and a new one takes its place.
+                self.direct.pool.abandon(buffer)
+            else:
+                self.direct.pool.release(buffer)
         else:
             self.schedule.release_later(self.ranges)
         return output
