@@ -251,6 +251,14 @@ def _disk_pages(model: torch.nn.Module) -> tuple[int, int]:
     return cached, total
 
 
+def _forward(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``model(x)`` and how many disk-tier units that forward read directly."""
+    reads = get_dispatch_info(model).schedule.unit_reads
+    before = reads["direct"]
+    out = model(x)
+    return out, reads["direct"] - before
+
+
 @pytest.mark.parametrize("disk_reads", ["mapped", "direct", "auto"])
 def test_outputs_equal_the_model_in_ram_warm_and_evicted(checkpoint: Path, reference: TinyLM, disk_reads: str) -> None:
     model = _dispatch(checkpoint, reference, disk_reads)
@@ -281,10 +289,10 @@ def test_direct_reads_leave_the_disk_tier_out_of_the_page_cache(checkpoint: Path
         evict(*files)
         before, total = _disk_pages(model)  # pages another live mapping holds cannot be evicted: a few may stay
         assert before < total // 10
-        model(ids)
+        _, read = _forward(model, ids)
     cached, total = _disk_pages(model)
     assert cached == before
-    assert get_dispatch_info(model).schedule.direct_reads == len(_units(model))
+    assert read == len(_units(model))
     # The mapped path, for contrast, leaves them cached.
     mapped = _dispatch(checkpoint, reference, "mapped")
     with torch.no_grad():
@@ -303,27 +311,23 @@ def test_auto_reads_directly_only_after_the_cache_dropped_what_it_mapped(checkpo
     seen = []
     with torch.no_grad():
         for _ in range(3):  # the cache keeps the file: mapped
-            model(ids)
-            seen.append(schedule.direct_reads)
+            seen.append(_forward(model, ids)[1])
         assert seen == [0, 0, 0]
         assert schedule.pool is not None and schedule.pool.held == 0  # no buffer kept while nothing reads directly
 
         evict(*files)  # pages it read through the cache are gone: read directly from now on
-        model(ids)
-        assert schedule.direct_reads == n_units
+        assert _forward(model, ids)[1] == n_units
         assert schedule.pool.held >= 1
 
         evict(*files)
         runs = []
         for _ in range(8):
-            model(ids)
-            runs.append(schedule.direct_reads)
+            runs.append(_forward(model, ids)[1])
         # Each unit goes through the cache again on every 8th of its direct runs (to see whether it keeps them now).
         assert runs.count(n_units) == 6 and runs.count(0) == 2, runs
 
         _warm(files)  # someone read the files back: mapping them is free again
-        model(ids)
-        assert schedule.direct_reads == 0
+        assert _forward(model, ids)[1] == 0
         assert schedule.pool.held == 0
 
 
@@ -340,8 +344,9 @@ def test_direct_reads_follow_dispatch_model_and_bad_values_are_refused(checkpoin
     assert all(Path(e.path).is_relative_to(tmp_path / "off") for u in units for e in u.direct.layout.extents)
     ids = inputs(vocab=SHAPE["vocab"], length=8)
     with torch.no_grad():
-        assert torch.equal(model(ids), reference(ids))
-    assert get_dispatch_info(model).schedule.direct_reads == len(units)
+        out, read = _forward(model, ids)
+        assert torch.equal(out, reference(ids))
+    assert read == len(units)
 
 
 def test_auto_is_the_default(checkpoint: Path, reference: TinyLM) -> None:
@@ -391,8 +396,9 @@ def test_tied_weights_on_the_disk_tier_read_directly(checkpoint: Path, reference
         expected = reference(ids)
         for _ in range(3):
             evict(*_disk_files(model))
-            assert torch.equal(model(ids), expected)
-    assert get_dispatch_info(model).schedule.direct_reads >= 3
+            out, read = _forward(model, ids)
+            assert torch.equal(out, expected)
+    assert read >= 3
     assert model.head.weight is model.embed.weight  # restored, still tied
 
 
@@ -457,5 +463,6 @@ def test_an_output_that_views_the_weights_keeps_its_bytes(tmp_path: Path) -> Non
     with torch.no_grad():
         expected = reference(x)
         for _ in range(3):  # each unit's buffer would otherwise be refilled by the next unit's read while its output lives
-            assert torch.equal(model(x), expected)
-    assert get_dispatch_info(model).schedule.direct_reads == 3
+            out, read = _forward(model, x)
+            assert torch.equal(out, expected)
+    assert read == 3

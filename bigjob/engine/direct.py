@@ -300,7 +300,7 @@ class DirectReads:
         self.pool = pool
         self.mode = mode
         self.retry = retry
-        self.evicted = mode == "direct"
+        self.evicted = False  # auto: the cache was seen to drop this unit's pages
         self._mapped_last = False
         self._direct_runs = 0
 

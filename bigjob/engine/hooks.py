@@ -204,7 +204,6 @@ class Schedule:
         self.readahead = True  # announce a unit's pages before mapping them; off once they asked for huge folios
         self.pool: BufferPool | None = None  # read buffers of units that read directly (bigjob.engine.direct)
         self.files: Files | None = None  # their open checkpoint files: closed when the hooks are removed
-        self.direct_reads = 0  # units read directly in the current forward
         self.unit_reads = {"mapped": 0, "direct": 0}  # disk-tier units run on the CPU so far, by how their bytes came
 
     def add(self, unit: Any) -> int:
@@ -280,7 +279,6 @@ class PagedUnit:
             self._base = views[0].untyped_storage().data_ptr() if views else 0
             for slot, view in zip(self.slots, views):
                 slot.install(view)
-            self.schedule.direct_reads += 1
             self.schedule.unit_reads["direct"] += 1
         else:
             self.schedule.unit_reads["mapped"] += 1
@@ -456,8 +454,6 @@ class RootHook:
         stack.append(origin)
         pinned = self.schedule.pinned
         self.schedule.tokens = pinned if pinned is not None else count_tokens(args, kwargs)
-        if len(stack) == 1:
-            self.schedule.direct_reads = 0
         self.schedule.ahead(-1)
         return move_to(args, self.device), move_to(kwargs, self.device)
 
@@ -466,9 +462,6 @@ class RootHook:
         self.schedule.prefetcher.settle()
         if self.tied_ranges:
             release(self.tied_ranges)
-        pool = self.schedule.pool
-        if pool is not None and not self._origin.stack and not self.schedule.direct_reads:
-            pool.trim()  # every unit mapped its pages this forward: the read buffers' memory goes back
         if self._unchecked and not self._origin.stack:
             unchecked, self._unchecked = self._unchecked, []
             try:

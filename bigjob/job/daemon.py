@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from bigjob.errors import JobError
+from bigjob.job.forkserver import Lines, become_job, import_all, wait_job
 
 __all__ = ["DaemonClient", "daemon_key", "daemon_usable", "list_daemons", "socket_dir", "stop_daemons"]
 
@@ -59,7 +60,6 @@ _BOOT = (
     "sys.path[:0] = [p for p in a['sys_path'] if p not in sys.path]; "
     "from bigjob.job.daemon import serve; serve(a['preload'], a['socket'], a['reply_fd'], a['idle_s'])"
 )
-WAIT_POLL_S = 0.2  # how often a handler looks at its job and at the command's socket
 START_TIMEOUT_S = 300.0  # a server that has not said it is ready by then is given up on
 
 
@@ -167,8 +167,6 @@ def serve(preload: list[str], path: str, reply_fd: int, idle_s: float) -> None:
     """The server: preload, listen on ``path``, fork a job per connection until idle or stale."""
     if os.fork() > 0:  # the command reaps this process at once; the server, its child, goes on under init
         os._exit(0)
-    from bigjob.job.forkserver import import_all
-
     import_all(preload, "bigjob daemon")
     reply = os.fdopen(reply_fd, "w", buffering=1)
     if threading.active_count() != 1:  # fork() copies one thread: another one's locks could hang a job
@@ -243,7 +241,7 @@ def _handle(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> Non
         for fd in fds:
             os.close(fd)
         conn.sendall(json.dumps({"pid": pid, "server": os.getppid()}).encode() + b"\n")
-        result = _wait(pid, conn)
+        result = wait_job(pid, Lines(conn.fileno()))  # the command sends "stop" when interrupted
         if result is not None:
             conn.sendall(json.dumps({"pid": pid, "code": result}).encode() + b"\n")
     except BaseException:  # noqa: BLE001 - nothing to report to; the command sees the socket close
@@ -253,12 +251,10 @@ def _handle(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> Non
 
 
 def _job(request: dict[str, Any], fds: list[int]) -> None:
-    """The job process: the command's streams, folder, environment and umask; then the isolated job. Never returns."""
-    code = 1
-    try:
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.close(devnull)
+    """The job process: the command's streams, folder and umask, then the isolated job (its environment
+    comes with the spec). Never returns."""
+
+    def setup() -> None:
         for target, fd in zip((1, 2), fds[1:3]):
             os.dup2(fd, target)
         for fd in fds:
@@ -266,42 +262,10 @@ def _job(request: dict[str, Any], fds: list[int]) -> None:
         os.setsid()  # not the server's session: a signal to the server's group does not reach jobs
         os.chdir(request["cwd"])
         os.umask(int(request["umask"]))
-        spec = json.loads(Path(request["spec"]).read_text(encoding="utf-8"))
-        os.environ.clear()
-        os.environ.update(spec.get("env") or {})
-        sys.path[:0] = [p for p in spec.get("sys_path", []) if p not in sys.path]
-        spec["parent_pid"] = os.getppid()  # the handler: it goes when the command does
         with contextlib.suppress(AttributeError, ValueError):
             sys.stdout.reconfigure(line_buffering=os.isatty(1))  # buffered as the command's own stdout would be
-        from bigjob.job.isolation import child_main
 
-        code = child_main(spec)
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(code)
-
-
-def _wait(pid: int, conn: socket.socket) -> int | None:
-    """The job's exit code (negative: the signal that killed it); None if the command went away meanwhile."""
-    pending = b""
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if select.select([conn], [], [], WAIT_POLL_S)[0]:
-            chunk = conn.recv(4096)
-            if not chunk:  # the command died: take its job down
-                with contextlib.suppress(ProcessLookupError, ChildProcessError):
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                return None
-            pending += chunk
-            if b"stop" in pending:  # the command was interrupted
-                pending = b""
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
+    become_job(request["spec"], setup)
 
 
 # --------------------------------------------------------------------------- command side

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from collections.abc import Callable
 from typing import IO, Any
 
 from bigjob.errors import JobError
@@ -63,7 +64,7 @@ def preload_modules(target: str, model_path: str | None = None) -> list[str]:
 # --------------------------------------------------------------------------- server side
 
 
-class _Lines:
+class Lines:
     """Lines from a file descriptor, read without Python's buffering (so ``select`` tells the truth)."""
 
     def __init__(self, fd: int) -> None:
@@ -103,7 +104,7 @@ def serve(preload: list[str], reply_fd: int) -> None:
     reply.write(json.dumps({"ready": safe}) + "\n")
     if not safe:
         return
-    requests = _Lines(sys.stdin.fileno())
+    requests = Lines(sys.stdin.fileno())
     while (line := requests.read()) is not None:
         if not line.strip() or line == "stop":
             continue
@@ -111,7 +112,7 @@ def serve(preload: list[str], reply_fd: int) -> None:
         if pid == 0:
             _child(line, reply)
         reply.write(json.dumps({"pid": pid}) + "\n")
-        code = _wait(pid, requests)
+        code = wait_job(pid, requests)
         if code is None:
             return  # the parent is gone; so is the child now
         reply.write(json.dumps({"pid": pid, "code": code}) + "\n")
@@ -119,9 +120,15 @@ def serve(preload: list[str], reply_fd: int) -> None:
 
 def _child(spec_path: str, reply: IO[str]) -> None:
     """In the forked child: become an isolated job process; never returns."""
+    become_job(spec_path, lambda: os.close(reply.fileno()))
+
+
+def become_job(spec_path: str, setup: Callable[[], None]) -> None:
+    """In a freshly forked process: run ``setup`` (the caller's streams, folder ...), then the isolated
+    job of the spec at ``spec_path`` (:func:`bigjob.job.isolation.child_main`), and exit with its code."""
     code = 1
     try:
-        os.close(reply.fileno())
+        setup()
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.close(devnull)
@@ -129,7 +136,7 @@ def _child(spec_path: str, reply: IO[str]) -> None:
         os.environ.clear()
         os.environ.update(spec.get("env") or {})
         sys.path[:0] = [p for p in spec.get("sys_path", []) if p not in sys.path]
-        spec["parent_pid"] = os.getppid()  # the server: it goes when the launcher does
+        spec["parent_pid"] = os.getppid()  # the process that forked this one: it goes when the launcher does
         from bigjob.job.isolation import child_main
 
         code = child_main(spec)
@@ -142,7 +149,7 @@ def _child(spec_path: str, reply: IO[str]) -> None:
         os._exit(code)
 
 
-def _wait(pid: int, requests: _Lines) -> int | None:
+def wait_job(pid: int, requests: Lines) -> int | None:
     """The child's exit code (negative: killed by that signal); None if the parent went away meanwhile."""
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)

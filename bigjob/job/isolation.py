@@ -84,9 +84,7 @@ def isolation_wanted(cfg: JobConfig, multirun: bool) -> bool:
     single runs with ``runner.daemon``, unless the launcher gave this job a process of its own."""
     if cfg.runner.isolate is not None:
         return bool(cfg.runner.isolate)
-    if cfg.runner.daemon and cfg.mode == "run" and not _fresh_process_per_job():
-        return True
-    return multirun and cfg.mode == "run" and not _fresh_process_per_job()
+    return (multirun or cfg.runner.daemon) and cfg.mode == "run" and not _fresh_process_per_job()
 
 
 def _fresh_process_per_job() -> bool:
