@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import platform
@@ -9,6 +10,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from bigjob.engine.pages import Range, touch
 
 
 def proc_status(field: str) -> int:
@@ -33,8 +36,12 @@ def evict(files: list[Path]) -> None:
 def warm(files: list[Path], window: int = 64 << 20) -> None:
     """Bring ``files`` into the page cache, as a reader mapping them with ``MADV_HUGEPAGE`` would.
 
-    Pages already cached stay as they are; missing ones are read through a shared mapping that
-    asks for huge folios, window by window (mapped, then unmapped). The folio size decides what
+    Pages already cached stay as they are; missing ones are read through a mapping that
+    asks for huge folios, window by window (mapped, read one byte a page, unmapped). The read
+    makes the pages warm for the machine too: on a virtual machine that gave freed memory back
+    to its host, a page is backed again only at its first touch, which costs far more than
+    mapping it (``bigjob.engine.pages.touch``); a back-to-back batch never pays that, so a
+    warm forward must not either. The folio size decides what
     mapping the pages costs later: a ``read()`` loop leaves readahead-sized folios, which cost
     a system streaming weights through mappings up to 11x more page-table work per forward
     (docs/benchmarks.md). Call it from a process whose memory is not being measured.
@@ -44,12 +51,14 @@ def warm(files: list[Path], window: int = 64 << 20) -> None:
         size = path.stat().st_size
         if size == 0:
             continue
-        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapping:
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) as mapping:
             if hasattr(mmap, "MADV_HUGEPAGE"):
                 mapping.madvise(mmap.MADV_HUGEPAGE)
+            start = ctypes.addressof(ctypes.c_char.from_buffer(mapping))  # private, never written: cache pages
             for offset in range(0, size, window):
                 length = min(window, size - offset)
                 mapping.madvise(populate, offset, length)
+                touch([Range(start + offset, length)])
                 mapping.madvise(mmap.MADV_DONTNEED, offset, length)
 
 

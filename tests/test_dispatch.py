@@ -250,14 +250,25 @@ def test_pages_are_populated_ahead_in_the_background(
         calls.append((threading.current_thread().name, sum(r.length for r in ranges)))
         real(ranges, readahead)
 
+    touches: list[tuple[str, int]] = []
+    real_touch = hooks.touch
+
+    def touch(ranges):  # type: ignore[no-untyped-def]
+        ranges = list(ranges)
+        touches.append((threading.current_thread().name, sum(r.length for r in ranges)))
+        real_touch(ranges)
+
     monkeypatch.setattr(hooks, "populate", populate)
+    monkeypatch.setattr(hooks, "touch", touch)
     model = load_checkpoint_and_dispatch(
         empty_model(), sharded, device_map="disk", no_split_module_classes=["Block"], prefetch=depth
     )
     for _ in range(2):
         calls.clear()
+        touches.clear()
         assert torch.equal(outputs(model), outputs(reference))
         assert len(calls) == 7  # every paged unit once per forward: embed, 4 blocks, norm, head
+        assert touches == calls  # and every populated page read once, by the same thread, before use
         threads = {name for name, _ in calls}
         if depth == 0:
             assert threads == {threading.main_thread().name}

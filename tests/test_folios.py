@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import random
 from pathlib import Path
@@ -14,7 +16,8 @@ from tiny_transformer import TinyLM
 from bigjob import get_dispatch_info, load_checkpoint_and_dispatch
 from bigjob.engine import folios, hooks
 from bigjob.engine.folios import HUGE, drop_cached, file_mappings, refresh_small_folios
-from bigjob.engine.pages import PAGE, Range, huge_pages_enabled, merge, populate, release, resident
+from bigjob.engine import pages
+from bigjob.engine.pages import PAGE, Range, huge_pages_enabled, merge, populate, release, resident, touch
 from bigjob.engine.safetensors_io import MappedFile, read_header, write_file
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
@@ -62,6 +65,17 @@ def huge_folios(tmp_path_factory: pytest.TempPathFactory) -> None:
         populate([whole_range(mapped, path)], readahead=False)
         if resident_kib(path, "FilePmdMapped") == 0:
             pytest.skip("this filesystem's page cache holds no 2 MiB folios here")
+
+
+def test_touch_reads_every_page_of_its_ranges_and_no_other(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pages, "_TOUCH_CHUNK", 3)  # several chunks, the last one short
+    area = mmap.mmap(-1, 16 * PAGE)  # anonymous: a page is resident only once something touched it
+    start = ctypes.addressof(ctypes.c_char.from_buffer(area))
+    whole = Range(start, 16 * PAGE)
+    assert resident_pages(whole) == 0
+    touch([Range(start + 2 * PAGE, 10 * PAGE), Range(start + 14 * PAGE + 100, 50)])  # the second one unaligned
+    assert [resident_pages(Range(start + i * PAGE, PAGE)) for i in range(16)] == [0, 0] + [1] * 10 + [0, 0, 1, 0]
+    assert bytes(area) == bytes(16 * PAGE)  # read, never written
 
 
 def test_file_mappings_give_path_and_file_offset(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ from torch import nn
 
 from bigjob.engine.direct import BufferPool, DirectReads, Files
 from bigjob.engine.folios import refresh_small_folios
-from bigjob.engine.pages import Range, merge, populate, release
+from bigjob.engine.pages import Range, merge, populate, release, touch
 
 __all__ = ["MoveInputs", "PagedUnit", "Prefetcher", "RootHook", "Schedule", "StreamedUnit", "TensorSlot", "count_tokens", "move_to"]
 
@@ -265,6 +265,7 @@ class PagedUnit:
                 return self.direct.read()
             self.direct.pool.trim()  # mapping from now on: the free read buffers would only add to resident memory
         populate(self.ranges, self.schedule.readahead)
+        touch(self.ranges)  # first touches (costly on some virtual machines) here, not in the layer's compute
         return True
 
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
