@@ -19,7 +19,9 @@ Systems, each in its own fresh process, all running Transformers' Llama code:
 The last two run when installed (``pip install ".[bench]"``). Each budget (70% and 30% of
 the weights on disk) gets its own processes. Forwards are interleaved: every system does
 its n-th forward before any does its (n+1)-th, so a machine that slows down for a while
-slows all systems alike and the ratios in one run stay comparable. "cold" forwards evict
+slows all systems alike and the ratios in one run stay comparable. Each system that streams
+weights reads its own copy of the checkpoint, so no system maps page-cache folios another
+one read. "cold" forwards evict
 the checkpoint and the system's offload folder from the page cache first
 (``posix_fadvise(DONTNEED)``); their ratio is to the in-RAM *warm* forward.
 
@@ -38,6 +40,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -303,7 +306,8 @@ def measure_share(ram: Worker, systems: list[str], share: float, weights: int, a
     workers: dict[str, Worker] = {"ram": ram}
     for system in systems:
         print(f"  loading {system} at {share:.0%} on disk ...", file=sys.stderr, flush=True)
-        workers[system] = Worker(system, args.folder, budget, scratch / f"{system}-{share}", args.tokens)
+        folder = args.folder if system == "ram+read" else private_copy(args.folder, scratch / f"{system}-checkpoint")
+        workers[system] = Worker(system, folder, budget, scratch / f"{system}-{share}", args.tokens)
     # Incumbents write offload folders while loading; flush them now, or their writeback would
     # compete with the forwards' reads some seconds later (the kernel writes dirty pages late).
     os.sync()
@@ -339,6 +343,27 @@ def measure_share(ram: Worker, systems: list[str], share: float, weights: int, a
                 by[name].diff = float((got - reference).abs().max())
         rows.extend(by.values())
     return workers, rows
+
+
+def private_copy(folder: Path, target: Path) -> Path:
+    """A copy of the checkpoint folder for one system (made once a run), on disk and out of the page cache.
+
+    Systems that stream weights from the checkpoint each read their own copy: on one shared
+    copy, a page that the reclaimer dropped comes back in whatever folio size the first
+    system to read it asked for, and another system then maps what it left (4 KiB folios
+    cost a mapping reader up to 11x more page-table work: see docs/benchmarks.md).
+    """
+    if not target.exists():
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        for path in sorted(folder.iterdir()):
+            if path.is_file():
+                shutil.copyfile(path, partial / path.name)
+        os.sync()
+        partial.rename(target)
+        evict(files_under(target))
+    return target
 
 
 # --------------------------------------------------------------------------------------------
