@@ -307,6 +307,7 @@ def measure_share(ram: Worker, systems: list[str], share: float, weights: int, a
     for system in systems:
         print(f"  loading {system} at {share:.0%} on disk ...", file=sys.stderr, flush=True)
         folder = args.folder if system == "ram+read" else private_copy(args.folder, scratch / f"{system}-checkpoint")
+        evict(files_under(folder))  # every load starts from a cold page cache, whatever ran before it
         workers[system] = Worker(system, folder, budget, scratch / f"{system}-{share}", args.tokens)
     # Incumbents write offload folders while loading; flush them now, or their writeback would
     # compete with the forwards' reads some seconds later (the kernel writes dirty pages late).
@@ -677,6 +678,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bigjob-bench-") as tmp:
         scratch = Path(tmp)
         print("  loading ram ...", file=sys.stderr, flush=True)
+        evict(files)
         ram = Worker("ram", args.folder, 0, scratch / "ram", args.tokens)
         try:
             for share in (float(s) for s in args.shares.split(",")):
