@@ -29,7 +29,7 @@ Also measured: the machine's own limits (cold sequential read, memory copy, matm
 rates), the job level (time to first batch of a first and a second run of the same bf16
 job: plan and offload caches hit) and the planner on a 200,000-tensor model.
 
-    python benchmarks/run.py                        # everything (about 30 min on 2 cores)
+    python benchmarks/run.py                        # everything (about 15 min on 2 cores, 4 GB of checkpoint copies)
     python benchmarks/run.py --batches 1,4 --repeat 2 --shares 0.7 --skip job,plan
 """
 
