@@ -17,6 +17,7 @@ On an accelerator, offloaded units stream their weights to it by default; ``exec
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import time
@@ -40,6 +41,7 @@ from bigjob.engine.device_map import assign_tensors
 from bigjob.engine.loading import LoadResult, check_devices, load_checkpoint_in_model, set_tensor
 from bigjob.engine.folios import file_mappings
 from bigjob.engine.pages import Range, merge, prefer_huge
+from bigjob.engine.sources import Sources
 from bigjob.engine.planner import resolve_device_map
 from bigjob.engine.sizes import build_inventory
 from bigjob.engine.store import OffloadEntry, prepare_offload_folder
@@ -73,7 +75,8 @@ class DispatchInfo:
 
     ``streamed_units`` always stream to the accelerator, ``local_units`` always run on the
     CPU there, ``auto_units`` choose per forward (see :attr:`execution`); ``paged_units`` are
-    disk-tier units of a model executing on the CPU.
+    disk-tier units of a model executing on the CPU. ``sources`` are the files its weights are
+    views of, checked before every forward for a change in place (see :mod:`bigjob.engine.sources`).
     """
 
     device_map: DeviceMap
@@ -91,6 +94,7 @@ class DispatchInfo:
     handles: list[HookHandle] = field(default_factory=list, repr=False)
     prefetcher: Prefetcher | None = field(default=None, repr=False)
     schedule: Schedule | None = field(default=None, repr=False)
+    sources: Sources | None = field(default=None, repr=False)  # the files the weights are mapped from
 
     def detach(self) -> None:
         """Remove every hook and stop the prefetch thread; the weights stay where they are."""
@@ -284,7 +288,9 @@ def dispatch_loaded(
         _attach_direct_reads(paged_units, disk_reads, schedule)
     # Folio sizes matter to pages that are mapped; units that always read directly map none.
     checked = [] if disk_reads == "direct" else streamed_pages
-    handles.insert(0, HookHandle(model, RootHook(main_dev, schedule, tied_ranges, checked)))
+    homes = (slot.home for unit in schedule.units for slot in getattr(getattr(unit, "stream", unit), "slots", ()))
+    sources = Sources.of(itertools.chain(model.parameters(), model.buffers(), homes))
+    handles.insert(0, HookHandle(model, RootHook(main_dev, schedule, tied_ranges, checked, sources)))
     info = DispatchInfo(
         result.device_map,
         main,
@@ -301,6 +307,7 @@ def dispatch_loaded(
         handles=handles,
         prefetcher=prefetcher,
         schedule=schedule,
+        sources=sources,
     )
     if plan.decisions and is_accelerator(main):
         log.debug("execution plan on %s:\n%s", main, plan.describe())

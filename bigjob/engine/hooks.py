@@ -38,6 +38,7 @@ from torch import nn
 from bigjob.engine.direct import BufferPool, DirectReads, Files
 from bigjob.engine.folios import refresh_small_folios
 from bigjob.engine.pages import Range, merge, populate, release, touch
+from bigjob.engine.sources import Sources
 
 __all__ = ["MoveInputs", "PagedUnit", "Prefetcher", "RootHook", "Schedule", "StreamedUnit", "TensorSlot", "count_tokens", "move_to"]
 
@@ -438,9 +439,13 @@ class StagingPool:
 class RootHook:
     """Inputs to the execution device, prefetch primed, outputs back where the inputs were."""
 
-    def __init__(self, device: torch.device, schedule: Schedule, tied_ranges: list[Range], streamed: list[Range] | None = None) -> None:
+    def __init__(
+        self, device: torch.device, schedule: Schedule, tied_ranges: list[Range], streamed: list[Range] | None = None,
+        sources: Sources | None = None,
+    ) -> None:
         self.device = device
         self.schedule = schedule
+        self.sources = sources  # files the weights are mapped from: checked for in-place changes before each forward
         self.tied_ranges = merge(tied_ranges)
         self._origin = threading.local()
         # File pages every forward maps and unmaps (tied ones included): checked once, after the
@@ -452,6 +457,8 @@ class RootHook:
         stack = getattr(self._origin, "stack", None)
         if stack is None:
             stack = self._origin.stack = []
+        if not stack and self.sources is not None:
+            self.sources.check()  # before anything reads a page of a file that may have shrunk
         stack.append(origin)
         pinned = self.schedule.pinned
         self.schedule.tokens = pinned if pinned is not None else count_tokens(args, kwargs)
@@ -459,7 +466,10 @@ class RootHook:
         return move_to(args, self.device), move_to(kwargs, self.device)
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
-        origin = self._origin.stack.pop()
+        stack = getattr(self._origin, "stack", None)
+        if not stack:  # pre_forward raised before its push (a changed checkpoint): nothing ran
+            return output
+        origin = stack.pop()
         self.schedule.prefetcher.settle()
         if self.tied_ranges:
             release(self.tied_ranges)
