@@ -347,7 +347,7 @@ def measure_share(ram: Worker, systems: list[str], share: float, weights: int, a
 
 
 def private_copy(folder: Path, target: Path) -> Path:
-    """A copy of the checkpoint folder for one system (made once a run), on disk and out of the page cache.
+    """A copy of the checkpoint folder for one system (made once a run; the caller evicts it before each load).
 
     Systems that stream weights from the checkpoint each read their own copy: on one shared
     copy, a page that the reclaimer dropped comes back in whatever folio size the first
@@ -361,9 +361,7 @@ def private_copy(folder: Path, target: Path) -> Path:
         for path in sorted(folder.iterdir()):
             if path.is_file():
                 shutil.copyfile(path, partial / path.name)
-        os.sync()
         partial.rename(target)
-        evict(files_under(target))
     return target
 
 

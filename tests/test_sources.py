@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from _enginekit import MIXED, empty_model, inputs, untied_state, write_sharded_safetensors
+from _enginekit import (
+    MIXED,
+    empty_model,
+    inputs,
+    untied_state,
+    write_sharded_safetensors,
+)
 from tiny_transformer import make_reference
 from torch import nn
 

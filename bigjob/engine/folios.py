@@ -27,12 +27,20 @@ True
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from bigjob.engine.pages import PAGE, Range, huge_pages_enabled, populate, release, resident
+from bigjob.engine.pages import (
+    PAGE,
+    Range,
+    huge_pages_enabled,
+    populate,
+    release,
+    resident,
+)
 
 __all__ = ["FileMapping", "drop_cached", "file_mappings", "pmd_mapped_kib", "refresh_small_folios"]
 
@@ -73,11 +81,10 @@ def file_mappings(addresses: Iterable[int]) -> dict[int, FileMapping]:
                 if len(parts) < 6 or not parts[5].startswith("/"):
                     continue
                 start, end = (int(x, 16) for x in parts[0].split("-"))
-                mapping = None
-                for address in wanted:
-                    if start <= address < end:
-                        mapping = mapping or FileMapping(start, end, int(parts[2], 16), parts[5].rstrip("\n"), int(parts[4]))
-                        found[address] = mapping
+                inside = wanted[bisect.bisect_left(wanted, start):bisect.bisect_left(wanted, end)]
+                if inside:
+                    mapping = FileMapping(start, end, int(parts[2], 16), parts[5].rstrip("\n"), int(parts[4]))
+                    found.update(dict.fromkeys(inside, mapping))
     except OSError:
         return {}
     return found

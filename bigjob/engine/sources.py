@@ -20,18 +20,16 @@ under a millisecond a forward.
 
 from __future__ import annotations
 
-import bisect
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 
+from bigjob.engine.folios import file_mappings
 from bigjob.errors import CheckpointError
 
 __all__ = ["Sources"]
-
-_DELETED = " (deleted)"
 
 
 @dataclass(frozen=True)
@@ -59,31 +57,14 @@ class Sources:
     @classmethod
     def of(cls, tensors: Iterable[torch.Tensor]) -> Sources:
         """The files that the CPU ``tensors`` which are views of file mappings come from (Linux; else none)."""
-        addresses = sorted({t.data_ptr() for t in tensors if t.device.type == "cpu" and t.numel() > 0})
+        mappings = file_mappings(t.data_ptr() for t in tensors if t.device.type == "cpu" and t.numel() > 0)
         stamps: dict[str, _Stamp] = {}
-        if not addresses:
-            return cls(stamps)
-        try:
-            with open("/proc/self/maps") as maps:
-                lines = maps.readlines()
-        except OSError:
-            return cls(stamps)
-        for line in lines:
-            parts = line.split(maxsplit=5)
-            if len(parts) < 6 or not parts[5].startswith("/") or parts[5].rstrip("\n").endswith(_DELETED):
-                continue
-            start, end = (int(x, 16) for x in parts[0].split("-"))
-            first = bisect.bisect_left(addresses, start)
-            if first == len(addresses) or addresses[first] >= end:
-                continue  # no weight lives in this mapping
-            path = parts[5].rstrip("\n")
-            if path in stamps:
-                continue
+        for path, inode in {(m.path, m.inode) for m in mappings.values()}:
             try:
                 status = os.stat(path)
             except OSError:
-                continue
-            if status.st_ino == int(parts[4]):  # else the path already names another file: ours is unaffected
+                continue  # deleted already (the path reads "... (deleted)"): nothing can change it
+            if status.st_ino == inode:  # else the path already names another file: ours is unaffected
                 stamps[path] = _Stamp.of(status)
         return cls(stamps)
 
