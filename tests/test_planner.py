@@ -366,6 +366,19 @@ def test_a_big_first_unit_stays_resident_when_the_safe_reserve_would_not_fit() -
     assert dm.summary.reserve == {"cuda:0": 2 * L16}
 
 
+def test_a_big_tied_embedding_stays_resident_when_it_and_the_reserve_fit() -> None:
+    # The embedding and the head share one 2048-byte tensor; each unit counts it, the pair holds it once.
+    model = TinyLM(vocab=64, width=8, depth=4, tie=True)
+    embed, block, norm = 64 * 8 * 4, 1280, (8 + 8) * 4
+    # The safe reserve (2 x the embedding) leaves room for one block only. Keeping the pair on the GPU
+    # needs 2 x block of reserve: the pair, one block and the norm fit (counting the pair twice, they would not).
+    budget = embed + block + norm + 2 * block
+    dm = infer_auto_device_map(model, {"cuda:0": budget, "cpu": 10**6, "disk": 0}, no_split_module_classes=["Block"])
+    assert dm.summary.reserve == {"cuda:0": 2 * block}
+    assert dm.summary.planned_bytes == {"cuda:0": embed + block + norm, "cpu": 3 * block}
+    assert dm["embed"] == dm["head"] == dm["blocks.0"] == dm["norm"] == "cuda:0"
+
+
 def test_plan_orders_budgets_fastest_first() -> None:
     inv = build_inventory(stack(*[(16, 16)] * 2))
     dm = plan(inv, {"disk": 10**6, "cpu": 10**6, "cuda:0": 10**6})

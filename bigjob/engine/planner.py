@@ -432,7 +432,9 @@ def _place(
         worth_growing = placement is None or not fits(reserve)
         if not worth_growing and reserve.get(main, 0) == safe[main] and largest_unit:
             # The safe bound held, but a smaller reserve may keep more resident if every largest unit can stay.
-            biggest = sum(nbytes for nbytes in unit_bytes if nbytes == largest_unit)
+            # Clusters, not units: a tied embedding and head are two largest units holding one tensor.
+            heads = {clusters.head[i] for i, nbytes in enumerate(unit_bytes) if nbytes == largest_unit}
+            biggest = sum(clusters.nbytes[head] for head in heads)
             runner_up = max((nbytes for nbytes in unit_bytes if nbytes < largest_unit), default=0)
             worth_growing = biggest + (1 + prefetch) * runner_up <= resident
         if worth_growing:
