@@ -35,12 +35,14 @@ from bigjob.engine.device_map import DeviceMap
 from bigjob.engine.direct import BufferPool, DirectReads, Files, Layout
 from bigjob.engine.devices import CPU, DISK, is_accelerator, normalize_device
 from bigjob.engine.execution import ExecutionPlan, ExecutionRates, measure_rates, needs_rates, plan_execution, resolve_policy
-from bigjob.engine.hooks import HookHandle, MoveInputs, PagedUnit, Prefetcher, RootHook, Schedule, StagingPool, StreamedUnit, TensorSlot
+from bigjob.engine.hooks import (
+    DeviceSlots, HookHandle, MoveInputs, PagedUnit, Prefetcher, RootHook, Schedule, StagingPool, StreamedUnit, TensorSlot,
+)
 from bigjob.engine.local_units import AutoUnit, LocalUnit
 from bigjob.engine.device_map import assign_tensors
 from bigjob.engine.loading import LoadResult, check_devices, load_checkpoint_in_model, set_tensor
 from bigjob.engine.folios import file_mappings
-from bigjob.engine.pages import Range, merge, prefer_huge
+from bigjob.engine.pages import Range, merge, prefer_huge, release, trim_heap
 from bigjob.engine.sources import Sources
 from bigjob.engine.planner import resolve_device_map
 from bigjob.engine.sizes import build_inventory
@@ -251,8 +253,10 @@ def dispatch_loaded(
             policy = plan.decisions[unit.name].policy
             hook: StreamedUnit | LocalUnit | AutoUnit
             if policy == "local":  # the plan never makes a unit holding tied or resident tensors local
-                hook = LocalUnit(unit.name, ranges, main_dev, schedule)
-                streamed_views.extend(views)
+                # Only disk-tier pages come and go per forward; CPU-tier views stay mapped, as the loader made them.
+                disk_views = [_range(modules, n) for n in offloaded if n not in tied and n in file_backed and tiers[n] == DISK]
+                hook = LocalUnit(unit.name, merge(disk_views), main_dev, schedule)
+                streamed_views.extend(disk_views)
                 local += 1
             else:
                 slots = [_slot(modules, n) for n in offloaded if n not in tied]
@@ -261,6 +265,11 @@ def dispatch_loaded(
                         _place(modules, n, main_dev)  # tied tensors: brought once and kept on the device
                 unit_staging = staging if any(tiers[n] == DISK for n in offloaded) else None
                 hook = StreamedUnit(unit.name, slots, main_dev, schedule, unit_staging, ranges if unit_staging is not None else None)
+                if unit_staging is None and ranges:
+                    # Packed into pinned memory: the file pages it came from are not read again, and
+                    # left mapped they would count twice against the CPU budget.
+                    release(ranges)
+                    ranges, views = [], []
                 if unit_staging is not None or policy == "auto":
                     streamed_views.extend(views)
                 if policy == "auto":
@@ -281,6 +290,15 @@ def dispatch_loaded(
             paged_unit.position = schedule.add(paged_unit)
             handles.append(HookHandle(module, paged_unit))
             paged += 1
+    if streamed or auto:
+        trim_heap()  # CPU-tier homes were copied into pinned memory: their first copies are free now
+    if main_dev.type == "cuda":
+        sizes: dict[torch.device, int] = {}
+        for hook_unit in schedule.units:
+            stream = getattr(hook_unit, "stream", hook_unit)
+            if isinstance(stream, StreamedUnit) and stream.device.type == "cuda" and stream.size:
+                sizes[stream.device] = max(sizes.get(stream.device, 0), stream.size)
+        schedule.slots = {device: DeviceSlots(device, size, 1 + prefetch) for device, size in sizes.items()}
     # Merged across units: a page two streamed units share belongs to the streamed pages too.
     streamed_pages = merge([*streamed_views, *tied_ranges])
     schedule.readahead = not prefer_huge(streamed_pages)  # see bigjob.engine.pages.populate

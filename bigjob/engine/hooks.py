@@ -38,6 +38,7 @@ from torch import nn
 from bigjob.engine.direct import BufferPool, DirectReads, Files
 from bigjob.engine.folios import refresh_small_folios
 from bigjob.engine.pages import Range, merge, populate, release, touch
+from bigjob.engine.pinned import pinned_empty
 from bigjob.engine.sources import Sources
 
 __all__ = ["MoveInputs", "PagedUnit", "Prefetcher", "RootHook", "Schedule", "StreamedUnit", "TensorSlot", "count_tokens", "move_to"]
@@ -146,12 +147,28 @@ class Prefetcher:
         self._later: list[Future[Any]] = []
         self._lock = threading.Lock()
 
-    def submit(self, key: int, task: Callable[[], Any]) -> None:
+    def submit(self, key: int, task: Callable[[], Any], inline: bool = False) -> None:
+        """Prepare ``key`` ahead with ``task``: on the prefetch thread, or at once on this one when ``inline``.
+
+        ``inline`` is for tasks that only queue work on a device (a pinned unit's copy): the
+        caller's thread queues it in microseconds, where a hand-off to the prefetch thread
+        could wait a whole GIL switch interval (5 ms) behind a forward running Python.
+        """
         if self._pool is None:
             return
         with self._lock:
-            if key not in self._pending:
+            if key in self._pending:
+                return
+            if not inline:
                 self._pending[key] = self._pool.submit(task)
+                return
+        future: Future[Any] = Future()
+        try:
+            future.set_result(task())
+        except BaseException as err:  # noqa: BLE001 - raised again by take(), as from the thread
+            future.set_exception(err)
+        with self._lock:
+            self._pending[key] = future
 
     def take(self, key: int) -> Any:
         """The result of the prefetch for ``key`` (waiting for it), or ``None`` if there was none."""
@@ -206,6 +223,7 @@ class Schedule:
         self.pool: BufferPool | None = None  # read buffers of units that read directly (bigjob.engine.direct)
         self.files: Files | None = None  # their open checkpoint files: closed when the hooks are removed
         self.unit_reads = {"mapped": 0, "direct": 0}  # disk-tier units run on the CPU so far, by how their bytes came
+        self.slots: dict[torch.device, DeviceSlots] = {}  # per GPU: the buffers streamed units are copied into
 
     def add(self, unit: Any) -> int:
         self.units.append(unit)
@@ -224,7 +242,7 @@ class Schedule:
     def ahead(self, position: int) -> None:
         for nxt in range(position + 1, min(position + 1 + self.prefetcher.depth, len(self.units))):
             unit = self.units[nxt]
-            self.prefetcher.submit(nxt, unit.prepare)
+            self.prefetcher.submit(nxt, unit.prepare, inline=getattr(unit, "queues_only", False))
 
 
 class MoveInputs:
@@ -331,11 +349,13 @@ class StreamedUnit:
         self.packed: torch.Tensor | None = None
         if staging is None:
             self._pack_home()
+        # Preparing a pinned unit for a GPU only queues its copy: done inline (see Prefetcher.submit).
+        self.queues_only = self.packed is not None and device.type == "cuda"
+        self._held: list[int | None] = []  # DeviceSlots buffers of the forwards running this unit
 
     def _pack_home(self) -> None:
         """Move CPU-tier homes into one (pinned) buffer so the unit travels in a single copy."""
-        pin = self.device.type == "cuda"
-        buffer = torch.empty(self.size, dtype=torch.uint8, pin_memory=pin)
+        buffer = pinned_empty(self.size, pin=self.device.type == "cuda")
         for slot in self.slots:
             view = _view(buffer, slot)
             view.copy_(slot.home)
@@ -347,8 +367,12 @@ class StreamedUnit:
                 slot.module._buffers[slot.local] = view
         self.packed = buffer
 
-    def prepare(self) -> tuple[torch.Tensor, Any]:
-        """Copy the unit to the device on a side stream; returns the device buffer and a ready event."""
+    def prepare(self) -> tuple[torch.Tensor, Any, int | None]:
+        """Copy the unit to the device on a side stream.
+
+        Returns the device buffer, the event that marks the copy done, and the index of the
+        :class:`DeviceSlots` buffer it holds (``None``: a buffer of its own).
+        """
         if self.packed is not None:
             source = self.packed
             slot_pool = None
@@ -356,23 +380,29 @@ class StreamedUnit:
             assert self.staging is not None
             slot_pool, source = self.staging.acquire(self.size)
             populate(self.ranges, self.schedule.readahead)  # in bulk, not a fault per page
-            for slot in self.slots:  # CPU memcpy from the file mapping; releases the GIL
-                _view(source, slot).copy_(slot.home)
+            # CPU memcpy from the file mapping, every tensor in one call: the GIL is let go once, not per tensor.
+            if self.slots:
+                torch._foreach_copy_([_view(source, slot) for slot in self.slots], [slot.home for slot in self.slots])
             release(self.ranges)  # the bytes are in the staging buffer: RSS back within the budget
         if self.device.type == "cuda":
             stream = self.schedule_stream()
+            slots = self.schedule.slots.get(self.device)
             with torch.cuda.stream(stream):
-                target = torch.empty(self.size, dtype=torch.uint8, device=self.device)
+                index, target, after = slots.acquire(self.size) if slots is not None else (None, None, None)
+                if target is None:
+                    target = torch.empty(self.size, dtype=torch.uint8, device=self.device)
+                if after is not None:
+                    stream.wait_event(after)  # the kernels that read this buffer last: waited for on the GPU
                 target.copy_(source[: self.size], non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(stream)
             if slot_pool is not None:
                 self.staging.release(slot_pool, event)  # type: ignore[union-attr]
-            return target, event
+            return target, event, index
         target = source[: self.size].to(self.device, copy=True)  # the staging buffer is reused at once
         if slot_pool is not None:
             self.staging.release(slot_pool, None)  # type: ignore[union-attr]
-        return target, None
+        return target, None, None
 
     _streams: dict[torch.device, Any] = {}
 
@@ -387,13 +417,15 @@ class StreamedUnit:
         self.schedule.ahead(self.position)
         return self.enter(args, kwargs, ready)
 
-    def enter(self, args: tuple, kwargs: dict, ready: tuple[torch.Tensor, Any] | None) -> tuple[tuple, dict]:
+    def enter(self, args: tuple, kwargs: dict, ready: tuple[torch.Tensor, Any, int | None] | None) -> tuple[tuple, dict]:
         """Install the unit's weights from ``ready`` (a prefetched :meth:`prepare`), or copy them now."""
-        target, event = ready if ready is not None else self.prepare()
+        target, event, index = ready if ready is not None else self.prepare()
         if event is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(event)
-            target.record_stream(current)
+            if index is None:  # a buffer of PyTorch's allocator: not reused before these kernels ran
+                target.record_stream(current)
+        self._held.append(index)
         for slot in self.slots:
             slot.install(_view(target, slot))
         # Inputs may come from a unit on another GPU (model parallel); a no-op when already here.
@@ -402,6 +434,11 @@ class StreamedUnit:
     def post_forward(self, module: nn.Module, output: Any) -> Any:
         for slot in self.slots:
             slot.restore()
+        index = self._held.pop() if self._held else None
+        if index is not None:  # its kernels are queued: the buffer may take the next copy once they ran
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+            self.schedule.slots[self.device].release(index, done)
         return output
 
 
@@ -410,11 +447,53 @@ def _view(buffer: torch.Tensor, slot: TensorSlot) -> torch.Tensor:
     return buffer[slot.offset : slot.offset + nbytes].view(slot.home.dtype).view(slot.home.shape)
 
 
+class DeviceSlots:
+    """Device buffers that streamed units are copied into in turn: ``count`` of ``size`` bytes, made once.
+
+    ``count`` is ``1 + prefetch``, the room the planner keeps on the device. A unit holds a
+    buffer from its copy until its kernels are queued; the next copy into that buffer waits
+    for those kernels on the GPU (an event on the copy stream), never on the host, so the
+    host runs ahead queueing work while memory stays bounded. When every buffer is held (a
+    module run out of the order the schedule expects) the copy gets a buffer of its own
+    from PyTorch's allocator: correct, only larger.
+    """
+
+    def __init__(self, device: torch.device, size: int, count: int) -> None:
+        self.device = device
+        self.size = size
+        self.count = count
+        self.buffers: list[torch.Tensor] = []  # allocated at the first copy
+        self.done: list[Any] = [None] * count  # per buffer: event after the kernels that read it last
+        self.free = list(range(count - 1, -1, -1))
+        self._lock = threading.Lock()
+
+    def acquire(self, nbytes: int) -> tuple[int | None, torch.Tensor | None, Any]:
+        """A free buffer's index, its first ``nbytes`` and the event to wait for; ``(None, None, None)`` if none is free."""
+        with self._lock:
+            if nbytes > self.size or not self.free:
+                return None, None, None
+            index = self.free.pop()
+            if not self.buffers:
+                self.buffers = [torch.empty(self.size, dtype=torch.uint8, device=self.device) for _ in range(self.count)]
+            return index, self.buffers[index][:nbytes], self.done[index]
+
+    def release(self, index: int, done: Any) -> None:
+        with self._lock:
+            self.done[index] = done
+            if index not in self.free:
+                self.free.append(index)
+
+    def reset(self) -> None:
+        """Every buffer free again (the events stay: a copy into one still waits for its last kernels)."""
+        with self._lock:
+            self.free = list(range(self.count - 1, -1, -1))
+
+
 class StagingPool:
     """Pinned staging buffers, allocated once and reused, for disk-tier units bound for a GPU."""
 
     def __init__(self, size: int, count: int, pin: bool) -> None:
-        self.buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for _ in range(count)]
+        self.buffers = [pinned_empty(size, pin) for _ in range(count)]
         self.events: list[Any] = [None] * count
         self.free = list(range(count))
         self.cond = threading.Condition()
@@ -471,6 +550,12 @@ class RootHook:
             return output
         origin = stack.pop()
         self.schedule.prefetcher.settle()
+        if not stack and self.schedule.slots:
+            # Every unit of this forward ran (or never will: an exception). Prefetches it left
+            # unused are dropped, and their device buffers with them, before the next forward.
+            self.schedule.prefetcher.drain()
+            for slots in self.schedule.slots.values():
+                slots.reset()
         if self.tied_ranges:
             release(self.tied_ranges)
         if self._unchecked and not self._origin.stack:

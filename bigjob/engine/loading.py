@@ -346,19 +346,21 @@ def _load(
     modules = _module_index(model)
     _check_unsaved_buffers(inventory, source, modules)
 
-    # Disk-tier tensors, and CPU-tier ones when the CPU computes, are views of the checkpoint's own
+    # Disk-tier and CPU-tier tensors are views of the checkpoint's own
     # pages wherever the stored dtype is the target one: nothing is copied, and CPU-tier bytes are in
     # memory once (the page cache, mapped in bulk below) instead of twice (it and a private copy).
     # Disk-tier tensors that need converting go to an offload folder.
     offload_entries: list[OffloadEntry] = []
     zero_copy: set[str] = set()
-    cpu_computes = not is_accelerator(main)
     for record in inventory.tensors.values():
         tier = tiers[record.name]
         if record.name not in source:
             continue
         on_disk = tier == DISK and (offload_buffers or not record.is_buffer)
-        if not on_disk and not (tier == CPU and cpu_computes and not record.is_buffer):
+        # With a GPU executing, CPU-tier views are copied once more at dispatch (into pinned memory,
+        # their pages released after): a private copy made here would be a third, and freed heap
+        # memory that the allocator keeps counts against the CPU budget.
+        if not on_disk and not (tier == CPU and not record.is_buffer):
             continue
         key = source[record.name]
         info = ckpt.info(key)

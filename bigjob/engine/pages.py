@@ -214,3 +214,17 @@ def release(ranges: Iterable[Range]) -> None:
     failure = _advise(ranges, _MADV_DONTNEED)
     if failure not in (0, errno.ENOSYS):
         log.debug("release failed: %s", os.strerror(failure))
+
+
+def trim_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Tensors of a few MiB come from glibc's heap, which keeps what is freed for reuse: after
+    CPU-tier weights were converted and then copied into pinned memory, their first copies
+    would stay counted in the process's resident memory, against the CPU budget.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
