@@ -1,0 +1,368 @@
+"""The GPU suite: offloaded forwards on one CUDA GPU, bigjob beside Accelerate, against the copy bound.
+
+Workload: the suite's seeded Llama decoder (``benchmarks/workload.py``: 341M parameters,
+1.36 GB fp32, four shards). One device map per setting, planned once by bigjob under a
+GPU budget that forces offload and given *as an explicit map* to every system, so all run
+the same placement:
+
+* ``cpu``: 25% of the weights on the GPU, the rest in CPU RAM;
+* ``disk``: 25% on the GPU, 40% in CPU RAM, the rest on disk (the checkpoint itself).
+
+Systems, each in a fresh process: ``gpu`` (the whole model on the GPU: the reference and
+the compute floor), ``bigjob`` (execution ``stream``), ``bigjob-auto`` and ``bigjob-local``
+(offloaded layers run on the CPU where that is cheaper / always), and ``accelerate``
+(``init_empty_weights`` + ``load_checkpoint_and_dispatch`` with the same map). On request,
+``bigjob-switch``: bigjob with Python's GIL switch interval at 0.5 ms instead of 5 ms.
+
+Figures: load seconds; first and median forward at each batch; the copy bound, offloaded
+bytes over the measured pinned host-to-device bandwidth (what a streaming forward cannot
+beat); median over that bound; Accelerate's median over bigjob's; GPU memory above the
+weights placed there; RSS growth over the CPU tier; max abs difference of the last
+position's logits from the ``gpu`` reference. The machine's own limits come first: pinned
+and pageable host-to-device bandwidth, page cache into pinned memory, fp32 matmul rate.
+
+    python benchmarks/gpu.py                      # both maps, all systems (about 3 min on an H100/H200)
+    python benchmarks/gpu.py --maps cpu --systems gpu,bigjob,accelerate --batches 1,16 --repeat 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import torch
+from _common import evict, proc_status, versions_line
+from workload import LLAMA, token_batch, write_model_folder
+
+from bigjob.engine.pinned import pinned_empty
+
+SYSTEMS = ("gpu", "bigjob", "bigjob-auto", "bigjob-local", "accelerate")
+MAPS = {"cpu": (0.25, None), "disk": (0.25, 0.40)}  # (GPU share, CPU share: None = all the rest)
+MiB = 2**20
+
+
+# --------------------------------------------------------------------------------------------
+# The machine's limits.
+
+
+def _event_seconds(step: Any, repeat: int) -> float:
+    """Median seconds of ``step`` on the current CUDA stream, timed with events after one warm-up."""
+    step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def h2d_gbps(nbytes: int, pinned: bool, repeat: int = 10) -> float:
+    """Host-to-device copy bandwidth (GB/s) of one ``nbytes`` buffer, pinned (page-locked) or pageable."""
+    source = pinned_empty(nbytes) if pinned else torch.empty(nbytes, dtype=torch.uint8)
+    source.fill_(1)
+    target = torch.empty(nbytes, dtype=torch.uint8, device="cuda:0")
+    return nbytes / _event_seconds(lambda: target.copy_(source, non_blocking=pinned), repeat) / 1e9
+
+
+def cache_to_pinned_gbps(path: Path, nbytes: int = 256 * MiB, repeat: int = 5) -> float:
+    """Bytes a second copied from a cached file (mapped afresh each time, as a disk-tier unit is) into pinned memory."""
+    size = min(nbytes, path.stat().st_size)
+    target = pinned_empty(size)
+    populate = getattr(mmap, "MADV_POPULATE_READ", 22)
+    times = []
+    with open(path, "rb") as handle:
+        handle.read()  # in the page cache
+        for _ in range(repeat + 1):
+            start = time.perf_counter()
+            with mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_COPY) as mapping:
+                mapping.madvise(populate)
+                source = torch.frombuffer(mapping, dtype=torch.uint8)
+                target.copy_(source)
+                del source
+            times.append(time.perf_counter() - start)
+    return size / statistics.median(times[1:]) / 1e9
+
+
+def matmul_tflops(n: int = 8192, dtype: torch.dtype = torch.float32, repeat: int = 10) -> float:
+    a = torch.randn(n, n, device="cuda:0", dtype=dtype)
+    b = torch.randn(n, n, device="cuda:0", dtype=dtype)
+    return 2 * n**3 / _event_seconds(lambda: a @ b, repeat) / 1e12
+
+
+def machine(shard: Path) -> dict[str, Any]:
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "gpu": props.name,
+        "gpu_memory_gib": props.total_memory / 2**30,
+        "h2d_pinned_256MiB": h2d_gbps(256 * MiB, True),
+        "h2d_pinned_48MiB": h2d_gbps(48 * MiB, True),
+        "h2d_pageable_256MiB": h2d_gbps(256 * MiB, False),
+        "cache_to_pinned": cache_to_pinned_gbps(shard),
+        "fp32_tflops": matmul_tflops(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Maps and bytes.
+
+
+def plan_map(folder: Path, weights: int, gpu_share: float, cpu_share: float | None) -> dict[str, str]:
+    """bigjob's plan for the workload under the setting's budgets, as a plain {module: device} map."""
+    from bigjob import infer_auto_device_map
+    from bigjob.models.hf import empty_model
+
+    model = empty_model(folder)
+    cpu = 4 * weights if cpu_share is None else int(cpu_share * weights)
+    budgets = {"cuda:0": int(gpu_share * weights), "cpu": cpu}
+    return dict(infer_auto_device_map(model, max_memory=budgets, no_split_module_classes=["LlamaDecoderLayer"]))
+
+
+def tier_bytes(folder: Path, device_map: dict[str, str]) -> dict[str, int]:
+    """Bytes of weights on each device of ``device_map`` (tied weights once)."""
+    from bigjob.models.hf import empty_model
+
+    model = empty_model(folder)
+    out: dict[str, int] = {}
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    for name, tensor in tensors:
+        owner = max((m for m in device_map if m == "" or name == m or name.startswith(m + ".")), key=len)
+        device = device_map[owner]
+        out[device] = out.get(device, 0) + tensor.numel() * tensor.element_size()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Worker: one system in one process.
+
+
+def _load(system: str, folder: Path, device_map: dict[str, str] | None, scratch: Path) -> Any:
+    import transformers
+
+    if system == "gpu":
+        return transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).to("cuda:0").eval()
+    if system.startswith("bigjob"):
+        import bigjob
+
+        policy = system.partition("-")[2] or "stream"
+        if policy == "switch":  # an experiment: the GIL handed between threads every 0.5 ms instead of 5 ms
+            sys.setswitchinterval(5e-4)
+            policy = "stream"
+        return bigjob.from_pretrained(folder, device_map=device_map, offload_folder=scratch, execution=policy)
+    if system == "accelerate":
+        from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+
+        config = transformers.AutoConfig.from_pretrained(folder)
+        with init_empty_weights():
+            model = transformers.LlamaForCausalLM(config)
+        model.tie_weights()
+        assert device_map is not None
+        accelerate_map = {k: (int(v.split(":")[1]) if v.startswith("cuda:") else v) for k, v in device_map.items()}
+        return load_checkpoint_and_dispatch(
+            model, str(folder), device_map=accelerate_map, offload_folder=str(scratch), dtype=torch.float32
+        ).eval()
+    raise SystemExit(f"unknown system {system!r}")
+
+
+def _timed(model: Any, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    logits = model(input_ids=ids, use_cache=False).logits
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, logits
+
+
+def worker(system: str, folder: Path, map_file: Path | None, scratch: Path, batches: list[int], tokens: int,
+           repeat: int, cold: int, out: Path) -> None:
+    from bigjob.job.report import MemorySampler
+
+    torch.zeros(1, device="cuda:0")  # the CUDA context, outside the load's time
+    import transformers  # noqa: F401 - imports too: seconds that are no system's loading
+    import bigjob  # noqa: F401
+    if system == "accelerate":
+        import accelerate  # noqa: F401
+    device_map = json.loads(map_file.read_text()) if map_file else None
+    files = sorted(folder.glob("*.safetensors"))
+    result: dict[str, Any] = {"system": system, "batches": {}}
+    base_rss = proc_status("VmRSS")
+    with MemorySampler(0.005) as peak:
+        start = time.perf_counter()
+        model = _load(system, folder, device_map, scratch)
+        torch.cuda.synchronize()
+        result["load_s"] = time.perf_counter() - start
+        result["gpu_after_load"] = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        logits: dict[int, torch.Tensor] = {}
+        with torch.inference_mode():
+            for batch in batches:
+                ids = token_batch(batch, tokens).to("cuda:0")
+                first, out_logits = _timed(model, ids)
+                logits[batch] = out_logits[:, -1].float().cpu()
+                del out_logits
+                times = [_timed(model, ids)[0] for _ in range(repeat)]
+                result["batches"][batch] = {"first_s": first, "median_s": statistics.median(times), "min_s": min(times)}
+            if cold and device_map and "disk" in device_map.values():
+                batch = 4 if 4 in batches else batches[0]
+                ids = token_batch(batch, tokens).to("cuda:0")
+                times = []
+                for _ in range(cold):
+                    evict(files + sorted(p for p in scratch.rglob("*") if p.is_file()))
+                    times.append(_timed(model, ids)[0])
+                result["cold"] = {"batch": batch, "median_s": statistics.median(times)}
+        result["gpu_peak"] = torch.cuda.max_memory_allocated()
+    result["rss_growth"] = peak.peak_rss - base_rss
+    torch.save(logits, out.with_suffix(".pt"))
+    out.write_text(json.dumps(result))
+
+
+# --------------------------------------------------------------------------------------------
+# Driver.
+
+
+def run_system(system: str, args: argparse.Namespace, map_file: Path | None, scratch: Path, out: Path) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", system, "--out", str(out), "--folder", str(args.folder),
+           "--scratch", str(scratch), "--batches", args.batches, "--tokens", str(args.tokens),
+           "--repeat", str(args.repeat), "--cold", str(args.cold)]
+    if map_file is not None:
+        cmd += ["--map-file", str(map_file)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"system": system, "error": f"timed out after {args.timeout} s"}
+    if done.returncode != 0 or not out.exists():
+        tail = (done.stderr or done.stdout).strip().splitlines()[-12:]
+        print(f"!! {system} failed (exit {done.returncode}):\n   " + "\n   ".join(tail), flush=True)
+        return {"system": system, "error": tail[-1] if tail else f"exit {done.returncode}"}
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "bigjob-bench-hf-llama")
+    parser.add_argument("--maps", default="cpu,disk", help="comma-separated: " + ", ".join(MAPS))
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--batches", default="1,4,16")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--cold", type=int, default=3, help="forwards with the checkpoint evicted before each (disk map)")
+    parser.add_argument("--timeout", type=int, default=240, help="seconds for one system's process")
+    parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--map-file", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.worker:
+        worker(args.worker, args.folder, args.map_file, args.scratch, batches, args.tokens, args.repeat, args.cold, args.out)
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/gpu.py needs a CUDA GPU (torch.cuda.is_available() is False)")
+    systems = args.systems.split(",")
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        systems = [s for s in systems if s != "accelerate"]
+
+    started = time.perf_counter()
+    write_model_folder(args.folder, LLAMA)
+    files = sorted(args.folder.glob("*.safetensors"))
+    weights = sum(f.stat().st_size for f in files)
+    facts = machine(files[0])
+    print(f"# {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}")
+    print(f"# {versions_line()}; CUDA {torch.version.cuda}")
+    print(f"# {facts['gpu']} ({facts['gpu_memory_gib']:.0f} GiB), {os.cpu_count()} CPU cores (torch threads {facts['cpu_threads']})")
+    print(f"# host-to-device: pinned {facts['h2d_pinned_256MiB']:.1f} GB/s (256 MiB), {facts['h2d_pinned_48MiB']:.1f} GB/s (48 MiB); "
+          f"pageable {facts['h2d_pageable_256MiB']:.1f} GB/s; page cache -> pinned {facts['cache_to_pinned']:.1f} GB/s; "
+          f"fp32 matmul {facts['fp32_tflops']:.1f} TFLOP/s", flush=True)
+    report: dict[str, Any] = {"machine": facts, "argv": sys.argv, "weights": weights, "maps": {}}
+    bandwidth = facts["h2d_pinned_48MiB"] * 1e9  # transfers are one decoder layer (48 MiB) at a time
+
+    with tempfile.TemporaryDirectory(prefix="bigjob-gpu-bench-") as tmp:
+        scratch = Path(tmp)
+        reference: dict[str, Any] | None = None
+        if "gpu" in systems:
+            reference = run_system("gpu", args, None, scratch / "gpu", scratch / "gpu.json")
+        for name in args.maps.split(","):
+            device_map = plan_map(args.folder, weights, *MAPS[name])
+            tiers = tier_bytes(args.folder, device_map)
+            offloaded = tiers.get("cpu", 0) + tiers.get("disk", 0)
+            map_file = scratch / f"map-{name}.json"
+            map_file.write_text(json.dumps(device_map))
+            results: dict[str, Any] = {}
+            for system in systems:
+                if system == "gpu":
+                    continue
+                out = scratch / f"{name}-{system}.json"
+                results[system] = run_system(system, args, map_file, scratch / f"{name}-{system}", out)
+                if reference is not None and "error" not in results[system] and "error" not in reference:
+                    ref = torch.load(scratch / "gpu.pt")
+                    got = torch.load(out.with_suffix(".pt"))
+                    results[system]["max_abs_diff"] = max(float((ref[b] - got[b]).abs().max()) for b in ref)
+            report["maps"][name] = {"tiers": tiers, "bound_s": offloaded / bandwidth, "results": results}
+            _print_map(name, tiers, offloaded / bandwidth, results, reference, batches)
+        report["reference"] = reference
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    print(f"\n# {time.perf_counter() - started:.0f} s in all")
+
+
+def _print_map(name: str, tiers: dict[str, int], bound: float, results: dict[str, Any], reference: dict[str, Any] | None,
+               batches: list[int]) -> None:
+    def mib(n: float) -> str:
+        return f"{n / MiB:.0f}"
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return f"{a / b:.2f}" if a and b else "-"
+
+    def median(r: dict[str, Any] | None, batch: int) -> float | None:
+        if not r or "error" in r:
+            return None
+        return r["batches"][str(batch)]["median_s"]
+
+    print(f"\n## map {name!r}: GPU {mib(tiers.get('cuda:0', 0))} MiB, CPU {mib(tiers.get('cpu', 0))} MiB, "
+          f"disk {mib(tiers.get('disk', 0))} MiB; copy bound {bound * 1e3:.1f} ms a forward (offloaded bytes / pinned H2D)")
+    print("| system | load s | batch | first s | median ms | x copy bound | x GPU-resident | x max of both | Accelerate / this | "
+          "GPU over its weights MiB | RSS over CPU tier MiB | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for system, r in results.items():
+        if "error" in r:
+            print(f"| {system} | failed: {r['error'][:160]} |")
+            continue
+        for batch in batches:
+            b = r["batches"][str(batch)]
+            print(f"| {system} | {r['load_s']:.2f} | {batch} | {b['first_s']:.3f} | {b['median_s'] * 1e3:.1f} | "
+                  f"{ratio(b['median_s'], bound)} | {ratio(b['median_s'], median(reference, batch))} | "
+                  f"{ratio(b['median_s'], max(bound, median(reference, batch) or 0))} | "
+                  f"{ratio(median(results.get('accelerate'), batch), b['median_s'])} | "
+                  f"{mib(r['gpu_peak'] - tiers.get('cuda:0', 0))} | {mib(r['rss_growth'] - tiers.get('cpu', 0))} | "
+                  f"{r.get('max_abs_diff', float('nan')):.3g} |")
+        if "cold" in r:
+            c = r["cold"]
+            print(f"| {system}, evicted | | {c['batch']} | | {c['median_s'] * 1e3:.1f} | {ratio(c['median_s'], bound)} | | | | | | |")
+    if reference and "error" not in reference:
+        for batch in batches:
+            b = reference["batches"][str(batch)]
+            print(f"| gpu (all on the GPU) | {reference['load_s']:.2f} | {batch} | {b['first_s']:.3f} | {b['median_s'] * 1e3:.1f} | "
+                  f"| 1.00 | | | | | 0 |")
+
+
+if __name__ == "__main__":
+    main()
