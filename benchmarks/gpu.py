@@ -153,7 +153,7 @@ def tier_bytes(folder: Path, device_map: dict[str, str]) -> dict[str, int]:
 # Worker: one system in one process.
 
 
-def _load(system: str, folder: Path, device_map: dict[str, str] | None, scratch: Path) -> Any:
+def _load(system: str, folder: Path, device_map: dict[str, str] | None, scratch: Path, prefetch: int = 1) -> Any:
     import transformers
 
     if system == "gpu":
@@ -165,7 +165,7 @@ def _load(system: str, folder: Path, device_map: dict[str, str] | None, scratch:
         if policy == "switch":  # an experiment: the GIL handed between threads every 0.5 ms instead of 5 ms
             sys.setswitchinterval(5e-4)
             policy = "stream"
-        return bigjob.from_pretrained(folder, device_map=device_map, offload_folder=scratch, execution=policy)
+        return bigjob.from_pretrained(folder, device_map=device_map, offload_folder=scratch, execution=policy, prefetch=prefetch)
     if system == "accelerate":
         from accelerate import init_empty_weights, load_checkpoint_and_dispatch
 
@@ -190,7 +190,7 @@ def _timed(model: Any, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
 
 
 def worker(system: str, folder: Path, map_file: Path | None, scratch: Path, batches: list[int], tokens: int,
-           repeat: int, cold: int, out: Path) -> None:
+           repeat: int, cold: int, out: Path, prefetch: int = 1) -> None:
     from bigjob.job.report import MemorySampler
 
     torch.zeros(1, device="cuda:0")  # the CUDA context, outside the load's time
@@ -204,7 +204,7 @@ def worker(system: str, folder: Path, map_file: Path | None, scratch: Path, batc
     base_rss = proc_status("VmRSS")
     with MemorySampler(0.005) as peak:
         start = time.perf_counter()
-        model = _load(system, folder, device_map, scratch)
+        model = _load(system, folder, device_map, scratch, prefetch)
         torch.cuda.synchronize()
         result["load_s"] = time.perf_counter() - start
         result["gpu_after_load"] = torch.cuda.memory_allocated()
@@ -239,7 +239,7 @@ def worker(system: str, folder: Path, map_file: Path | None, scratch: Path, batc
 def run_system(system: str, args: argparse.Namespace, map_file: Path | None, scratch: Path, out: Path) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", system, "--out", str(out), "--folder", str(args.folder),
            "--scratch", str(scratch), "--batches", args.batches, "--tokens", str(args.tokens),
-           "--repeat", str(args.repeat), "--cold", str(args.cold)]
+           "--repeat", str(args.repeat), "--cold", str(args.cold), "--prefetch", str(args.prefetch)]
     if map_file is not None:
         cmd += ["--map-file", str(map_file)]
     try:
@@ -262,6 +262,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--cold", type=int, default=3, help="forwards with the checkpoint evicted before each (disk map)")
+    parser.add_argument("--prefetch", type=int, default=1, help="bigjob's prefetch depth (units copied ahead)")
     parser.add_argument("--timeout", type=int, default=240, help="seconds for one system's process")
     parser.add_argument("--json", type=Path, help="write every figure here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -271,7 +272,8 @@ def main() -> None:
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     if args.worker:
-        worker(args.worker, args.folder, args.map_file, args.scratch, batches, args.tokens, args.repeat, args.cold, args.out)
+        worker(args.worker, args.folder, args.map_file, args.scratch, batches, args.tokens, args.repeat, args.cold, args.out,
+               args.prefetch)
         return
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu.py needs a CUDA GPU (torch.cuda.is_available() is False)")
