@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from bigjob.engine.devices import CPU, normalize_device, parse_size
+from bigjob.engine.pinned import pinned_empty
 from bigjob.errors import BudgetError, ConfigError
 
 __all__ = ["ExecutionRates", "measure_rates", "parse_bandwidth", "parse_flops"]
@@ -163,7 +164,9 @@ def _best_seconds(step: Any, device: torch.device, repeats: int) -> float:
 
 def _copy_rate(device: torch.device, nbytes: int = 64 * 2**20, repeats: int = 3) -> float:
     """Bytes per second of one pinned host buffer copied to ``device`` (a RAM copy for the CPU)."""
-    source = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    # Page-locked memory of its own: from PyTorch's pinned allocator it would stay cached (64 MiB
+    # of resident RAM for the process's life) after this one measurement.
+    source = pinned_empty(nbytes, pin=device.type == "cuda")
     target = torch.empty(nbytes, dtype=torch.uint8, device=device)
     return nbytes / _best_seconds(lambda: target.copy_(source, non_blocking=True), device, repeats)
 
