@@ -423,8 +423,9 @@ class StreamedUnit:
         if event is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(event)
-            if index is None:  # a buffer of PyTorch's allocator: not reused before these kernels ran
-                target.record_stream(current)
+            # Made on the copy stream: when it is freed (a buffer of its own after this forward, the
+            # reused ones with the dispatch), the allocator waits for these kernels before reusing it.
+            target.record_stream(current)
         self._held.append(index)
         for slot in self.slots:
             slot.install(_view(target, slot))
