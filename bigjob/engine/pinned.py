@@ -50,9 +50,8 @@ def pinned_empty(nbytes: int, pin: bool = True) -> torch.Tensor:
     pages = _Pages(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     tensor = torch.frombuffer(pages, dtype=torch.uint8)  # holds ``pages`` until the storage is freed
     address = tensor.data_ptr()
-    cudart = torch.cuda.cudart()
     torch.cuda.init()
-    status = cudart.cudaHostRegister(address, size, _PORTABLE)
+    status = torch.cuda.cudart().cudaHostRegister(address, size, _PORTABLE)
     if int(status) != 0:
         log.warning(
             "cudaHostRegister of %d bytes failed (CUDA error %d); that buffer is not page-locked and copies from it "
@@ -60,5 +59,16 @@ def pinned_empty(nbytes: int, pin: bool = True) -> torch.Tensor:
         )
         return tensor[:nbytes]
     # Runs when the storage lets go of ``pages``, before the pages are unmapped.
-    weakref.finalize(pages, cudart.cudaHostUnregister, address)
+    weakref.finalize(pages, _unpin, address)
     return tensor[:nbytes]
+
+
+def _unpin(address: int) -> None:
+    """Unlock pages that copies may still be reading: PyTorch records no event for memory it did not
+    allocate, so every GPU finishes its queued work first (this runs when a dispatch is dropped)."""
+    try:
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(index)
+        torch.cuda.cudart().cudaHostUnregister(address)
+    except Exception:  # noqa: BLE001 - at interpreter exit CUDA may be gone; the pages go with the process
+        log.debug("cudaHostUnregister failed", exc_info=True)
