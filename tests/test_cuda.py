@@ -121,6 +121,24 @@ def test_streamed_disk_pages_are_unmapped_after_the_copy(tmp_path: Path) -> None
 
 @pytest.mark.cuda
 @needs_cuda
+def test_cpu_tier_file_pages_are_released_once_packed(tmp_path: Path) -> None:
+    # The CPU tier is read as views of the checkpoint, copied once into pinned homes, and its
+    # file pages given back: held in both, it would count twice against the CPU budget.
+    sharded = write_sharded_safetensors(tmp_path, untied_state(make_reference(**WIDE)))
+    model = load_checkpoint_and_dispatch(
+        empty_model(**WIDE), sharded, device_map={"": "cpu", "embed": "cuda:0", "head": "cuda:0"}, no_split_module_classes=["Block"]
+    )
+    files = sorted(sharded.parent.glob("*.safetensors"))
+    cpu_kib = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not p.is_cuda) // 1024
+    assert cpu_kib > 12_000 and model.blocks[0].up.weight.is_pinned()
+    assert sum(resident_kib(f) for f in files) < cpu_kib // 10
+    ids = inputs().cuda()
+    close(run(model, ids), run(make_reference(**WIDE).to("cuda:0"), ids))
+    assert sum(resident_kib(f) for f in files) < cpu_kib // 10  # forwards copy from the homes, not the files
+
+
+@pytest.mark.cuda
+@needs_cuda
 def test_outputs_come_back_where_the_inputs_were(sharded: Path) -> None:
     model = load_checkpoint_and_dispatch(empty_model(), sharded, device_map=GPU_MIXED, no_split_module_classes=["Block"])
     ids = inputs()
