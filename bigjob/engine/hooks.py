@@ -373,6 +373,8 @@ class StreamedUnit:
         Returns the device buffer, the event that marks the copy done, and the index of the
         :class:`DeviceSlots` buffer it holds (``None``: a buffer of its own).
         """
+        if not self.size and self.device.type == "cuda":  # only tied tensors, kept on the device: nothing to copy
+            return torch.empty(0, dtype=torch.uint8, device=self.device), None, None
         if self.packed is not None:
             source = self.packed
             slot_pool = None
