@@ -189,8 +189,39 @@ def _timed(model: Any, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, logits
 
 
+def trace_forward(model: Any, ids: torch.Tensor, path: Path) -> None:
+    """One forward under the torch profiler: ``path``.txt (op tables) and ``path``.json.gz (a Chrome trace)."""
+    import gzip
+    import shutil
+
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = ids.is_cuda
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with torch.inference_mode(), profile(activities=activities) as prof:
+        model(input_ids=ids, use_cache=False)
+        if cuda:
+            torch.cuda.synchronize()
+    averages = prof.key_averages()
+    tables = [averages.table(sort_by="self_cpu_time_total", row_limit=30)]
+    if cuda:
+        for key in ("self_device_time_total", "self_cuda_time_total"):
+            try:
+                tables.append(averages.table(sort_by=key, row_limit=30))
+                break
+            except (AttributeError, KeyError, ValueError):
+                continue
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".txt").write_text("\n\n".join(tables))
+    raw = path.with_suffix(".json")
+    prof.export_chrome_trace(str(raw))
+    with open(raw, "rb") as source, gzip.open(path.with_suffix(".json.gz"), "wb") as target:
+        shutil.copyfileobj(source, target)
+    raw.unlink()
+
+
 def worker(system: str, folder: Path, map_file: Path | None, scratch: Path, batches: list[int], tokens: int,
-           repeat: int, cold: int, out: Path, prefetch: int = 1) -> None:
+           repeat: int, cold: int, out: Path, prefetch: int = 1, trace: Path | None = None) -> None:
     from bigjob.job.report import MemorySampler
 
     torch.zeros(1, device="cuda:0")  # the CUDA context, outside the load's time
@@ -228,6 +259,8 @@ def worker(system: str, folder: Path, map_file: Path | None, scratch: Path, batc
                 result["cold"] = {"batch": batch, "median_s": statistics.median(times)}
         result["gpu_peak"] = torch.cuda.max_memory_allocated()
     result["rss_growth"] = peak.peak_rss - base_rss
+    if trace is not None:  # after the figures: the profiler's own cost stays out of them
+        trace_forward(model, token_batch(batches[0], tokens).to("cuda:0"), trace)
     torch.save(logits, out.with_suffix(".pt"))
     out.write_text(json.dumps(result))
 
@@ -242,6 +275,9 @@ def run_system(system: str, args: argparse.Namespace, map_file: Path | None, scr
            "--repeat", str(args.repeat), "--cold", str(args.cold), "--prefetch", str(args.prefetch)]
     if map_file is not None:
         cmd += ["--map-file", str(map_file)]
+    if args.trace is not None:
+        label = f"{map_file.stem.removeprefix('map-')}-{system}" if map_file is not None else system
+        cmd += ["--trace-file", str(args.trace / label)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=False)
     except subprocess.TimeoutExpired:
@@ -265,6 +301,8 @@ def main() -> None:
     parser.add_argument("--prefetch", type=int, default=1, help="bigjob's prefetch depth (units copied ahead)")
     parser.add_argument("--timeout", type=int, default=240, help="seconds for one system's process")
     parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--trace", type=Path, help="folder for one profiled forward per system (op tables, Chrome traces)")
+    parser.add_argument("--trace-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
@@ -273,7 +311,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     if args.worker:
         worker(args.worker, args.folder, args.map_file, args.scratch, batches, args.tokens, args.repeat, args.cold, args.out,
-               args.prefetch)
+               args.prefetch, args.trace_file)
         return
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu.py needs a CUDA GPU (torch.cuda.is_available() is False)")

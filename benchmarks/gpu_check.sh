@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine: the CUDA tests, then the GPU suite (benchmarks/gpu.py).
+# One call on a lent GPU machine: the CUDA tests, then the GPU suite (benchmarks/gpu.py) with one
+# profiled forward per system (traces.tgz: torch profiler op tables and Chrome traces).
 # Python packages the machine lacks (hydra-core, omegaconf, antlr4, diskcache) travel as
 # wheels in .whl/ (see the device tool's notes); logs and figures go to $OUT.
 #   bash benchmarks/gpu_check.sh [TEST_SECONDS] [BENCH_SECONDS] [gpu.py arguments...]
@@ -23,4 +24,6 @@ if [ -f .diag/disk_pages.py ]; then  # an uncommitted diagnostic, carried when t
   echo "== diagnostic"; timeout 90 python3 .diag/disk_pages.py > "$out/diag.log" 2>&1; tail -60 "$out/diag.log"
 fi
 echo "== benchmark"
-timeout "$bench_s" python3 benchmarks/gpu.py --json "$out/gpu.json" "$@" 2>&1 | tee "$out/gpu.log"
+timeout "$bench_s" python3 benchmarks/gpu.py --json "$out/gpu.json" --trace "$out/traces" "$@" 2>&1 | tee "$out/gpu.log"
+# One profiled forward per system and map: one archive, as only a few files come back from a device call.
+if [ -d "$out/traces" ]; then tar czf "$out/traces.tgz" -C "$out" traces && rm -rf "$out/traces"; fi
