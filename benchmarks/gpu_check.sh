@@ -2,7 +2,10 @@
 # One call on a lent GPU machine: the CUDA tests, then the GPU suite (benchmarks/gpu.py) with one
 # profiled forward per system (traces.tgz: torch profiler op tables and Chrome traces).
 # Python packages the machine lacks (hydra-core, omegaconf, antlr4, diskcache) travel as
-# wheels in .whl/ (see the device tool's notes); logs and figures go to $OUT.
+# wheels in .whl/ (ignored by git; carry it), made here with
+#   pip download --no-deps --only-binary=:all: -d .whl hydra-core==1.3.8 omegaconf==2.3.1 diskcache==5.6.3
+#   pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3
+# Logs, figures and traces go to $OUT.
 #   bash benchmarks/gpu_check.sh [TEST_SECONDS] [BENCH_SECONDS] [gpu.py arguments...]
 set -uo pipefail
 tests_s=${1:-120}; bench_s=${2:-280}; shift 2 || true
