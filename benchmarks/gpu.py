@@ -121,32 +121,19 @@ def machine(shard: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# Maps and bytes.
+# The map.
 
 
-def plan_map(folder: Path, weights: int, gpu_share: float, cpu_share: float | None) -> dict[str, str]:
-    """bigjob's plan for the workload under the setting's budgets, as a plain {module: device} map."""
+def plan_map(folder: Path, weights: int, gpu_share: float, cpu_share: float | None) -> tuple[dict[str, str], dict[str, int]]:
+    """bigjob's plan for the workload under the setting's budgets: a plain {module: device} map and the bytes on each device."""
     from bigjob import infer_auto_device_map
     from bigjob.models.hf import empty_model
 
-    model = empty_model(folder)
     cpu = 4 * weights if cpu_share is None else int(cpu_share * weights)
     budgets = {"cuda:0": int(gpu_share * weights), "cpu": cpu}
-    return dict(infer_auto_device_map(model, max_memory=budgets, no_split_module_classes=["LlamaDecoderLayer"]))
-
-
-def tier_bytes(folder: Path, device_map: dict[str, str]) -> dict[str, int]:
-    """Bytes of weights on each device of ``device_map`` (tied weights once)."""
-    from bigjob.models.hf import empty_model
-
-    model = empty_model(folder)
-    out: dict[str, int] = {}
-    tensors = [*model.named_parameters(), *model.named_buffers()]
-    for name, tensor in tensors:
-        owner = max((m for m in device_map if m == "" or name == m or name.startswith(m + ".")), key=len)
-        device = device_map[owner]
-        out[device] = out.get(device, 0) + tensor.numel() * tensor.element_size()
-    return out
+    plan = infer_auto_device_map(empty_model(folder), max_memory=budgets, no_split_module_classes=["LlamaDecoderLayer"])
+    assert plan.summary is not None
+    return dict(plan), dict(plan.summary.planned_bytes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,8 +328,7 @@ def main() -> None:
         if "gpu" in systems:
             reference = run_system("gpu", args, None, scratch / "gpu", scratch / "gpu.json")
         for name in args.maps.split(","):
-            device_map = plan_map(args.folder, weights, *MAPS[name])
-            tiers = tier_bytes(args.folder, device_map)
+            device_map, tiers = plan_map(args.folder, weights, *MAPS[name])
             offloaded = tiers.get("cpu", 0) + tiers.get("disk", 0)
             map_file = scratch / f"map-{name}.json"
             map_file.write_text(json.dumps(device_map))

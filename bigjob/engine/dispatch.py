@@ -247,14 +247,15 @@ def dispatch_loaded(
                 handles.append(HookHandle(module, MoveInputs(next(iter(devices)))))
             continue
         # Only views of files may be released (MADV_DONTNEED): on anonymous memory it zeroes the data.
-        views = [_range(modules, n) for n in offloaded if n not in tied and n in file_backed]
+        file_views = {n: _range(modules, n) for n in offloaded if n not in tied and n in file_backed}
+        views = list(file_views.values())
         ranges = merge(views)
         if is_accelerator(main):
             policy = plan.decisions[unit.name].policy
             hook: StreamedUnit | LocalUnit | AutoUnit
             if policy == "local":  # the plan never makes a unit holding tied or resident tensors local
                 # Only disk-tier pages come and go per forward; CPU-tier views stay mapped, as the loader made them.
-                disk_views = [_range(modules, n) for n in offloaded if n not in tied and n in file_backed and tiers[n] == DISK]
+                disk_views = [view for n, view in file_views.items() if tiers[n] == DISK]
                 hook = LocalUnit(unit.name, merge(disk_views), main_dev, schedule)
                 streamed_views.extend(disk_views)
                 local += 1

@@ -223,8 +223,6 @@ def trim_heap() -> None:
     CPU-tier weights were converted and then copied into pinned memory, their first copies
     would stay counted in the process's resident memory, against the CPU budget.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim = getattr(_libc, "malloc_trim", None)  # glibc only (not musl, not macOS)
+    if trim is not None:
+        trim(0)
