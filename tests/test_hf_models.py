@@ -164,3 +164,25 @@ def test_without_transformers_the_core_imports_and_the_adapter_says_what_to_inst
     out = subprocess.run([sys.executable, "-c", code, str(REPO_ROOT)], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "pip install 'bigjob[hf]'" in out.stdout
+
+
+def test_working_memory_for_a_batch_shape_is_kept_free_of_weights(hf_models):
+    folder = hf_models["llama"]
+    plain = from_pretrained(folder, max_memory={"cpu": "200KB"})
+    kept = from_pretrained(folder, max_memory={"cpu": "200KB"}, working_memory=(4, 16))
+    # The plumbing: the estimate for input ids of that shape (its bytes are checked in test_working_memory.py).
+    from bigjob import estimate_working_memory
+
+    expected = estimate_working_memory(hf.empty_model(folder), torch.zeros(4, 16, dtype=torch.long))
+    cache = 4 * 2 * 4 * 2 * 16 * 8 * 4  # layers x (keys, values) x batch x KV heads x tokens x head size, fp32
+    assert expected > cache
+    summary = get_dispatch_info(kept).device_map.summary
+    assert summary.working_memory == expected
+    cpu_bytes = summary.planned_bytes.get("cpu", 0)
+    assert cpu_bytes + summary.reserve.get("cpu", 0) + expected <= 200_000
+    assert cpu_bytes < get_dispatch_info(plain).device_map.summary.planned_bytes.get("cpu", 0)
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(kept(ids).logits, reference(folder)(ids).logits, rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match=r"working_memory=\(4,\).*\(batch, tokens\)"):
+        from_pretrained(folder, max_memory={"cpu": "200KB"}, working_memory=(4,))

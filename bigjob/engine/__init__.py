@@ -4,7 +4,8 @@ Empty models (:mod:`.empty`), byte accounting (:mod:`.sizes`), budgets (:mod:`.d
 the planner (:mod:`.planner`) and its :class:`DeviceMap`, checkpoint readers
 (:mod:`.checkpoint`), offload folders (:mod:`.store`), the loader (:mod:`.loading`) and
 the dispatcher with its hooks (:mod:`.dispatch`, :mod:`.hooks`, :mod:`.local_units`) and the
-execution policy of offloaded units (:mod:`.execution`, with the speeds it weighs in :mod:`.rates`).
+execution policy of offloaded units (:mod:`.execution`, with the speeds it weighs in :mod:`.rates`),
+and the forward's own memory (:mod:`.working_memory`).
 """
 
 from bigjob.engine.checkpoint import Checkpoint, open_checkpoint
@@ -25,6 +26,7 @@ from bigjob.engine.execution import ExecutionPlan, ExecutionRates, measure_rates
 from bigjob.engine.loading import load_checkpoint_in_model
 from bigjob.engine.planner import get_balanced_memory, infer_auto_device_map
 from bigjob.engine.sizes import compute_module_sizes
+from bigjob.engine.working_memory import estimate_working_memory
 
 __all__ = [
     "Checkpoint",
@@ -37,6 +39,7 @@ __all__ = [
     "compute_module_sizes",
     "cpu_offload",
     "disk_offload",
+    "estimate_working_memory",
     "dispatch_model",
     "execution_tokens",
     "get_balanced_memory",

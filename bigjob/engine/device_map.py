@@ -39,6 +39,7 @@ class PlanSummary:
     reserve: dict[str, int] = field(default_factory=dict)
     dtype: str | None = None
     total_bytes: int = 0
+    working_memory: int = 0  # bytes kept free on main_device for the forward itself
 
 
 class DeviceMap(Mapping[str, str]):

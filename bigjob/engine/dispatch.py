@@ -416,12 +416,16 @@ def load_checkpoint_and_dispatch(
     execution: Execution = "stream",
     execution_rates: Rates | None = None,
     disk_reads: DiskReads = "auto",
+    working_memory: int | str = 0,
 ) -> nn.Module:
     """Load ``checkpoint`` into the (empty) ``model`` following ``device_map`` and attach the hooks that run it.
 
     ``device_map`` is a strategy (``"auto"``, ``"balanced"``, ``"balanced_low_0"``,
     ``"sequential"``), a device (``"cpu"``, ``"cuda:0"``, ``"disk"``) or an explicit map.
     Outputs equal the same model loaded in RAM, wherever its weights live.
+    ``working_memory``: bytes a planned map keeps free on the device that runs the model, for
+    the forward itself (:func:`~bigjob.engine.working_memory.estimate_working_memory` gives it
+    for a batch), so that weights and forward stay within ``max_memory`` together.
     ``execution``/``execution_rates``: how offloaded units run on an accelerator (see
     :func:`dispatch_loaded`); they do not change where the weights go.
 
@@ -454,6 +458,7 @@ def load_checkpoint_and_dispatch(
         no_split_module_classes=no_split_module_classes,
         offload_buffers=offload_buffers,
         prefetch=prefetch,
+        working_memory=working_memory,
     )
     return dispatch_loaded(model, result, prefetch=prefetch, execution=execution, execution_rates=execution_rates, disk_reads=disk_reads)
 

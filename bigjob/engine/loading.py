@@ -286,16 +286,29 @@ def load_checkpoint_in_model(
     no_split_module_classes: Iterable[str] | None = None,
     offload_buffers: bool = False,
     prefetch: int = 1,
+    working_memory: int | str = 0,
 ) -> LoadResult:
     """Load ``checkpoint`` into ``model`` (empty or not) following ``device_map`` (default: all on CPU).
 
     ``dtype`` is the target dtype of floating tensors (``None``: each keeps the dtype it is
     stored in); ``special_dtypes`` overrides it per module. Disk-tier tensors that need converting go
     to an offload folder under ``offload_folder`` (required then). ``prefetch`` is the depth the
-    model will be dispatched with: a planned map keeps room for that many units in flight.
+    model will be dispatched with: a planned map keeps room for that many units in flight, and
+    ``working_memory`` bytes free for the forward (see :func:`~bigjob.engine.planner.infer_auto_device_map`).
     """
     started = time.perf_counter()
-    args = (device_map, dtype, offload_folder, strict, special_dtypes, max_memory, no_split_module_classes, offload_buffers, prefetch)
+    args = (
+        device_map,
+        dtype,
+        offload_folder,
+        strict,
+        special_dtypes,
+        max_memory,
+        no_split_module_classes,
+        offload_buffers,
+        prefetch,
+        working_memory,
+    )
     if isinstance(checkpoint, Checkpoint):
         return _load(model, checkpoint, started, *args)
     # Opened here, closed here: the descriptors of positioned reads must not outlive the load
@@ -317,6 +330,7 @@ def _load(
     no_split_module_classes: Iterable[str] | None,
     offload_buffers: bool,
     prefetch: int,
+    working_memory: int | str,
 ) -> LoadResult:
     target = resolve_dtype(dtype)
     keep_stored = target is None
@@ -339,6 +353,7 @@ def _load(
         special_dtypes,
         prefetch,
         inventory=inventory,
+        working_memory=working_memory,
     )
     tiers = assign_tensors(inventory, resolved)
     main = resolved.summary.main_device if resolved.summary else _main_of(resolved)

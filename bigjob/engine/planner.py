@@ -37,6 +37,7 @@ from bigjob.engine.devices import (
     get_max_memory,
     is_accelerator,
     normalize_device,
+    parse_size,
 )
 from bigjob.engine.sizes import Inventory, Unit, build_inventory, no_gc
 from bigjob.errors import BudgetError, ConfigError
@@ -280,8 +281,14 @@ def _water_level(capacities: list[int], total: int) -> int:
     return ordered[-1] if ordered else 0
 
 
-def plan(inventory: Inventory, budgets: Mapping[str, int], strategy: str = "auto", prefetch: int = 1) -> DeviceMap:
+def plan(
+    inventory: Inventory, budgets: Mapping[str, int], strategy: str = "auto", prefetch: int = 1, working_memory: int = 0
+) -> DeviceMap:
     """The device map for ``inventory`` under ``budgets`` (canonical device -> bytes). Pure.
+
+    ``working_memory``: bytes the forward itself needs on the execution device (activations,
+    outputs, caches; see :func:`~bigjob.engine.working_memory.estimate_working_memory`),
+    kept free of weights and streaming buffers there.
 
     >>> from torch import nn
     >>> inv = build_inventory(nn.Sequential(*[nn.Linear(10, 10) for _ in range(3)]))  # 440 bytes each
@@ -297,6 +304,31 @@ def plan(inventory: Inventory, budgets: Mapping[str, int], strategy: str = "auto
     for device, size in budgets.items():
         ordered[normalize_device(device)] = int(size)
     budgets = dict(sorted(ordered.items(), key=lambda item: device_order(item[0])))
+    if working_memory < 0:
+        raise ConfigError(f"working_memory={working_memory} is negative; give the forward's working memory in bytes (0: none)")
+    runs_on = _main_device(budgets)
+    if working_memory:
+        if working_memory >= budgets.get(runs_on, 0):
+            raise BudgetError(
+                f"the forward's working memory ({format_size(working_memory)}, working_memory) leaves no room for weights "
+                f"on {runs_on}, the device that runs the model (budget {format_size(budgets.get(runs_on, 0))}); raise "
+                f"max_memory[{runs_on!r}] or run smaller batches (working memory grows with the batch)"
+            )
+        budgets[runs_on] -= working_memory
+    try:
+        return _plan(inventory, budgets, strategy, prefetch, working_memory, runs_on)
+    except BudgetError as err:
+        if not working_memory:
+            raise
+        raise BudgetError(
+            f"{err} (budgets here are net of the {format_size(working_memory)} kept free on {runs_on} for the "
+            "forward's working memory, working_memory)"
+        ) from None
+
+
+def _plan(
+    inventory: Inventory, budgets: dict[str, int], strategy: str, prefetch: int, working_memory: int, runs_on: str
+) -> DeviceMap:
     clusters = _clusters(inventory)
     placement: list[str] | None = None
     if strategy in ("auto", "balanced", "balanced_low_0"):
@@ -322,15 +354,19 @@ def plan(inventory: Inventory, budgets: Mapping[str, int], strategy: str = "auto
         if heads[i] == i:  # a cluster's bytes are counted at its first unit
             planned[device] = planned.get(device, 0) + sizes[i]
     target = inventory.target_dtype
+    given = dict(budgets)
+    if working_memory:
+        given[runs_on] += working_memory  # the summary shows the budgets as given, the working memory beside them
     summary = PlanSummary(
         strategy,
-        dict(budgets),
+        given,
         planned,
         counts,
         main,
         reserve=reserve,
         dtype=str(target).removeprefix("torch.") if target else None,
         total_bytes=inventory.total_bytes,
+        working_memory=working_memory,
     )
     return DeviceMap._trusted(_collapse(inventory, placement), summary)
 
@@ -502,12 +538,17 @@ def infer_auto_device_map(
     prefetch: int = 1,
     *,
     inventory: Inventory | None = None,
+    working_memory: int | str = 0,
 ) -> DeviceMap:
     """Plan where each module of ``model`` (empty or not) lives, GPUs first, then CPU, then disk.
 
     ``max_memory`` overrides the detected free memory per device (keys: GPU index,
     ``"cuda:N"``, ``"gpuN"``, ``"mps"``, ``"cpu"``, ``"disk"``; values: bytes or sizes such
     as ``"10GiB"`` or ``"90%"``). Devices named but absent here are planned for all the same.
+    ``working_memory`` (bytes or a size) is kept free on the device that runs the model, for
+    the forward's activations and outputs, so that weights and working memory together stay
+    within its budget; :func:`~bigjob.engine.working_memory.estimate_working_memory` measures
+    it for a batch.
     ``inventory``: the model's :func:`build_inventory` for these arguments, when the caller
     already has it (it is not built twice).
 
@@ -523,7 +564,7 @@ def infer_auto_device_map(
         if inventory is None:
             inventory = build_inventory(model, dtype, special_dtypes, no_split)
         classes = set(inventory.module_classes.values())
-        device_map = plan(inventory, budgets, strategy, prefetch)
+        device_map = plan(inventory, budgets, strategy, prefetch, parse_size(working_memory, key="working_memory"))
         del inventory  # freed here, with the collector still paused
     for name in no_split:
         if name not in classes:
@@ -541,6 +582,7 @@ def resolve_device_map(
     prefetch: int = 1,
     *,
     inventory: Inventory | None = None,
+    working_memory: int | str = 0,
 ) -> DeviceMap:
     """Any accepted ``device_map`` argument as a checked :class:`DeviceMap`.
 
@@ -553,7 +595,15 @@ def resolve_device_map(
     """
     if isinstance(device_map, str) and device_map in STRATEGIES:
         return infer_auto_device_map(
-            model, max_memory, no_split_module_classes, dtype, special_dtypes, device_map, prefetch, inventory=inventory
+            model,
+            max_memory,
+            no_split_module_classes,
+            dtype,
+            special_dtypes,
+            device_map,
+            prefetch,
+            inventory=inventory,
+            working_memory=working_memory,
         )
     if isinstance(device_map, (str, int, torch.device)):
         try:

@@ -385,6 +385,15 @@ def load_tokenizer(path: str | os.PathLike[str], key: str = "path") -> Any:
     return tokenizer
 
 
+def input_working_memory(model: nn.Module, shape: tuple[int, int], dtype: torch.dtype | None, key: str = "working_memory") -> int:
+    """The working memory of ``model(input_ids)`` for a ``(batch, tokens)`` batch, weights in ``dtype``."""
+    from bigjob.engine.working_memory import estimate_working_memory
+
+    if len(shape) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
+        raise ConfigError(f"{key}={shape!r}: give bytes, a size such as '200MiB', or (batch, tokens) as two positive ints")
+    return estimate_working_memory(model, torch.zeros(shape, dtype=torch.long, device="meta"), dtype=dtype)
+
+
 def from_pretrained(
     path: str | os.PathLike[str],
     device_map: str | Mapping[str, str | int] | None = "auto",
@@ -400,6 +409,7 @@ def from_pretrained(
     execution: str | Mapping[str, str] = "stream",
     execution_rates: Mapping[str, Any] | None = None,
     disk_reads: str = "auto",
+    working_memory: int | str | tuple[int, int] = 0,
     **config_overrides: Any,
 ) -> nn.Module:
     """Load a local Transformers model folder through bigjob's planner, loader and dispatcher.
@@ -422,6 +432,12 @@ def from_pretrained(
 
     ``disk_reads`` (``"auto"``, ``"mapped"``, ``"direct"``): how disk-tier layers run on the
     CPU get their bytes; see :func:`bigjob.engine.dispatch.dispatch_loaded`.
+
+    ``working_memory``: room a planned map keeps free on the device that runs the model for
+    the forward itself (activations, logits, the KV cache), so that the weights and the
+    forward stay within ``max_memory`` together: bytes, a size, or ``(batch, tokens)`` to
+    estimate it for ``model(input_ids)`` of that shape
+    (:func:`~bigjob.engine.working_memory.estimate_working_memory`).
     """
     transformers_module()  # a missing extra first: it is the thing to fix
     model_dir = open_model_dir(path)
@@ -429,6 +445,8 @@ def from_pretrained(
     planned = isinstance(device_map, str) and device_map in _STRATEGIES
     no_split = no_split_classes(model, no_split_module_classes) if planned else list(no_split_module_classes or ())
     dtype = resolve_dtype(torch_dtype, model_dir)
+    if isinstance(working_memory, tuple):
+        working_memory = input_working_memory(model, working_memory, dtype)
     return load_and_dispatch(
         model,
         model_dir.path,
@@ -444,4 +462,5 @@ def from_pretrained(
         execution=execution,
         execution_rates=execution_rates,
         disk_reads=disk_reads,
+        working_memory=working_memory,
     )
