@@ -157,3 +157,26 @@ def test_cli_folder_without_config_is_one_line_and_exit_1(tmp_path):
     assert out.returncode == 1
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: model.path") and "config.json" in lines[0]
+
+
+def test_generate_job_keeps_room_for_its_longest_kv_cache(tmp_path, hf_models):
+    from bigjob import estimate_working_memory
+
+    folder = hf_models["llama"]
+    prompts = write_prompts(tmp_path, PROMPTS)
+    common = ["task=generate", "task.max_new_tokens=5", "data=prompts", f"data.path={prompts}", "data.batch_size=3",
+              "placement.max_memory.cpu=300KB"]
+    report = run_job(job(tmp_path, folder, *common, "placement.working_memory=auto"), tmp_path / "run")
+    assert report.status == "completed"
+    # The largest batch: 3 prompts padded to the longest; the generation grows it by 5 tokens.
+    tokenizer = hf.load_tokenizer(folder)
+    lengths = [len(tokenizer.encode(p)) for p in PROMPTS]
+    rows, longest = max((len(lengths[i:i + 3]), max(lengths[i:i + 3])) for i in range(0, len(lengths), 3))
+    ids = torch.zeros(rows, longest + 5, dtype=torch.long)
+    prefill = estimate_working_memory(hf.empty_model(folder), input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                                      logits_to_keep=1)
+    config = reference(folder).config
+    cache = config.num_hidden_layers * 2 * rows * config.num_key_value_heads * (longest + 5) * (config.hidden_size // config.num_attention_heads) * 4
+    assert report.working_memory_bytes == prefill > cache
+    records = read_jsonl(tmp_path / "run" / "predictions.jsonl")
+    assert [r["token_ids"] for r in records] == hf_greedy(reference(folder), [tokenizer.encode(p) for p in PROMPTS], 5, eos=EOS)

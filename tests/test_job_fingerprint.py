@@ -53,6 +53,7 @@ CHANGES = {
     "devices": [{"device": "cpu", "total_bytes": 2**35, "free_bytes": 2**33}],
     "checkpoint": {"format": "safetensors", "files": [{"name": "model.safetensors", "size": 10, "mtime_ns": 2}], "index": None},
     "planner_version": "2",
+    "working_memory": 4096,
 }
 
 

@@ -102,6 +102,7 @@ def test_disk_reads_change_neither_the_plan_nor_the_outputs(tmp_path, monkeypatc
         ["placement.strategy=sequential"],
         ["model.no_split_module_classes=[]"],
         ["checkpoint.demo_seed=1"],
+        ["placement.working_memory=4KiB"],
     ],
 )
 def test_changing_a_plan_input_is_a_miss(tmp_path, change):
@@ -242,3 +243,46 @@ def test_a_budget_too_small_for_the_model_stores_nothing(tmp_path):
 
     with JobCache(tmp_path / "cache") as cache:
         assert cache.keys() == []  # the planner's refusal is not cached
+
+
+def test_working_memory_auto_keeps_the_largest_batch_forward_free_of_weights(tmp_path):
+    from bigjob import estimate_working_memory
+    from bigjob.job.data import load_samples, make_batches
+    from bigjob.job.runner import build_empty_model
+
+    budget = "placement.max_memory.cpu=64KiB"  # the whole model (39 KB) fits: only the working memory moves some to disk
+    cfg = config(tmp_path, budget, "placement.working_memory=auto")
+    report = run_job(cfg, tmp_path / "run")
+    assert report.status == "completed"
+    # The largest batch of the 7 samples (3 to a batch, padded to their longest), as the logits task calls the model.
+    batches = make_batches(load_samples(cfg.data, TINY["vocab_size"]), cfg.data.batch_size, cfg.data.pad_id)
+    rows, tokens = max((tuple(b.input_ids.shape) for b in batches), key=lambda shape: shape[0] * shape[1])
+    ids = torch.zeros(rows, tokens, dtype=torch.long)
+    expected = estimate_working_memory(build_empty_model(cfg), ids, attention_mask=torch.ones_like(ids))
+    assert expected > 0 and report.working_memory_bytes == expected
+    plan = json.loads((tmp_path / "run" / "device_map.json").read_text())["plan"]
+    assert plan["working_memory"] == expected and plan["budgets"]["cpu"] == 64 * 1024
+    assert plan["planned_bytes"]["cpu"] + plan["reserve"].get("cpu", 0) + expected <= 64 * 1024
+    without = run_job(config(tmp_path, budget), tmp_path / "plain")
+    assert without.working_memory_bytes == 0 and without.plan_key != report.plan_key
+    assert without.planned_bytes == {"cpu": 39_488} and report.planned_bytes["disk"] > 0
+    # Fewer weights in RAM, the same outputs.
+    reference = reference_outputs(reference_model(checkpoint_dir(tmp_path)), cfg.data)
+    assert_matches_reference(read_jsonl(tmp_path / "run" / "predictions.jsonl"), reference)
+    # mode=plan sizes the same plan from the same batches.
+    planned = run_job(config(tmp_path, budget, "placement.working_memory=auto", "mode=plan"), tmp_path / "plan")
+    assert planned.plan_key == report.plan_key and planned.plan_cache_hit is True
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("lots", r"cannot read 'lots' as a size for placement\.working_memory.*placement\.working_memory=auto"),
+        ("36KiB", r"working memory \(36\.00 KiB, placement\.working_memory\) leaves no room .* raise placement\.max_memory\.cpu"),
+    ],
+)
+def test_bad_working_memory_names_the_key_and_leaves_no_cache_entry(tmp_path, value, message):
+    with pytest.raises(BigJobError, match=message):
+        run_job(config(tmp_path, f"placement.working_memory={value}"), tmp_path / "run")
+    assert not (tmp_path / "run" / "predictions.jsonl").exists()
+    assert run_job(config(tmp_path, "mode=plan"), tmp_path / "ok").plan_cache_hit is False

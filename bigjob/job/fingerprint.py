@@ -3,8 +3,8 @@
 * :func:`plan_fingerprint` keys a device map. Every input that changes the plan is in
   :class:`PlanInputs` (model class and kwargs, every tensor's name/shape/dtype and which
   names share a tensor, target and per-tensor dtypes, budgets in bytes, strategy,
-  no-split classes, prefetch depth, the devices present with their total memory, the
-  checkpoint's identity, the planner version); nothing else is.
+  no-split classes, prefetch depth, the working memory kept free, the devices present with
+  their total memory, the checkpoint's identity, the planner version); nothing else is.
 * :func:`offload_fingerprint` keys an offload folder: the checkpoint, the tensors, their
   target dtypes and which modules live on disk.
 * :func:`job_key` keys a whole job's resolved config (resume and sweep skipping).
@@ -115,10 +115,13 @@ class PlanInputs:
     devices: Sequence[Mapping[str, Any]]
     checkpoint: Mapping[str, Any]
     planner_version: str
+    working_memory: int = 0  # bytes kept free on the executing device for the forward
 
     def to_json(self) -> dict[str, Any]:
         """The inputs as canonical JSON data (no-split classes as a sorted set)."""
         data = dataclasses.asdict(self)
+        if not self.working_memory:
+            del data["working_memory"]  # plans made before it existed keep their keys
         data["tensors"] = [list(t[:1]) + [list(t[1])] + list(t[2:]) for t in self.tensors]
         data["no_split"] = sorted(set(self.no_split))
         data["devices"] = device_signature(self.devices)

@@ -218,6 +218,15 @@ class GenerateTask(Task):
     def check(self, model: nn.Module) -> None:
         cache_argument(model)
 
+    def forward_for(self, model: nn.Module, batch_shape: tuple[int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """A prefill as long as prompt and new tokens together: the KV cache at its largest, plus a prefill's activations."""
+        rows, tokens = batch_shape
+        ids = torch.zeros(rows, tokens + self.cfg.max_new_tokens, dtype=torch.long, device="meta")
+        kwargs: dict[str, Any] = {"attention_mask": torch.ones_like(ids), "use_cache": True}
+        if "logits_to_keep" in _forward_args(model):
+            kwargs["logits_to_keep"] = 1
+        return (), {"input_ids": ids, **kwargs}
+
     def run(self, model: nn.Module, batch: Batch, device: str) -> BatchResult:
         from bigjob.models.hf import generation_ids
 

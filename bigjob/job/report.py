@@ -169,6 +169,7 @@ class JobReport:
     disk_unit_reads: dict[str, int] = field(default_factory=dict)
     planned_bytes: dict[str, int] = field(default_factory=dict)
     budgets: dict[str, int] = field(default_factory=dict)
+    working_memory_bytes: int = 0  # kept free of weights on main_device for the forward (placement.working_memory)
     batches: int = 0
     samples: int = 0
     tokens: int = 0
@@ -232,6 +233,8 @@ class JobReport:
         if tiers:
             where = ", ".join(f"{dev} {format_size(n)}" for dev, n in tiers.items() if n)
             lines.append(f"  weights   {where}" + (f"  (runs on {self.main_device})" if self.main_device else ""))
+        if self.working_memory_bytes:
+            lines.append(f"  forward   {format_size(self.working_memory_bytes)} kept free on {self.main_device} (placement.working_memory)")
         if self.plan_seconds is not None:
             lines.append(f"  plan      {secs(self.plan_seconds)} ({hit(self.plan_cache_hit)})")
         if self.status == "completed" and self.mode == "run":

@@ -69,7 +69,7 @@ def _in_config_terms(message: str) -> str:
     """
     message = re.sub(r"max_memory\[['\"]?cuda:(\d+)['\"]?\]", r"placement.max_memory.gpu\1", message)
     message = re.sub(r"max_memory\[['\"]?(\w+)['\"]?\]", r"placement.max_memory.\1", message)
-    message = re.sub(r"(?<![\w.])(max_memory|prefetch)\b", r"placement.\1", message)
+    message = re.sub(r"(?<![\w.])(max_memory|prefetch|working_memory)\b", r"placement.\1", message)
     return message.replace("`checkpoint`", "checkpoint.path").replace("strict=False", "checkpoint.strict=false")
 
 
@@ -301,6 +301,7 @@ def _planned_map(
                 special_dtypes=special_dtypes or None,
                 strategy=cfg.placement.strategy,
                 prefetch=cfg.placement.prefetch,
+                working_memory=inputs.working_memory,
             ).to_dict()
         except BudgetError as err:
             raise type(err)(_in_config_terms(str(err))) from None
@@ -312,6 +313,28 @@ def _planned_map(
     else:
         entry = compute()
     return DeviceMap.from_json({"device_map": entry["device_map"], "plan": entry.get("summary")}), hit
+
+
+def _working_memory(cfg: JobConfig, model: nn.Module, task: Any, batches: list[Any], dtype: torch.dtype | None) -> int:
+    """Bytes ``placement.working_memory`` keeps free: a size as given, or ``auto``'s estimate for the largest batch."""
+    from bigjob.engine.devices import format_size, parse_size
+    from bigjob.engine.working_memory import estimate_working_memory
+
+    setting = cfg.placement.working_memory
+    if setting is None:
+        return 0
+    if setting != "auto":
+        return parse_size(setting, key="placement.working_memory")
+    if not batches:
+        return 0
+    shape = max((tuple(b.input_ids.shape) for b in batches), key=lambda rows_tokens: rows_tokens[0] * rows_tokens[1])
+    args, kwargs = task.forward_for(model, shape)
+    try:
+        estimate = estimate_working_memory(model, *args, dtype=dtype, **kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"placement.working_memory=auto: {err} (placement.working_memory=200MiB, say)") from None
+    logger.info("working memory of the largest batch %s: %s (placement.working_memory=auto)", shape, format_size(estimate))
+    return estimate
 
 
 def _job_key(cfg: JobConfig, model_dir: Any) -> str:
@@ -372,7 +395,7 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
         cfg = _resolve_hf(cfg, model)
         tokenizer = TokenizerRef(model_dir.path, key="model.path")
     batches = []
-    if cfg.mode == "run":
+    if cfg.mode == "run" or cfg.placement.working_memory == "auto":  # auto sizes the plan from the batches
         samples = load_samples(cfg.data, _vocab_size(model), tokenizer)
         if model_dir is not None:
             from bigjob.models.hf import context_length
@@ -429,6 +452,7 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
                 devices=devices,
                 checkpoint=identity,
                 planner_version=PLANNER_VERSION,
+                working_memory=_working_memory(cfg, model, task, batches, dtype) if explicit is None else 0,
             )
             report.plan_key = plan_fingerprint(inputs)
 
@@ -443,6 +467,7 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
                 report.planned_bytes = dict(device_map.summary.planned_bytes)
                 report.budgets = dict(device_map.summary.budgets)
                 report.main_device = device_map.summary.main_device
+                report.working_memory_bytes = device_map.summary.working_memory
             atomic_write_text(run_dir / DEVICE_MAP_NAME, device_map.to_json() + "\n")
             report.checkpoint = identity
             report.devices = devices

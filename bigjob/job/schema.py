@@ -144,6 +144,9 @@ class PlacementConfig:
     offload_folder: Optional[str] = None  # null: the cache's offload registry (or the run folder)
     offload_buffers: bool = False
     prefetch: int = 1  # offloaded modules fetched ahead of the one computing
+    # Room kept free of weights on the device that runs the model, for the forward itself (activations,
+    # outputs, KV cache): null (none), auto (estimated from the task's forward on the largest batch), or a size.
+    working_memory: Optional[str] = None
     # How offloaded modules run on a GPU: stream (weights copied in), local (run on the CPU where they
     # live), auto (local for small batches), or per tier {cpu: ..., disk: ...}. No effect on the plan.
     execution: Any = "stream"
@@ -276,6 +279,11 @@ def validate(cfg: JobConfig) -> None:
         problems.append("placement.strategy=explicit needs placement.device_map (a map or a device_map.json path)")
     if cfg.placement.prefetch < 0:
         problems.append(f"placement.prefetch must be at least 0, got {cfg.placement.prefetch}")
+    if cfg.placement.working_memory not in (None, "auto"):
+        try:
+            parse_size(cfg.placement.working_memory, key="placement.working_memory")
+        except BudgetError as err:
+            problems.append(f"{err}; or use placement.working_memory=auto (estimated for the job's batches) or null (none)")
     try:
         resolve_policy(cfg.placement.execution, key="placement.execution")
     except ConfigError as err:

@@ -79,6 +79,18 @@ def _field(output: Any, name: str, position: int) -> torch.Tensor | None:
     return None
 
 
+def forward_inputs(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden_states: bool = False
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The ids and keyword arguments :func:`model_outputs` calls ``model`` with."""
+    kwargs: dict[str, Any] = {"attention_mask": attention_mask} if _accepts_attention_mask(model) else {}
+    if "use_cache" in _forward_params(model):
+        kwargs["use_cache"] = False  # one forward pass: a KV cache would only cost memory
+    if hidden_states and _has_lm_head(model) and _accepts(model, "output_hidden_states"):
+        kwargs["output_hidden_states"] = True  # a causal LM returns logits, not its last hidden state
+    return input_ids, kwargs
+
+
 def model_outputs(model: nn.Module, batch: Batch, device: str, hidden_states: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(logits (B, T, V), last hidden state (B, T, C))`` of a forward pass, on the CPU.
 
@@ -87,12 +99,7 @@ def model_outputs(model: nn.Module, batch: Batch, device: str, hidden_states: bo
     model that takes ``output_hidden_states`` (Transformers) is asked for them, and the
     last one stands in for a missing ``last_hidden_state`` (causal LMs).
     """
-    ids = batch.input_ids.to(device)
-    kwargs: dict[str, Any] = {"attention_mask": batch.attention_mask.to(device)} if _accepts_attention_mask(model) else {}
-    if "use_cache" in _forward_params(model):
-        kwargs["use_cache"] = False  # one forward pass: a KV cache would only cost memory
-    if hidden_states and _has_lm_head(model) and _accepts(model, "output_hidden_states"):
-        kwargs["output_hidden_states"] = True  # a causal LM returns logits, not its last hidden state
+    ids, kwargs = forward_inputs(model, batch.input_ids.to(device), batch.attention_mask.to(device), hidden_states)
     with torch.no_grad():
         output = model(ids, **kwargs)
     logits = _field(output, "logits", 0)
@@ -121,6 +128,15 @@ class Task:
     def metrics(self) -> dict[str, Any]:
         """Task-specific figures for ``metrics.json`` (``task_metrics``), e.g. generation throughput."""
         return {}
+
+    def forward_for(self, model: nn.Module, batch_shape: tuple[int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``(args, kwargs)`` of the largest forward this task makes for a batch of that ``(rows, tokens)`` shape.
+
+        On ``meta`` tensors: what ``placement.working_memory=auto`` estimates the working memory of.
+        """
+        ids = torch.zeros(batch_shape, dtype=torch.long, device="meta")
+        ids, kwargs = forward_inputs(model, ids, torch.ones_like(ids), hidden_states=self.name == "embed")
+        return (ids,), kwargs
 
     def _need(self, value: torch.Tensor | None, what: str) -> torch.Tensor:
         if value is None:
