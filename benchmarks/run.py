@@ -581,10 +581,13 @@ def print_tables(args: argparse.Namespace, limits: dict[str, float], weights: in
                 planned = f"working memory planned for batch {WM_BATCH}"
                 checks.append((f"peak RSS over budget, batch {r.batch}, {planned}", "<= 100 MiB",
                                f"{over_mib:+.0f} MiB", over_mib <= 100))
-                checks.append((f"median forward, warm, batch {r.batch}, {planned}", "<= 1.05x", f"{warm / ram_warm:.2f}x",
-                               warm <= 1.05 * ram_warm))
-                checks.append((f"median forward, evicted, batch {r.batch}, {planned}", "<= 1.15x", f"{cold / ram_warm:.2f}x",
-                               cold <= 1.15 * ram_warm))
+                if r.batch in (1, WM_BATCH):  # the forward targets: warm at batch 1 and 4, evicted at batch 4
+                    checks.append((f"median forward, warm, batch {r.batch}, {planned}", "<= 1.05x", f"{warm / ram_warm:.2f}x",
+                                   warm <= 1.05 * ram_warm))
+                if r.batch == WM_BATCH:
+                    measured = f" (measured bound {contended[r.batch]:.2f}x)" if r.batch in contended else ""
+                    checks.append((f"median forward, evicted, batch {r.batch}, {planned}", "<= 1.15x",
+                                   f"{cold / ram_warm:.2f}x{measured}", cold <= 1.15 * ram_warm))
     if jobs:
         print()
         print("## Job level: the same bf16 job twice (fp32 checkpoint, 70% on disk), fresh processes, page cache evicted;")
