@@ -205,6 +205,8 @@ def _format_entry(key: str, value: dict[str, Any]) -> str:
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
         state = format_size(size) if path.is_dir() else "MISSING"
         return f"{key}\n    folder {path} ({state}), dtype {value.get('dtype') or 'checkpoint'}, {len(value.get('disk_modules', []))} disk modules"
+    if kind == "working":
+        return f"{key}\n    working memory {format_size(value['bytes'])} for {json.dumps(value.get('forward', {}), sort_keys=True)}"
     return f"{key}\n    run {value.get('run_dir')}"
 
 

@@ -286,3 +286,28 @@ def test_bad_working_memory_names_the_key_and_leaves_no_cache_entry(tmp_path, va
         run_job(config(tmp_path, f"placement.working_memory={value}"), tmp_path / "run")
     assert not (tmp_path / "run" / "predictions.jsonl").exists()
     assert run_job(config(tmp_path, "mode=plan"), tmp_path / "ok").plan_cache_hit is False
+
+
+def test_working_memory_auto_is_estimated_once_per_forward_and_cached(tmp_path, monkeypatch):
+    import bigjob.engine.working_memory as wm
+    from bigjob.job.cache import JobCache
+
+    traced = []
+    real = wm.estimate_working_memory
+    monkeypatch.setattr(wm, "estimate_working_memory", lambda *a, **k: traced.append(a[1:]) or real(*a, **k))
+    auto = ["placement.max_memory.cpu=64KiB", "placement.working_memory=auto", "mode=plan"]
+    first = run_job(config(tmp_path, *auto), tmp_path / "a")
+    second = run_job(config(tmp_path, *auto), tmp_path / "b")
+    assert len(traced) == 1 and first.working_memory_bytes == second.working_memory_bytes > 0
+    assert second.plan_cache_hit is True
+    # Another largest batch is another forward: traced again, another figure, another plan.
+    third = run_job(config(tmp_path, *auto, "data.batch_size=4"), tmp_path / "c")
+    assert len(traced) == 2 and third.working_memory_bytes > first.working_memory_bytes and third.plan_key != first.plan_key
+    cache = JobCache(tmp_path / "cache")
+    entries = [key for key in cache.keys() if key.startswith("working:")]
+    assert len(entries) == 2 and all(cache.get(key)["bytes"] in (first.working_memory_bytes, third.working_memory_bytes) for key in entries)
+    # A malformed figure is never stored.
+    from bigjob.errors import CacheError
+
+    with pytest.raises(CacheError, match="no bytes"):
+        cache.set(entries[0], {"kind": "working", "bytes": "many"})

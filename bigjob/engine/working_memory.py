@@ -36,7 +36,10 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from bigjob.errors import ConfigError
 
-__all__ = ["estimate_working_memory"]
+__all__ = ["ESTIMATE_VERSION", "estimate_working_memory"]
+
+# Bump whenever a change could make the same forward give another figure: it is part of cache keys.
+ESTIMATE_VERSION = "1"
 
 
 def _tensors(tree: Any) -> Iterator[torch.Tensor]:

@@ -10,7 +10,8 @@ write it, since its content decides what a job loads)::
 
 Every folder bigjob creates here is 0700.
 
-Keys are strings ``"<kind>:<sha256>"`` with kind ``plan``, ``offload`` or ``run``; values
+Keys are strings ``"<kind>:<sha256>"`` with kind ``plan``, ``offload``, ``run`` or ``working``
+(a forward's estimated working memory, ``placement.working_memory=auto``); values
 are JSON objects carrying their own ``kind``. Nothing is evicted behind the user's back
 (``eviction_policy="none"``); :meth:`JobCache.verify` drops entries that cannot be read
 or do not have the shape their kind needs.
@@ -60,8 +61,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("plan", "offload", "run")
-_KEY = re.compile(r"^(plan|offload|run):[0-9a-f]{64}$")
+KINDS = ("plan", "offload", "run", "working")
+_KEY = re.compile(r"^(plan|offload|run|working):[0-9a-f]{64}$")
 # What reading a damaged entry raises (zlib, JSON, a vanished value file).
 _UNREADABLE = (ValueError, TypeError, OSError, UnicodeDecodeError, zlib.error)
 # How long to wait for a lock that a live process holds (one building a big offload folder).
@@ -238,6 +239,10 @@ def _check_value(key: str, value: Any) -> str | None:
     elif kind == "run":
         if not isinstance(value.get("run_dir"), str):
             return "no run_dir"
+    elif kind == "working":
+        nbytes = value.get("bytes")
+        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+            return "no bytes"
     return None
 
 

@@ -8,6 +8,7 @@
 * :func:`offload_fingerprint` keys an offload folder: the checkpoint, the tensors, their
   target dtypes and which modules live on disk.
 * :func:`job_key` keys a whole job's resolved config (resume and sweep skipping).
+* :func:`working_memory_key` keys a forward's estimated working memory.
 
 Keys are stable across processes and machines (no ``hash()``, no object ids, sorted
 JSON) and carry a version, so a change of format never serves an old entry.
@@ -182,6 +183,11 @@ def offload_fingerprint(inputs: OffloadInputs) -> str:
 
 # Keys that change how a job is shown or scheduled, never what it computes.
 _PRESENTATION_KEYS = ("quiet", "skip_completed", "runner")
+
+
+def working_memory_key(forward: Mapping[str, Any]) -> str:
+    """The sha256 hex key of an estimated working memory: the model, its tensors and dtypes, the forward's inputs, the versions tracing it."""
+    return _sha256("working", dict(forward))
 
 
 def job_key(resolved_config: Mapping[str, Any]) -> str:

@@ -39,7 +39,15 @@ from tqdm import tqdm
 from bigjob.errors import BigJobError, BudgetError, CheckpointError, ConfigError, JobError, OffloadError
 from bigjob.job.cache import JobCache, default_cache_dir, make_private_dirs
 from bigjob.job.data import load_samples, make_batches
-from bigjob.job.fingerprint import OffloadInputs, PlanInputs, job_key, offload_fingerprint, plan_fingerprint, tensor_signature
+from bigjob.job.fingerprint import (
+    OffloadInputs,
+    PlanInputs,
+    job_key,
+    offload_fingerprint,
+    plan_fingerprint,
+    tensor_signature,
+    working_memory_key,
+)
 from bigjob.job.progress import ResultWriter
 from bigjob.job.report import DEVICE_MAP_NAME, JobReport, MemorySampler, atomic_write_text, cuda_peaks, percentile, read_report, versions
 from bigjob.job.schema import JobConfig, budget_overrides, rate_overrides, validate
@@ -315,10 +323,27 @@ def _planned_map(
     return DeviceMap.from_json({"device_map": entry["device_map"], "plan": entry.get("summary")}), hit
 
 
-def _working_memory(cfg: JobConfig, model: nn.Module, task: Any, batches: list[Any], dtype: torch.dtype | None) -> int:
-    """Bytes ``placement.working_memory`` keeps free: a size as given, or ``auto``'s estimate for the largest batch."""
+def _describe_forward(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """A forward call as JSON: tensors by shape and dtype, other values as they are."""
+
+    def one(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return {"shape": list(value.shape), "dtype": str(value.dtype)}
+        return value if isinstance(value, (bool, int, float, str, type(None))) else repr(value)
+
+    return {"args": [one(a) for a in args], "kwargs": {k: one(v) for k, v in sorted(kwargs.items())}}
+
+
+def _working_memory(
+    cfg: JobConfig, model: nn.Module, task: Any, batches: list[Any], dtype: torch.dtype | None, inputs: PlanInputs, cache: JobCache | None
+) -> int:
+    """Bytes ``placement.working_memory`` keeps free: a size as given, or ``auto``'s estimate for the largest batch.
+
+    The estimate (a traced forward: 0.25 s for a 24-layer decoder) is cached under the model, its
+    tensors, the dtypes, the forward's inputs and the library versions that trace it.
+    """
     from bigjob.engine.devices import format_size, parse_size
-    from bigjob.engine.working_memory import estimate_working_memory
+    from bigjob.engine.working_memory import ESTIMATE_VERSION, estimate_working_memory
 
     setting = cfg.placement.working_memory
     if setting is None:
@@ -329,12 +354,30 @@ def _working_memory(cfg: JobConfig, model: nn.Module, task: Any, batches: list[A
         return 0
     shape = max((tuple(b.input_ids.shape) for b in batches), key=lambda rows_tokens: rows_tokens[0] * rows_tokens[1])
     args, kwargs = task.forward_for(model, shape)
-    try:
-        estimate = estimate_working_memory(model, *args, dtype=dtype, **kwargs)
-    except ConfigError as err:
-        raise ConfigError(f"placement.working_memory=auto: {err} (placement.working_memory=200MiB, say)") from None
-    logger.info("working memory of the largest batch %s: %s (placement.working_memory=auto)", shape, format_size(estimate))
-    return estimate
+    forward = {"task": task.name, **_describe_forward(args, kwargs)}
+
+    def compute() -> dict[str, Any]:
+        try:
+            estimate = estimate_working_memory(model, *args, dtype=dtype, **kwargs)
+        except ConfigError as err:
+            raise ConfigError(f"placement.working_memory=auto: {err} (placement.working_memory=200MiB, say)") from None
+        return {"kind": "working", "bytes": estimate, "forward": forward}
+
+    if cache is None:
+        entry, hit = compute(), False
+    else:
+        described = inputs.describe()
+        identity = {name: described[name] for name in ("model_class", "model_kwargs", "tensors", "dtype", "special_dtypes")}
+        traced_by = {**versions(), "estimate": ESTIMATE_VERSION}
+        if "transformers" in sys.modules:  # the model code that is traced
+            traced_by["transformers"] = getattr(sys.modules["transformers"], "__version__", "unknown")
+        key = working_memory_key({**identity, "forward": forward, "versions": traced_by})
+        entry, hit = cache.compute_once(f"working:{key}", compute)
+    logger.info(
+        "working memory of the largest batch %s: %s (placement.working_memory=auto, %s)",
+        shape, format_size(entry["bytes"]), "from the cache" if hit else "estimated",
+    )
+    return int(entry["bytes"])
 
 
 def _job_key(cfg: JobConfig, model_dir: Any) -> str:
@@ -452,8 +495,10 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
                 devices=devices,
                 checkpoint=identity,
                 planner_version=PLANNER_VERSION,
-                working_memory=_working_memory(cfg, model, task, batches, dtype) if explicit is None else 0,
             )
+            if explicit is None and cfg.placement.working_memory is not None:
+                working = _working_memory(cfg, model, task, batches, dtype, inputs, cache)
+                inputs = dataclasses.replace(inputs, working_memory=working)
             report.plan_key = plan_fingerprint(inputs)
 
             # 3. The device map: explicit, cached, or computed once and stored.
