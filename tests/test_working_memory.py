@@ -13,6 +13,7 @@ from bigjob.engine.planner import plan
 from bigjob.engine.safetensors_io import write_file
 from bigjob.engine.sizes import build_inventory
 from bigjob.errors import BudgetError, ConfigError
+from models_for_planning import random_model, tree_specs
 
 F32 = 4
 
@@ -142,6 +143,35 @@ def test_working_memory_plans_as_a_smaller_budget_on_the_executing_device(budget
     # Weights resident on the executing device, its streaming reserve and the working memory fit its budget.
     used = with_it.summary.planned_bytes.get(main, 0) + with_it.summary.reserve.get(main, 0)
     assert used + working <= budgets[main]
+
+
+@settings(max_examples=60, deadline=None)
+@given(drawn=tree_specs(), data=st.data())
+def test_random_plans_with_working_memory_equal_plans_under_the_smaller_budget(drawn: tuple, data: st.DataObject) -> None:
+    inventory = build_inventory(random_model(drawn))
+    total = max(inventory.total_bytes, 1)
+    gpu = data.draw(st.booleans(), label="gpu")
+    main_budget = data.draw(st.integers(1, 3 * total), label="main budget")
+    budgets = {"cuda:0": main_budget, "cpu": data.draw(st.integers(0, 3 * total)), "disk": 10**9} if gpu else {"cpu": main_budget, "disk": 10**9}
+    working = data.draw(st.integers(1, main_budget + 2), label="working memory")
+    prefetch = data.draw(st.integers(0, 2), label="prefetch")
+    main = "cuda:0" if gpu else "cpu"
+
+    def planned(budgets: dict[str, int], working: int = 0):  # a map, or the error's class
+        try:
+            return plan(inventory, budgets, prefetch=prefetch, working_memory=working)
+        except BudgetError as err:
+            return type(err)
+
+    with_it = planned(budgets, working)
+    if working >= main_budget:
+        assert with_it is BudgetError
+        return
+    smaller = planned({**budgets, main: main_budget - working})
+    assert (with_it if isinstance(with_it, type) else dict(with_it)) == (smaller if isinstance(smaller, type) else dict(smaller))
+    if not isinstance(with_it, type):
+        summary = with_it.summary
+        assert summary.planned_bytes.get(main, 0) + summary.reserve.get(main, 0) + working <= main_budget
 
 
 def test_working_memory_moves_weights_off_the_cpu_and_survives_the_map_file() -> None:

@@ -385,7 +385,7 @@ def load_tokenizer(path: str | os.PathLike[str], key: str = "path") -> Any:
     return tokenizer
 
 
-def input_working_memory(model: nn.Module, shape: tuple[int, int], dtype: torch.dtype | None, key: str = "working_memory") -> int:
+def _input_working_memory(model: nn.Module, shape: tuple[int, int], dtype: torch.dtype | None, key: str = "working_memory") -> int:
     """The working memory of ``model(input_ids)`` for a ``(batch, tokens)`` batch, weights in ``dtype``."""
     from bigjob.engine.working_memory import estimate_working_memory
 
@@ -446,7 +446,7 @@ def from_pretrained(
     no_split = no_split_classes(model, no_split_module_classes) if planned else list(no_split_module_classes or ())
     dtype = resolve_dtype(torch_dtype, model_dir)
     if isinstance(working_memory, tuple):
-        working_memory = input_working_memory(model, working_memory, dtype)
+        working_memory = _input_working_memory(model, working_memory, dtype)
     return load_and_dispatch(
         model,
         model_dir.path,
