@@ -13,7 +13,10 @@ storage (views and in-place results add nothing), and what the forward returns. 
 counted: the weights, the inputs, and what the allocator or math libraries keep beyond
 live tensors (glibc arenas, BLAS scratch: tens of MiB on a CPU, a fixed cost that does
 not grow with the batch). The forward is traced as a CPU forward: on a GPU, attention
-kernels that never materialise the score matrix can need less.
+kernels that never materialise the score matrix can need less. Where a model looks at
+values to skip work (Transformers drops an all-ones attention mask), the trace cannot, and
+counts the skipped tensors too (a boolean ``batch x tokens x tokens`` mask): the estimate
+errs on the side of more room.
 
 >>> import torch
 >>> from torch import nn
