@@ -284,6 +284,8 @@ def test_working_memory_auto_keeps_the_largest_batch_forward_free_of_weights(tmp
 def test_bad_working_memory_names_the_key_and_leaves_no_cache_entry(tmp_path, value, message):
     with pytest.raises(BigJobError, match=message):
         run_job(config(tmp_path, f"placement.working_memory={value}"), tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"placement\.working_memory only shapes a plan bigjob makes.*strategy=explicit"):
+        run_job(config(tmp_path, "placement.working_memory=auto", "placement=explicit", "placement.device_map={embed:cpu,rotary:cpu,blocks:disk,norm:cpu,lm_head:cpu}"), tmp_path / "x")
     assert not (tmp_path / "run" / "predictions.jsonl").exists()
     assert run_job(config(tmp_path, "mode=plan"), tmp_path / "ok").plan_cache_hit is False
 

@@ -269,3 +269,12 @@ def test_estimate_equals_the_peak_cuda_allocates_for_the_same_forward() -> None:
     del out
     # The allocator rounds large blocks to 2 MiB: every buffer here is a multiple of it, so the figures agree exactly.
     assert estimate_working_memory(model, x) == peak == 2 * 4096 * 4096 * F32
+
+
+@pytest.mark.parametrize("device_map", ["cpu", {"": "cpu"}])
+def test_working_memory_with_a_map_bigjob_does_not_plan_is_refused(device_map) -> None:
+    from bigjob.engine.planner import resolve_device_map
+
+    with pytest.raises(ConfigError, match=r"working_memory=4096 only shapes a map bigjob plans.*device_map='auto'"):
+        resolve_device_map(layers(), device_map, working_memory=4096)
+    assert dict(resolve_device_map(layers(), device_map, working_memory=0)) == {"": "cpu"}

@@ -605,6 +605,11 @@ def resolve_device_map(
             inventory=inventory,
             working_memory=working_memory,
         )
+    if parse_size(working_memory, key="working_memory"):
+        raise ConfigError(
+            f"working_memory={working_memory!r} only shapes a map bigjob plans (device_map one of {list(STRATEGIES)}); "
+            f"device_map={device_map!r} is used as given: drop working_memory, or plan with device_map='auto'"
+        )
     if isinstance(device_map, (str, int, torch.device)):
         try:
             device = normalize_device(device_map, key="device_map")

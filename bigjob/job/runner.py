@@ -496,7 +496,7 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
                 checkpoint=identity,
                 planner_version=PLANNER_VERSION,
             )
-            if explicit is None and cfg.placement.working_memory is not None:
+            if cfg.placement.working_memory is not None:  # validate() refuses it with an explicit map
                 working = _working_memory(cfg, model, task, batches, dtype, inputs, cache)
                 inputs = dataclasses.replace(inputs, working_memory=working)
             report.plan_key = plan_fingerprint(inputs)

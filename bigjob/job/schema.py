@@ -279,6 +279,11 @@ def validate(cfg: JobConfig) -> None:
         problems.append("placement.strategy=explicit needs placement.device_map (a map or a device_map.json path)")
     if cfg.placement.prefetch < 0:
         problems.append(f"placement.prefetch must be at least 0, got {cfg.placement.prefetch}")
+    if cfg.placement.working_memory is not None and cfg.placement.strategy == "explicit":
+        problems.append(
+            "placement.working_memory only shapes a plan bigjob makes; with placement.strategy=explicit the map is used as given "
+            "(remove placement.working_memory, or plan with placement.strategy=auto)"
+        )
     if cfg.placement.working_memory not in (None, "auto"):
         try:
             parse_size(cfg.placement.working_memory, key="placement.working_memory")
