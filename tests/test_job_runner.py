@@ -278,7 +278,7 @@ def test_working_memory_auto_keeps_the_largest_batch_forward_free_of_weights(tmp
     "value, message",
     [
         ("lots", r"cannot read 'lots' as a size for placement\.working_memory.*placement\.working_memory=auto"),
-        ("36KiB", r"working memory \(36\.00 KiB, placement\.working_memory\) leaves no room .* raise placement\.max_memory\.cpu"),
+        ("36KiB", r"working memory \(36\.00 KiB, placement\.working_memory\) leaves no room .* raise placement\.max_memory\.cpu or lower data\.batch_size"),
     ],
 )
 def test_bad_working_memory_names_the_key_and_leaves_no_cache_entry(tmp_path, value, message):

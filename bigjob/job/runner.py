@@ -78,6 +78,7 @@ def _in_config_terms(message: str) -> str:
     message = re.sub(r"max_memory\[['\"]?cuda:(\d+)['\"]?\]", r"placement.max_memory.gpu\1", message)
     message = re.sub(r"max_memory\[['\"]?(\w+)['\"]?\]", r"placement.max_memory.\1", message)
     message = re.sub(r"(?<![\w.])(max_memory|prefetch|working_memory)\b", r"placement.\1", message)
+    message = message.replace("run smaller batches", "lower data.batch_size")
     return message.replace("`checkpoint`", "checkpoint.path").replace("strict=False", "checkpoint.strict=false")
 
 
