@@ -195,8 +195,13 @@ def _choices(monkeypatch: pytest.MonkeyPatch, fractions: list[float], forget_at:
 
 
 def test_auto_chooses_from_what_the_cache_lost_since_the_unit_mapped_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Cold at first (nothing says the cache cannot keep it): map. Kept: map.
-    assert _choices(monkeypatch, [0.0, 1.0, 1.0]) == [False, False, False]
+    # Cached at the first forward: map. Kept: map.
+    assert _choices(monkeypatch, [1.0, 1.0, 1.0]) == [False, False, False]
+    # Cold at the first forward: direct; the second tries the cache; still dropped: direct, the cache
+    # tried on every 4th (retry) direct run; cached: map.
+    assert _choices(monkeypatch, [0.0] * 7) == [True, False, True, True, True, False, True]
+    assert _choices(monkeypatch, [0.0, 1.0, 1.0]) == [True, False, False]
+    assert _choices(monkeypatch, [0.6, 0.6]) == [False, False]  # mostly cached at first: not cold
     # Mapped, then lost: direct from then on, mapping every 4th (retry) direct run; cached again: map.
     assert _choices(monkeypatch, [1.0, 0.1, 0.0, 0.0, 0.0, 0.0, 0.95, 0.2]) == [False, True, True, True, False, True, False, True]
     # Lost by our own doing (the folio refresh dropped it on purpose): not a sign; the next loss is.
@@ -329,6 +334,24 @@ def test_auto_reads_directly_only_after_the_cache_dropped_what_it_mapped(checkpo
         _warm(files)  # someone read the files back: mapping them is free again
         assert _forward(model, ids)[1] == 0
         assert schedule.pool.held == 0
+
+
+def test_auto_reads_a_disk_tier_cold_at_its_first_forward_directly(checkpoint: Path, reference: TinyLM) -> None:
+    model = _dispatch(checkpoint, reference, "auto")
+    files = _disk_files(model)
+    n_units = len(_units(model))
+    ids = inputs(vocab=SHAPE["vocab"], length=8)
+    evict(*files)  # a second run of a job, a checkpoint written long ago: nothing of it cached
+    with torch.no_grad():
+        out, direct = _forward(model, ids)
+        torch.testing.assert_close(out, reference(ids), rtol=0, atol=0)
+        assert direct == n_units
+        assert _disk_pages(model)[0] == 0  # read past the page cache: none of its pages were filled
+        # The second forward goes through the cache (it has room here), and the third maps what it kept.
+        assert _forward(model, ids)[1] == 0
+        assert _forward(model, ids)[1] == 0
+        cached, total = _disk_pages(model)
+        assert cached == total
 
 
 def test_direct_reads_follow_dispatch_model_and_bad_values_are_refused(checkpoint: Path, reference: TinyLM, tmp_path: Path) -> None:
