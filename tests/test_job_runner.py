@@ -313,3 +313,18 @@ def test_working_memory_auto_is_estimated_once_per_forward_and_cached(tmp_path, 
 
     with pytest.raises(CacheError, match="no bytes"):
         cache.set(entries[0], {"kind": "working", "bytes": "many"})
+
+
+def test_dispatch_streams_the_units_the_plan_was_made_of(tmp_path, monkeypatch):
+    from bigjob.engine import hooks
+
+    streamed = []
+    real = hooks.PagedUnit.pre_forward
+    monkeypatch.setattr(hooks.PagedUnit, "pre_forward", lambda self, *a: streamed.append(self.name) or real(self, *a))
+    report = run_job(config(tmp_path), tmp_path / "run")
+    device_map = json.loads((tmp_path / "run" / "device_map.json").read_text())["device_map"]
+    on_disk = {name for name, device in device_map.items() if device == "disk"}
+    # Whole DemoBlocks (the no-split class) on disk, each read once a batch as one unit, not leaf by leaf.
+    assert on_disk and all(name.startswith("blocks.") and name.count(".") == 1 for name in on_disk)
+    assert sorted(set(streamed)) == sorted(on_disk)
+    assert len(streamed) == len(on_disk) * report.batches == sum(report.disk_unit_reads.values())

@@ -631,6 +631,9 @@ def _load(
             offload_folder=str(offload_folder) if disk_modules else None,
             offload_buffers=cfg.placement.offload_buffers,
             prefetch=cfg.placement.prefetch,
+            # The units the plan was made of are the units dispatch streams: a decoder layer in one
+            # read, not each of its Linears in its own (an explicit map is taken as the user wrote it).
+            no_split_module_classes=list(cfg.model.no_split_module_classes) if cfg.placement.strategy != "explicit" else None,
             strict=cfg.checkpoint.strict,
             # How offloaded units run; not a plan input (the map and the offload folder do not depend on it).
             execution=cfg.placement.execution,
