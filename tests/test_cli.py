@@ -181,12 +181,14 @@ def test_a_killed_run_continues_where_it_stopped(tmp_path):
 def test_cache_command(tmp_path):
     env = cache_env(tmp_path)
     assert "no cache" in run_entry("cache_main", ["list"], tmp_path, env).stdout
-    assert run_cli(TINY_JOB + ["dtype=float16", "placement.max_memory.cpu=12KiB"], tmp_path, env).returncode == 0
+    done = run_cli(TINY_JOB + ["dtype=float16", "placement.max_memory.cpu=24KiB", "placement.working_memory=auto"], tmp_path, env)
+    assert done.returncode == 0, done.stderr
     listing = run_entry("cache_main", ["list"], tmp_path, env)
     assert listing.returncode == 0 and "plan:" in listing.stdout and "DemoTransformer" in listing.stdout and "float16" in listing.stdout
     assert "offload:" in listing.stdout and "MISSING" not in listing.stdout  # the converted disk tier's folder
+    assert "working:" in listing.stdout and '"task": "logits"' in listing.stdout  # the estimated working memory, and for what
     info = run_entry("cache_main", ["info"], tmp_path, env)
-    assert "0o700" in info.stdout and "plan 1" in info.stdout and "checkpoints   1" in info.stdout
+    assert "0o700" in info.stdout and "plan 1" in info.stdout and "working 1" in info.stdout and "checkpoints   1" in info.stdout
     verify = run_entry("cache_main", ["verify"], tmp_path, env)
     assert verify.returncode == 0 and "0 entries dropped" in verify.stdout
     cleared = run_entry("cache_main", ["--dir", str(tmp_path / "cache"), "clear"], tmp_path)
