@@ -3,10 +3,12 @@
 A budget that only counts weights is overrun by the forward itself: its activations, the
 outputs it returns and caches it builds (a decoder's key/value cache) live on the execution
 device next to the weights. :func:`estimate_working_memory` runs the model's forward once
-on the ``meta`` device, where every operation computes shapes and nothing is allocated,
-and follows each tensor the forward creates from its first to its last reference. The
-peak of the bytes alive at once is the figure the planner can keep free
-(``working_memory=`` of :func:`~bigjob.engine.planner.infer_auto_device_map`).
+on fake tensors (PyTorch's ``FakeTensorMode``: every operation computes shapes and dtypes,
+nothing is allocated) and follows each tensor the forward creates from its first to its
+last reference. The peak of the bytes alive at once is the figure the planner can keep
+free (``working_memory=`` of :func:`~bigjob.engine.planner.infer_auto_device_map`). Fake
+tensors rather than ``meta`` ones, because libraries take care that their models trace
+under them: on ``meta``, Transformers' value checks on the attention mask call ``.item()``.
 
 Counted: every tensor an operation of the forward creates, while Python holds it, once per
 storage (views and in-place results add nothing), and what the forward returns. Not
