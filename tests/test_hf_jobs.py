@@ -115,6 +115,11 @@ def test_bad_hf_input_names_the_key(tmp_path, hf_models, monkeypatch):
     (tmp_path / "odd" / "config.json").write_text(json.dumps({"model_type": "nonesuch-arch"}))
     with pytest.raises(ConfigError, match=r"model type 'nonesuch-arch' .*model\.path"):
         run_job(job(tmp_path, tmp_path / "odd", "mode=plan"), tmp_path / "r5")
+    # A misspelt config attribute would be dropped by Transformers and the job would run another model than asked.
+    cached = sorted((tmp_path / "cache").rglob("*"))
+    with pytest.raises(ConfigError, match=r"'n_embed' \(did you mean 'n_embd'\?\).*model\.kwargs"):
+        run_job(job(tmp_path, hf_models["gpt2"], "mode=plan", "+model.kwargs.n_embed=32"), tmp_path / "r7")
+    assert sorted((tmp_path / "cache").rglob("*")) == cached  # nothing planned, nothing cached
 
 
 @pytest.mark.slow

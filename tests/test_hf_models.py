@@ -96,6 +96,32 @@ def test_dtypes_auto_explicit_and_torch_state_dict_files(tmp_path, hf_models):
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=1e-6)
 
 
+def test_dtype_is_taken_under_transformers_5_name_as_under_its_old_one(hf_models):
+    # dtype= once went into the config overrides: the config said bfloat16, the weights stayed float32.
+    old = from_pretrained(hf_models["llama"], torch_dtype=torch.bfloat16, device_map="cpu")
+    new = from_pretrained(hf_models["llama"], dtype="bfloat16", device_map="cpu")
+    ref = transformers.LlamaForCausalLM.from_pretrained(str(hf_models["llama"]), dtype=torch.bfloat16).eval()
+    assert {p.dtype for p in new.parameters()} == {torch.bfloat16}
+    ids = torch.tensor([[1, 5, 9, 22]])
+    with torch.no_grad():
+        torch.testing.assert_close(new(ids).logits, ref(ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(new(ids).logits, old(ids).logits, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="dtype=.*and torch_dtype=.*both given"):
+        from_pretrained(hf_models["llama"], dtype="bfloat16", torch_dtype="float16")
+    with pytest.raises(ConfigError, match="dtype='bf17' is not a floating dtype"):
+        from_pretrained(hf_models["llama"], dtype="bf17")
+
+
+def test_a_config_override_the_config_does_not_have_is_an_error_not_ignored(hf_models):
+    with pytest.raises(ConfigError, match=r"'attn_implmentation' \(did you mean 'attn_implementation'\?\): not an attribute of LlamaConfig"):
+        from_pretrained(hf_models["llama"], device_map="cpu", attn_implmentation="eager")
+    with pytest.raises(ConfigError, match="the weights' dtype is set by"):
+        hf.empty_model(hf_models["llama"], dtype="bfloat16")
+    # A real attribute still overrides: two layers instead of the folder's own count.
+    layers = len(hf.empty_model(hf_models["llama"]).model.layers)
+    assert len(hf.empty_model(hf_models["llama"], num_hidden_layers=layers - 1).model.layers) == layers - 1
+
+
 def test_a_bfloat16_checkpoint_computes_like_transformers_in_bfloat16(tmp_path):
     config = llama_config()
     config.architectures = ["LlamaForCausalLM"]

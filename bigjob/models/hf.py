@@ -7,7 +7,7 @@ and no custom model code is ever run (``trust_remote_code`` stays off).
 
 :func:`from_pretrained` is the one-call path::
 
-    model = from_pretrained("/models/llama", max_memory={"cpu": "8GiB"}, torch_dtype="auto")
+    model = from_pretrained("/models/llama", max_memory={"cpu": "8GiB"}, dtype="auto")
 
 It builds the model class named by ``config.architectures`` under bigjob's
 :func:`~bigjob.engine.empty.init_empty_weights` (no memory), keeps tied embeddings
@@ -27,6 +27,7 @@ bigjob.errors.CheckpointError: path '/no/such/folder' does not exist; ...
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
@@ -144,8 +145,17 @@ def load_config(model_dir: ModelDir, key: str = "path", **overrides: Any) -> Any
     """The Transformers config of ``model_dir`` (``overrides`` replace its attributes), read from local files only."""
     transformers = transformers_module()
     model_type = model_dir.config_json.get("model_type")
+    for name in ("dtype", "torch_dtype"):
+        if name in overrides:
+            # The config would take it and the weights would not change: the dtype is the loader's to set.
+            raise ConfigError(
+                f"{name}={overrides[name]!r} was given as a config attribute to override; the weights' dtype is set by "
+                "from_pretrained(dtype=...) or the job's dtype option (dtype=bf16), not by model.kwargs"
+            )
     try:
-        return transformers.AutoConfig.from_pretrained(str(model_dir.path), local_files_only=True, **overrides)
+        config, unused = transformers.AutoConfig.from_pretrained(
+            str(model_dir.path), local_files_only=True, return_unused_kwargs=True, **overrides
+        )
     except (ValueError, KeyError) as err:
         if model_type is not None and str(model_type) not in transformers.CONFIG_MAPPING:
             raise ConfigError(
@@ -155,6 +165,23 @@ def load_config(model_dir: ModelDir, key: str = "path", **overrides: Any) -> Any
         if model_type is None:
             raise ConfigError(f"{key} '{model_dir.path}': {CONFIG_NAME} has no 'model_type'; set {key} to a folder written by save_pretrained") from None
         raise ConfigError(f"{key} '{model_dir.path}': Transformers cannot read {CONFIG_NAME} ({str(err).splitlines()[0]})") from None
+    if unused:
+        raise ConfigError(_unknown_overrides(config, sorted(unused)))
+    return config
+
+
+def _unknown_overrides(config: Any, names: list[str]) -> str:
+    """The message for config overrides the config does not have (Transformers would drop them without a word)."""
+    known = [k for k in config.to_dict() if not k.startswith("_")] + ["attn_implementation"]
+    parts = []
+    for name in names:
+        close = difflib.get_close_matches(name, known, n=1)
+        parts.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    return (
+        f"{', '.join(parts)}: not {'an attribute' if len(names) == 1 else 'attributes'} of {type(config).__name__}, "
+        "so Transformers would ignore the override without a word; extra keywords of from_pretrained and the job's "
+        "model.kwargs override config.json attributes only"
+    )
 
 
 def model_class(config: Any, name: str | None = None, key: str = "model_class") -> type[nn.Module]:
@@ -402,6 +429,7 @@ def from_pretrained(
     offload_folder: str | os.PathLike[str] | None = None,
     no_split_module_classes: Iterable[str] | None = None,
     *,
+    dtype: torch.dtype | str | None = None,
     model_class_name: str | None = None,
     strict: bool = True,
     prefetch: int = 1,
@@ -416,8 +444,9 @@ def from_pretrained(
 
     ``device_map`` is a strategy (``"auto"``, ``"balanced"``, ``"balanced_low_0"``,
     ``"sequential"``), a device or an explicit map, planned under ``max_memory`` (e.g.
-    ``{"cuda:0": "10GiB", "cpu": "24GiB"}``). ``torch_dtype=None`` keeps each tensor's
-    stored dtype, ``"auto"`` takes config.json's, or name one. ``no_split_module_classes``
+    ``{"cuda:0": "10GiB", "cpu": "24GiB"}``). ``dtype`` (Transformers 5's name; ``torch_dtype``
+    is Transformers 4's, and either may be given): ``None`` keeps each tensor's stored
+    dtype, ``"auto"`` takes config.json's, or name one. ``no_split_module_classes``
     defaults to the class's ``_no_split_modules``. Other keyword arguments override config
     attributes (``attn_implementation="eager"``). Returns the dispatched model in eval mode;
     :func:`bigjob.get_dispatch_info` says where its weights went.
@@ -440,11 +469,15 @@ def from_pretrained(
     (:func:`~bigjob.engine.working_memory.estimate_working_memory`).
     """
     transformers_module()  # a missing extra first: it is the thing to fix
+    if dtype is not None and torch_dtype is not None:
+        raise ConfigError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} were both given; they are one setting: give only dtype")
+    key = "torch_dtype" if torch_dtype is not None else "dtype"
     model_dir = open_model_dir(path)
+    target = resolve_dtype(torch_dtype if torch_dtype is not None else dtype, model_dir, key=key)  # a bad name before any work
     model = empty_model(model_dir.path, model_class_name, **config_overrides)
     planned = isinstance(device_map, str) and device_map in _STRATEGIES
     no_split = no_split_classes(model, no_split_module_classes) if planned else list(no_split_module_classes or ())
-    dtype = resolve_dtype(torch_dtype, model_dir)
+    dtype = target
     if isinstance(working_memory, tuple):
         working_memory = _input_working_memory(model, working_memory, dtype)
     return load_and_dispatch(
