@@ -83,7 +83,9 @@ def write_seeded_shards(folder: Path, table: dict[str, tuple[int, ...]], seed: i
     for number in range(shards):
         part = names[number * per : (number + 1) * per]
         file = f"model-{number + 1:05d}-of-{shards:05d}.safetensors"
-        with SafetensorsWriter(folder / file, [(n, torch.float32, table[n]) for n in part]) as writer:
+        # data_align=8: laid out as the safetensors library (save_pretrained) lays out the checkpoints
+        # users bring, where a weight may start mid cache line; bigjob's own files start them on one.
+        with SafetensorsWriter(folder / file, [(n, torch.float32, table[n]) for n in part], data_align=8) as writer:
             for name in part:
                 shape = table[name]
                 if name.endswith("norm.weight"):

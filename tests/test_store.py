@@ -71,6 +71,25 @@ def built_folder(checkpoint: Path, offload: Path) -> Path:
 # --------------------------------------------------------------------------- what is trusted
 
 
+def test_offloaded_weights_are_views_that_start_on_cache_lines(checkpoint: Path, tmp_path: Path, expected: torch.Tensor) -> None:
+    model = load(checkpoint, tmp_path / "off")
+    folder = Path(get_dispatch_info(model).offload_folder)
+    files = sorted(folder.glob("*.safetensors"))
+    mappings = {}
+    for path in files:
+        infos, _ = safetensors_io.read_header(path)
+        mappings.update(infos)
+    whole = 0
+    for name, param in model.named_parameters():
+        info = mappings[name]
+        assert param.data_ptr() % 4096 == info.offset % 4096  # a zero-copy view of the folder's file
+        if info.nbytes % 64 == 0:
+            assert param.data_ptr() % 64 == 0, name
+            whole += 1
+    assert whole >= len(list(model.parameters())) // 2  # most weights are whole cache lines
+    check(model, expected)
+
+
 def test_marker_records_fingerprint_and_sizes(checkpoint: Path, tmp_path: Path) -> None:
     folder = built_folder(checkpoint, tmp_path / "off")
     marker = json.loads((folder / MARKER).read_text())

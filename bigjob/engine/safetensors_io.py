@@ -50,6 +50,11 @@ logger = logging.getLogger(__name__)
 
 #: The largest header we accept (the reference implementation uses the same cap).
 MAX_HEADER_BYTES = 100_000_000
+# Files this module writes start their data buffer at a multiple of this (one cache line, the
+# widest SIMD load), and lay tensors out so weight matrices start on such a boundary: a
+# matrix-vector product (decoding one token) over a zero-copy view ran 6-10% slower on this
+# project's machine when its weight started mid-line (fp32 and bf16, AMD EPYC).
+DATA_ALIGN = 64
 
 #: safetensors dtype name -> torch dtype, for every dtype this torch build has.
 _NAME_TO_DTYPE: dict[str, torch.dtype] = {
@@ -413,12 +418,15 @@ def _tensor_bytes(tensor: torch.Tensor) -> tuple[memoryview, torch.Tensor]:
 class SafetensorsWriter:
     """Stream tensors into a safetensors file whose entries are known up front.
 
-    The header (with space padding so the data starts at a multiple of 8) is
-    written at construction; then :meth:`write` must be called once per entry,
-    in the given order, and :meth:`close` flushes and fsyncs. Tensors are laid
-    out back to back with no gaps, as the format requires, so a tensor's
-    alignment is decided by the order of ``entries``: put larger itemsizes
-    first (as :func:`write_file` does) and every tensor stays aligned.
+    The header (with space padding so the data starts at a multiple of
+    :data:`DATA_ALIGN` bytes) is written at construction; then :meth:`write`
+    must be called once per entry, in the given order, and :meth:`close`
+    flushes and fsyncs. Tensors are laid out back to back with no gaps, as the
+    format requires, so a tensor's alignment is decided by the order of
+    ``entries``: order them by :func:`layout_key` (as :func:`write_file` does)
+    and every tensor is aligned to its itemsize, every one whose size is a
+    multiple of :data:`DATA_ALIGN` to that. ``data_align=8`` lays the data out
+    as the ``safetensors`` library does (at a multiple of 8 only).
 
     Any ``OSError`` (for example ``ENOSPC``) removes the partial file and is
     raised as :class:`~bigjob.errors.OffloadError`. Used as a context manager,
@@ -438,6 +446,7 @@ class SafetensorsWriter:
         path: str | os.PathLike[str],
         entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
         metadata: Mapping[str, str] | None = None,
+        data_align: int = DATA_ALIGN,
     ) -> None:
         self.path = Path(path)
         self._entries = [(str(name), dtype, tuple(int(d) for d in shape)) for name, dtype, shape in entries]
@@ -464,7 +473,9 @@ class SafetensorsWriter:
             }
             position += nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        encoded += b" " * (-len(encoded) % 8)
+        if data_align <= 0 or data_align % 8:
+            raise ValueError(f"data_align must be a positive multiple of 8, got {data_align}")
+        encoded += b" " * (-(8 + len(encoded)) % data_align)  # the data buffer starts on a cache line
         self.data_size = position
         self._next = 0
         self._fd: int | None = None
@@ -560,22 +571,40 @@ class SafetensorsWriter:
             self.abort()
 
 
+def layout_key(name: str, dtype: torch.dtype, shape: Sequence[int]) -> tuple[bool, int, str]:
+    """Sort key that lays tensors out aligned in a file whose data starts at a multiple of :data:`DATA_ALIGN`.
+
+    Tensors whose size is a multiple of :data:`DATA_ALIGN` (nearly every weight matrix) come
+    first, so each starts on a cache line; the rest follow by itemsize, largest first, so each
+    is aligned to its own itemsize. Ties go by name.
+
+    >>> entries = [("b", torch.int8, (3,)), ("w", torch.float32, (4, 16)), ("h", torch.float16, (5,))]
+    >>> [name for name, _, _ in sorted(entries, key=lambda e: layout_key(*e))]
+    ['w', 'h', 'b']
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
+    whole = nbytes % DATA_ALIGN == 0
+    return (not whole, 0 if whole else -dtype.itemsize, name)
+
+
 def write_file(
     path: str | os.PathLike[str],
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Write ``tensors`` to a safetensors file, ordered by (itemsize descending, name).
+    """Write ``tensors`` to a safetensors file, in the order of :func:`layout_key`.
 
-    The ordering keeps every tensor aligned to its itemsize.
+    Every tensor is aligned to its itemsize, and every tensor whose size is a multiple of
+    :data:`DATA_ALIGN` starts on a :data:`DATA_ALIGN` boundary of the file.
 
     >>> import tempfile, pathlib, torch
     >>> p = pathlib.Path(tempfile.mkdtemp()) / "w.safetensors"
-    >>> write_file(p, {"i8": torch.zeros(3, dtype=torch.int8), "f64": torch.ones(1, dtype=torch.float64)})
-    >>> [(i.name, i.offset % 8) for i in read_header(p)[0].values()]
-    [('f64', 0), ('i8', 0)]
+    >>> write_file(p, {"i8": torch.zeros(3, dtype=torch.int8), "f64": torch.ones(1, dtype=torch.float64),
+    ...                "w": torch.ones(4, 16)})
+    >>> [(i.name, i.offset % 64) for i in read_header(p)[0].values()]
+    [('w', 0), ('f64', 0), ('i8', 8)]
     """
-    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    order = sorted(tensors, key=lambda name: layout_key(name, tensors[name].dtype, tuple(tensors[name].shape)))
     entries = [(name, tensors[name].dtype, tuple(tensors[name].shape)) for name in order]
     with SafetensorsWriter(path, entries, metadata) as writer:
         for name in order:
@@ -583,6 +612,7 @@ def write_file(
 
 
 __all__ = [
+    "DATA_ALIGN",
     "MAX_HEADER_BYTES",
     "MappedFile",
     "SafetensorsWriter",

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 
 from bigjob.engine.checkpoint import Checkpoint, open_checkpoint
-from bigjob.engine.safetensors_io import SafetensorsWriter, dtype_name
+from bigjob.engine.safetensors_io import SafetensorsWriter, dtype_name, layout_key
 from bigjob.errors import BigJobError, OffloadError
 
 __all__ = ["OFFLOAD_FORMAT", "OffloadEntry", "OffloadFolder", "offload_fingerprint", "prepare_offload_folder"]
@@ -182,8 +182,8 @@ def prepare_offload_folder(
 
 
 def _build(folder: Path, source: Checkpoint, entries: Sequence[OffloadEntry], fingerprint: str, shard_bytes: int) -> None:
-    # Larger itemsizes first keeps every tensor aligned for zero-copy views.
-    ordered = sorted(entries, key=lambda e: (-e.dtype.itemsize, e.name))
+    # Aligned for zero-copy views: weight matrices on cache lines, every tensor to its itemsize.
+    ordered = sorted(entries, key=lambda e: layout_key(e.name, e.dtype, e.shape))
     shards: list[list[OffloadEntry]] = [[]]
     size = 0
     for entry in ordered:
