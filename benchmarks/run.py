@@ -81,6 +81,7 @@ SYSTEMS = ("ram", "bigjob", "accelerate", "transformers", "bigjob-wm", "bigjob-m
 # ram+read: the in-RAM model whose evicted forwards read the disk tier's bytes from the checkpoint in
 # a thread meanwhile (the measured bound).
 WM_BATCH = 4
+DECODE_PROMPT, DECODE_NEW = 16, 32  # tokens of the prompt, tokens generated
 MiB = 2**20
 
 
@@ -211,6 +212,16 @@ def worker(system: str, folder: Path, budget: int, scratch: Path, tokens: int) -
                     torch.save(logits.clone(), cmd["save"])
                 del logits
                 reply.write(json.dumps({"s": seconds, "read": read, "minflt": faults}) + "\n")
+            elif cmd["op"] == "decode":
+                # Greedy generation at batch 1, as a chat or a scoring loop decodes: a short prompt, then
+                # one token a forward, every forward reading every weight once.
+                ids = token_batch(1, cmd["prompt"])
+                with torch.inference_mode():
+                    t = time.perf_counter()
+                    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=cmd["new"],
+                                         min_new_tokens=cmd["new"], do_sample=False, pad_token_id=0)
+                    seconds = time.perf_counter() - t
+                reply.write(json.dumps({"s": seconds, "tokens": out[0, ids.shape[1]:].tolist()}) + "\n")
 
 
 class ConcurrentRead(threading.Thread):
@@ -308,6 +319,7 @@ class Row:
     warm_read: list[int] = field(default_factory=list)  # bytes read from disk, machine-wide, per forward
     cold_read: list[int] = field(default_factory=list)
     warm_faults: list[int] = field(default_factory=list)  # minor page faults of the worker per warm forward
+    decode: list[int] | None = None  # a decode row (warm: seconds per new token): the tokens it generated
 
 
 def measure_share(ram: Worker, systems: list[str], share: float, weights: int, args: argparse.Namespace, scratch: Path) -> tuple[dict[str, Worker], list[Row]]:
@@ -352,6 +364,18 @@ def measure_share(ram: Worker, systems: list[str], share: float, weights: int, a
                 got = torch.load(scratch / f"{name}-{share}-{batch}.pt")
                 by[name].diff = float((got - reference).abs().max())
         rows.extend(by.values())
+    if "decode" not in args.skip_set:
+        print("  decoding ...", file=sys.stderr, flush=True)
+        for w in workers.values():
+            warm(w.files)
+            w.ask(op="decode", prompt=DECODE_PROMPT, new=4)  # first use: generation config, caches
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in workers}
+        for _ in range(args.repeat):
+            for name, w in workers.items():
+                warm(w.files)
+                runs[name].append(w.ask(op="decode", prompt=DECODE_PROMPT, new=DECODE_NEW))
+        for name, answers in runs.items():
+            rows.append(Row(name, 1, warm=[a["s"] / DECODE_NEW for a in answers], decode=answers[0]["tokens"]))
     return workers, rows
 
 
@@ -545,10 +569,11 @@ def print_tables(args: argparse.Namespace, limits: dict[str, float], weights: in
         print("| system | batch | first s | warm median s | x RAM | cold median s | x RAM warm | cold bound x | "
               "disk MiB per cold fwd | minor faults per warm fwd | peak RSS growth MiB | over budget MiB | anon growth MiB | max abs diff |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        ram_rows = {r.batch: r for r in rows[share] if r.system == "ram"}
+        forwards = [r for r in rows[share] if r.decode is None]
+        ram_rows = {r.batch: r for r in forwards if r.system == "ram"}
         contended = {r.batch: statistics.median(r.cold) / statistics.median(ram_rows[r.batch].warm)
-                     for r in rows[share] if r.system == "ram+read"}
-        for r in rows[share]:
+                     for r in forwards if r.system == "ram+read"}
+        for r in forwards:
             ref = ram_rows[r.batch]
             warm, cold, ram_warm = statistics.median(r.warm), statistics.median(r.cold), statistics.median(ref.warm)
             read = limits["read"] * 1e9 or float("inf")
@@ -588,6 +613,20 @@ def print_tables(args: argparse.Namespace, limits: dict[str, float], weights: in
                     measured = f" (measured bound {contended[r.batch]:.2f}x)" if r.batch in contended else ""
                     checks.append((f"median forward, evicted, batch {r.batch}, {planned}", "<= 1.15x",
                                    f"{cold / ram_warm:.2f}x{measured}", cold <= 1.15 * ram_warm))
+        decodes = {r.system: r for r in rows[share] if r.decode is not None}
+        if "ram" in decodes:
+            ram_decode = statistics.median(decodes["ram"].warm)
+            print()
+            print(f"Greedy decoding at batch 1 ({DECODE_PROMPT}-token prompt, {DECODE_NEW} new tokens, warm page cache; "
+                  "seconds a new token, the prompt's forward included):")
+            print()
+            print("| system | ms a token | x RAM | tokens equal RAM's |")
+            print("|---|---|---|---|")
+            for system, r in decodes.items():
+                per = statistics.median(r.warm)
+                print(f"| {system} | {per * 1e3:.1f} | {per / ram_decode:.2f} | {'-' if system == 'ram' else r.decode == decodes['ram'].decode} |")
+                if system == "bigjob" and share == 0.7:
+                    checks.append(("greedy decoding, batch 1, ms a token", "-", f"{per / ram_decode:.2f}x", None))
     if jobs:
         print()
         print("## Job level: the same bf16 job twice (fp32 checkpoint, 70% on disk), fresh processes, page cache evicted;")
@@ -658,7 +697,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,4,16")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--skip", default="", help="comma list of: job, plan, limits, policy")
+    parser.add_argument("--skip", default="", help="comma list of: job, plan, limits, policy, decode")
     parser.add_argument("--h2d", type=float, default=25e9, help="declared host-to-device bytes/s for the policy table")
     parser.add_argument("--device-flops", type=float, default=50e12, help="declared GPU FLOP/s for the policy table")
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
@@ -670,7 +709,7 @@ def main() -> None:
         worker(args.worker, args.folder, args.budget, args.scratch, args.tokens)
         return
     args.batches = [int(b) for b in args.batches.split(",")]
-    skip = set(filter(None, args.skip.split(",")))
+    skip = args.skip_set = set(filter(None, args.skip.split(",")))
     systems = [s for s in args.systems.split(",") if s and s != "ram"]
     try:
         import transformers  # noqa: F401 - every system runs Transformers' Llama, the reference included
