@@ -18,7 +18,9 @@ Figures: load seconds; first and median forward at each batch; the copy bound, o
 bytes over the measured pinned host-to-device bandwidth (what a streaming forward cannot
 beat); median over that bound; Accelerate's median over bigjob's; GPU memory above the
 weights placed there; RSS growth over the CPU tier; max abs difference of the last
-position's logits from the ``gpu`` reference. The machine's own limits come first: pinned
+position's logits from the ``gpu`` reference; greedy decoding at batch 1 (ms a new token, and
+whether the tokens equal the reference's), where ``local`` should beat streaming (``--no-decode``
+skips it). The machine's own limits come first: pinned
 and pageable host-to-device bandwidth, page cache into pinned memory, fp32 matmul rate.
 
     python benchmarks/gpu.py                      # both maps, all systems (about 3 min on an H100/H200)
@@ -176,6 +178,32 @@ def _timed(model: Any, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, logits
 
 
+def decode(model: Any, device: str, prompt: int = 16, new: int = 32) -> dict[str, Any]:
+    """Greedy generation at batch 1: seconds a new token (the prompt's forward included) and the tokens.
+
+    Decoding is where running offloaded layers on the CPU (``local``) can beat copying their
+    weights over PCIe for one token. A bigjob model decides its ``auto`` units once for the
+    whole generation, at its average tokens a forward (:func:`bigjob.execution_tokens`).
+    """
+    from contextlib import nullcontext
+
+    import bigjob
+
+    ids = token_batch(1, prompt).to(device)
+    per_forward = max(1, round((prompt + new - 1) / new))  # prompt + new tokens over new forwards
+    pinned = bigjob.execution_tokens(model, per_forward) if bigjob.get_dispatch_info(model) is not None else nullcontext()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    options = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+    with torch.inference_mode(), pinned:
+        model.generate(ids, max_new_tokens=4, **options)  # first use: generation config, caches
+        sync()
+        start = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **options)
+        sync()
+        seconds = time.perf_counter() - start
+    return {"s_per_token": seconds / new, "tokens": out[0, prompt:].tolist()}
+
+
 def trace_forward(model: Any, ids: torch.Tensor, path: Path) -> None:
     """One forward under the torch profiler: ``path``.txt (op tables) and ``path``.json.gz (a Chrome trace)."""
     import gzip
@@ -208,7 +236,7 @@ def trace_forward(model: Any, ids: torch.Tensor, path: Path) -> None:
 
 
 def worker(system: str, folder: Path, map_file: Path | None, scratch: Path, batches: list[int], tokens: int,
-           repeat: int, cold: int, out: Path, prefetch: int = 1, trace: Path | None = None) -> None:
+           repeat: int, cold: int, out: Path, prefetch: int = 1, trace: Path | None = None, decoding: bool = True) -> None:
     from bigjob.job.report import MemorySampler
 
     torch.zeros(1, device="cuda:0")  # the CUDA context, outside the load's time
@@ -246,6 +274,8 @@ def worker(system: str, folder: Path, map_file: Path | None, scratch: Path, batc
                 result["cold"] = {"batch": batch, "median_s": statistics.median(times)}
         result["gpu_peak"] = torch.cuda.max_memory_allocated()
     result["rss_growth"] = peak.peak_rss - base_rss
+    if decoding:  # after the memory figures: generation's KV cache is not the forward's
+        result["decode"] = decode(model, "cuda:0")
     if trace is not None:  # after the figures: the profiler's own cost stays out of them
         trace_forward(model, token_batch(batches[0], tokens).to("cuda:0"), trace)
     torch.save(logits, out.with_suffix(".pt"))
@@ -262,6 +292,8 @@ def run_system(system: str, args: argparse.Namespace, map_file: Path | None, scr
            "--repeat", str(args.repeat), "--cold", str(args.cold), "--prefetch", str(args.prefetch)]
     if map_file is not None:
         cmd += ["--map-file", str(map_file)]
+    if args.no_decode:
+        cmd.append("--no-decode")
     if args.trace is not None:
         label = f"{map_file.stem.removeprefix('map-')}-{system}" if map_file is not None else system
         cmd += ["--trace-file", str(args.trace / label)]
@@ -290,6 +322,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every figure here")
     parser.add_argument("--trace", type=Path, help="folder for one profiled forward per system (op tables, Chrome traces)")
     parser.add_argument("--trace-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--no-decode", action="store_true", help="skip the greedy decoding at batch 1")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
@@ -298,7 +331,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     if args.worker:
         worker(args.worker, args.folder, args.map_file, args.scratch, batches, args.tokens, args.repeat, args.cold, args.out,
-               args.prefetch, args.trace_file)
+               args.prefetch, args.trace_file, not args.no_decode)
         return
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu.py needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -388,6 +421,18 @@ def _print_map(name: str, tiers: dict[str, int], bound: float, results: dict[str
             b = reference["batches"][str(batch)]
             print(f"| gpu (all on the GPU) | {reference['load_s']:.2f} | {batch} | {b['first_s']:.3f} | {b['median_s'] * 1e3:.1f} | "
                   f"| 1.00 | | | | | 0 |")
+    decoded = {system: r["decode"] for system, r in results.items() if "error" not in r and "decode" in r}
+    if decoded:
+        floor = reference.get("decode") if reference and "error" not in reference else None
+        accelerate = decoded.get("accelerate")
+        print("\nGreedy decoding at batch 1 (16-token prompt, 32 new tokens; the prompt's forward included):")
+        print("| system | ms a token | x copy bound | x GPU-resident | Accelerate / this | tokens equal the GPU-resident model's |")
+        print("|---|---|---|---|---|---|")
+        for system, d in [*decoded.items(), *([("gpu (all on the GPU)", floor)] if floor else [])]:
+            same = "-" if floor is None or d is floor else str(d["tokens"] == floor["tokens"])
+            print(f"| {system} | {d['s_per_token'] * 1e3:.1f} | {ratio(d['s_per_token'], bound)} | "
+                  f"{ratio(d['s_per_token'], floor['s_per_token'] if floor else None)} | "
+                  f"{ratio(accelerate['s_per_token'] if accelerate else None, d['s_per_token'])} | {same} |")
 
 
 if __name__ == "__main__":
