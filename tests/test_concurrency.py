@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from _faultkit import JOB, leftovers, marker_holds, metrics, offload_folders
@@ -88,3 +89,28 @@ def test_two_models_sharing_one_cache_never_see_each_others_entries(tmp_path):
     again = run_job(compose_config(common + [f"checkpoint.path={second}"]), tmp_path / "run-b2")
     assert again.plan_cache_hit is True and again.offload_folder == reports["b"].offload_folder
     assert json.loads((tmp_path / "run-b2" / "predictions.jsonl").read_text().splitlines()[0]) == read_jsonl(tmp_path / "run-b" / "predictions.jsonl")[0]
+
+
+def test_a_sweep_over_growing_budgets_converts_the_disk_tier_once(tmp_path):
+    """Each larger budget puts a subset of the smaller one's layers on disk: the folder built first serves
+    them all, and every job computes what the float16 model in RAM computes."""
+    folder = _checkpoint(tmp_path / "ckpt", seed=3, mtime_ns=1_700_000_000 * 10**9)
+    expected = None
+    served = {}
+    for budget in ("12KiB", "16KiB", "18KiB"):
+        cfg = compose_config(JOB + [f"cache.dir={tmp_path / 'cache'}", "checkpoint=path", f"checkpoint.path={folder}",
+                                    f"placement.max_memory.cpu={budget}"])
+        report = run_job(cfg, tmp_path / f"run-{budget}")
+        expected = expected or _top_ids(reference_model(folder, dtype=torch.float16), cfg.data)
+        assert [r["top_ids"] for r in read_jsonl(tmp_path / f"run-{budget}" / "predictions.jsonl")] == expected
+        served[budget] = (report.offload_cache_hit, report.offload_folder, report.bytes_per_tier["disk"])
+    assert served["12KiB"][0] is False and served["16KiB"][0] is True and served["18KiB"][0] is True
+    assert len({folder for _, folder, _ in served.values()}) == 1
+    assert served["16KiB"][2] < served["12KiB"][2]  # fewer layers on disk, served from the larger folder
+    assert offload_folders(tmp_path / "cache") == [Path(served["12KiB"][1])]
+    # Shrinking budgets need layers the first folder lacks: each gets a folder of its own.
+    for budget in ("16KiB", "12KiB"):
+        cfg = compose_config(JOB + [f"cache.dir={tmp_path / 'cache2'}", "checkpoint=path", f"checkpoint.path={folder}",
+                                    f"placement.max_memory.cpu={budget}"])
+        assert run_job(cfg, tmp_path / f"shrink-{budget}").offload_cache_hit is False
+    assert len(offload_folders(tmp_path / "cache2")) == 2

@@ -99,6 +99,60 @@ def test_marker_records_fingerprint_and_sizes(checkpoint: Path, tmp_path: Path) 
     assert entries(tmp_path / "off") == [folder.name]  # no temporary left behind
 
 
+def _load_map(checkpoint: Path, offload: Path, on_cpu: int, dtype: torch.dtype = BF16) -> torch.nn.Module:
+    """The first ``on_cpu`` blocks in RAM, every other module on disk (converted to ``dtype``)."""
+    model = empty_model()
+    device_map = {name: "disk" for name, _ in model.named_children()}
+    device_map.pop("blocks")
+    device_map.update({name: "cpu" for name, _ in [*model.named_parameters(recurse=False), *model.named_buffers(recurse=False)]})
+    device_map.update({f"blocks.{i}": "cpu" if i < on_cpu else "disk" for i in range(len(model.blocks))})
+    return load_checkpoint_and_dispatch(model, checkpoint, device_map=device_map, dtype=dtype, offload_folder=offload)
+
+
+def test_a_plan_with_fewer_tensors_on_disk_uses_the_folder_that_holds_them(checkpoint: Path, tmp_path: Path, expected: torch.Tensor) -> None:
+    offload = tmp_path / "off"
+    everything = get_dispatch_info(_load_map(checkpoint, offload, 0))
+    marker = json.loads((Path(everything.offload_folder) / MARKER).read_text())
+    assert marker["source"] == json.loads(json.dumps(open_checkpoint(checkpoint).identity()))
+    # Every tensor but the root's own (kept in RAM by the map), each converted to bf16.
+    assert {e[0] for e in marker["entries"]} == {n for n in untied_state(make_reference()) if "." in n}
+    assert {e[2] for e in marker["entries"]} == {"BF16"}
+    # A larger budget: two blocks in RAM, the rest on disk. That subset is in the folder already.
+    model = _load_map(checkpoint, offload, 2)
+    info = get_dispatch_info(model)
+    assert info.offload_reused is True and info.offload_folder == everything.offload_folder
+    assert entries(offload) == [Path(everything.offload_folder).name]  # nothing new written
+    assert 0 < info.bytes_per_tier["disk"] < everything.bytes_per_tier["disk"]
+    check(model, expected)
+    # The other way round is a new folder: the smaller plan's folder lacks the blocks now on disk.
+    smaller = tmp_path / "off-small"
+    first = get_dispatch_info(_load_map(checkpoint, smaller, 2))
+    second = get_dispatch_info(_load_map(checkpoint, smaller, 0))
+    assert second.offload_reused is False and second.offload_folder != first.offload_folder
+    assert len(entries(smaller)) == 2
+    # Another dtype is another conversion: never served from the bf16 folder.
+    fp16 = get_dispatch_info(_load_map(checkpoint, offload, 2, torch.float16))
+    assert fp16.offload_reused is False and len(entries(offload)) == 2
+
+
+def test_a_superset_folder_that_is_damaged_or_of_another_checkpoint_is_not_used(checkpoint: Path, tmp_path: Path, expected: torch.Tensor) -> None:
+    offload = tmp_path / "off"
+    full = Path(get_dispatch_info(_load_map(checkpoint, offload, 0)).offload_folder)
+    shard = next(full.glob("*.safetensors"))
+    with open(shard, "r+b") as handle:  # one file shorter than its marker says: incomplete
+        handle.truncate(shard.stat().st_size - 1)
+    info = get_dispatch_info(_load_map(checkpoint, offload, 2))
+    assert info.offload_reused is False and Path(info.offload_folder) != full
+    check(_load_map(checkpoint, offload, 2), expected)
+    # A copy of the checkpoint elsewhere is another source (its identity names its folder).
+    other = tmp_path / "copy" / "model.safetensors"
+    other.parent.mkdir()
+    other.write_bytes(checkpoint.read_bytes())
+    before = entries(offload)
+    info = get_dispatch_info(_load_map(other, offload, 3))
+    assert info.offload_reused is False and len(entries(offload)) == len(before) + 1
+
+
 def test_foreign_accelerate_style_folder_is_rebuilt_not_used(checkpoint: Path, tmp_path: Path, expected: torch.Tensor) -> None:
     offload = tmp_path / "off"
     folder = built_folder(checkpoint, offload)

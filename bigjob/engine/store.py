@@ -6,8 +6,10 @@ holds: the source checkpoint's identity, and the name, dtype and shape of every 
 It lives at ``<offload_folder>/offload-<fingerprint>``, is built under a temporary name,
 gets a marker (written last, with the fingerprint and every file's size) and is renamed
 into place only when complete. A folder whose marker is missing, different or does not
-match its files is never used: it is rebuilt. Nothing outside its own ``offload-*`` and
-``.tmp-offload-*`` entries under ``offload_folder`` is ever touched.
+match its files is never used: it is rebuilt. A plan that needs a subset of a complete
+folder's tensors (a larger CPU budget puts fewer layers on disk) uses that folder as it is:
+the marker also records the source and every tensor, for that check. Nothing outside its
+own ``offload-*`` and ``.tmp-offload-*`` entries under ``offload_folder`` is ever touched.
 
 >>> import tempfile, torch
 >>> from bigjob.engine.safetensors_io import write_file
@@ -41,7 +43,7 @@ from bigjob.engine.checkpoint import Checkpoint, open_checkpoint
 from bigjob.engine.safetensors_io import SafetensorsWriter, dtype_name, layout_key
 from bigjob.errors import BigJobError, OffloadError
 
-__all__ = ["OFFLOAD_FORMAT", "OffloadEntry", "OffloadFolder", "offload_fingerprint", "prepare_offload_folder"]
+__all__ = ["OFFLOAD_FORMAT", "OffloadEntry", "OffloadFolder", "offload_fingerprint", "offload_marker", "prepare_offload_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,11 @@ class OffloadFolder:
     checkpoint: Checkpoint
 
 
+def _described(entries: Sequence[OffloadEntry]) -> list[list]:
+    """The entries as sorted JSON lists: name, source name, dtype name, shape."""
+    return sorted([e.name, e.source_name, dtype_name(e.dtype), list(e.shape)] for e in entries)
+
+
 def offload_fingerprint(source_identity: dict, entries: Sequence[OffloadEntry]) -> str:
     """sha256 over the source's identity and every entry (name, source name, dtype, shape), order-free.
 
@@ -77,9 +84,43 @@ def offload_fingerprint(source_identity: dict, entries: Sequence[OffloadEntry]) 
     >>> a == offload_fingerprint({"f": 1}, [OffloadEntry("w", "w", torch.bfloat16, (2,))])
     False
     """
-    described = sorted([e.name, e.source_name, dtype_name(e.dtype), list(e.shape)] for e in entries)
-    payload = {"format": OFFLOAD_FORMAT, "source": source_identity, "entries": described}
+    payload = {"format": OFFLOAD_FORMAT, "source": source_identity, "entries": _described(entries)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _superset(root: Path, source_identity: dict, entries: Sequence[OffloadEntry]) -> tuple[Path, str] | None:
+    """The smallest complete folder under ``root`` holding every one of ``entries`` of the same source.
+
+    A plan with a larger budget puts a subset of the layers on disk: the folder built for a
+    smaller budget already holds them, converted the same way, and serves as it is (only the
+    tensors asked for are viewed). Folders whose marker predates these fields are not considered.
+    """
+    wanted = {json.dumps(item) for item in _described(entries)}
+    source = json.loads(json.dumps(source_identity))  # as a marker reads back (tuples become lists)
+    best: tuple[int, Path, str] | None = None
+    for folder in sorted(root.glob("offload-*")):
+        try:
+            marker = json.loads((folder / MARKER).read_text())
+            if marker.get("format") != OFFLOAD_FORMAT or marker.get("source") != source:
+                continue
+            if not wanted <= {json.dumps(item) for item in marker["entries"]}:
+                continue
+            size = sum(int(n) for n in marker["files"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        if _marker_matches(folder, marker["fingerprint"]) and (best is None or size < best[0]):
+            best = (size, folder, marker["fingerprint"])
+    return None if best is None else (best[1], best[2])
+
+
+def offload_marker(folder: str | os.PathLike[str]) -> dict | None:
+    """The marker of the offload folder ``folder`` (fingerprint, files, and for folders built since
+    they were recorded, source and entries), or None where it is missing or unreadable."""
+    try:
+        marker = json.loads((Path(folder) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
 
 
 def _marker_matches(folder: Path, fingerprint: str) -> bool:
@@ -134,7 +175,8 @@ def _alive(pid: int) -> bool:
 def prepare_offload_folder(
     root: str | os.PathLike[str], source: Checkpoint, entries: Sequence[OffloadEntry], shard_bytes: int = SHARD_BYTES
 ) -> OffloadFolder:
-    """Reuse the complete folder for exactly these ``entries`` of ``source`` under ``root``, or build it.
+    """Reuse the complete folder for exactly these ``entries`` of ``source`` under ``root``, else the
+    smallest one there that holds all of them (built for a plan with more on disk), or build it.
 
     Tensors are read from ``source`` one at a time, converted and streamed to disk, so the
     build never holds more than one tensor in memory. Safe against concurrent builders
@@ -152,6 +194,10 @@ def prepare_offload_folder(
                 return OffloadFolder(final, fingerprint, True, open_checkpoint(final / INDEX))
             log.warning("offload folder %s is incomplete or foreign; rebuilding it", final)
             _discard(root, final)
+        found = _superset(root, source.identity(), entries)
+        if found is not None:
+            log.info("reusing offload folder %s, which holds every tensor asked for and more", found[0])
+            return OffloadFolder(found[0], found[1], True, open_checkpoint(found[0] / INDEX))
         temp = root / f".tmp-offload-{fingerprint[:12]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         temp.mkdir(mode=0o700)
     except OSError as err:
@@ -209,7 +255,10 @@ def _build(folder: Path, source: Checkpoint, entries: Sequence[OffloadEntry], fi
         files[name] = path.stat().st_size
     _write_json(folder / INDEX, {"metadata": {"format": "bigjob-offload"}, "weight_map": weight_map})
     files[INDEX] = (folder / INDEX).stat().st_size
-    _write_json(folder / MARKER, {"format": OFFLOAD_FORMAT, "fingerprint": fingerprint, "files": files})
+    # The source and entries let a later plan that needs a subset of them use this folder as it is.
+    marker = {"format": OFFLOAD_FORMAT, "fingerprint": fingerprint, "files": files,
+              "source": source.identity(), "entries": _described(entries)}
+    _write_json(folder / MARKER, marker)
 
 
 def _numel(shape: Sequence[int]) -> int:

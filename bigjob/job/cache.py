@@ -40,7 +40,7 @@ import sqlite3
 import stat
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,17 @@ def is_cache_key(key: object) -> bool:
     (True, False, False)
     """
     return isinstance(key, str) and bool(_KEY.match(key))
+
+
+def _covers(held: Sequence[str], needed: Sequence[str]) -> bool:
+    """Whether every device-map key of ``needed`` is one of ``held`` or inside one of them.
+
+    >>> _covers(["model.layers.3", "model.layers.4"], ["model.layers.4"]), _covers(["model"], ["model.layers.4"])
+    (True, True)
+    >>> _covers(["model.layers.4"], ["model.layers.3"]), _covers(["model.layers.1"], ["model.layers.10"])
+    (False, False)
+    """
+    return all(any(h in ("", n) or n.startswith(h + ".") for h in held) for n in needed)
 
 
 def make_private_dirs(path: str | os.PathLike[str]) -> Path:
@@ -363,6 +374,33 @@ class JobCache:
             value = self.get(key)
             if value is not None:
                 yield key, value
+
+    def offload_holding(self, family: str, disk_modules: Sequence[str]) -> Path | None:
+        """The registry folder of a built offload folder that holds every tensor of ``disk_modules``.
+
+        ``family`` keys everything an offload folder's content depends on except which modules
+        are on disk (checkpoint, tensors, dtypes, offload_buffers). A plan with a larger budget
+        puts a subset of another plan's disk modules on disk: that plan's folder already holds
+        them, converted the same way, and the engine serves the subset from it as it is
+        (:func:`bigjob.engine.store.prepare_offload_folder`). Of several, the one with the
+        fewest disk modules; None when there is none (or its folder predates the records the
+        engine checks).
+        """
+        from bigjob.engine.store import offload_marker
+
+        best: tuple[int, Path] | None = None
+        for key, entry in self.entries():
+            if not key.startswith("offload:") or entry.get("family") != family:
+                continue
+            held, path = entry.get("disk_modules"), Path(str(entry.get("path", "")))
+            if not isinstance(held, list) or not _covers(held, disk_modules):
+                continue
+            marker = offload_marker(path)
+            if marker is None or "entries" not in marker:
+                continue
+            if best is None or len(held) < best[0]:
+                best = (len(held), path.parent)
+        return None if best is None else best[1]
 
     def lock(self, name: str, timeout: float = LOCK_TIMEOUT_S) -> FileLock:
         """A cross-process lock named ``name``; a holder that dies releases it at once."""

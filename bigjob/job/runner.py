@@ -531,13 +531,22 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
                 checkpoints = make_private_dirs(cache_root / "checkpoints")
                 checkpoint_path = make_demo_checkpoint(checkpoints, dict(cfg.model.kwargs), cfg.checkpoint.demo_seed)
             disk_modules = [name for name, device in device_map.items() if device == "disk"]
-            offload_key = offload_fingerprint(
-                OffloadInputs(identity, tensors, inputs.dtype, dict(inputs.special_dtypes), disk_modules, cfg.placement.offload_buffers)
-            )
+            offload_inputs = OffloadInputs(identity, tensors, inputs.dtype, dict(inputs.special_dtypes), disk_modules, cfg.placement.offload_buffers)
+            offload_key = offload_fingerprint(offload_inputs)
+            # The same, whatever is on disk: folders of one family differ only in which modules they hold.
+            offload_family = offload_fingerprint(dataclasses.replace(offload_inputs, disk_modules=[]))
             if cfg.placement.offload_folder:
                 offload_folder = Path(cfg.placement.offload_folder).expanduser().absolute()
             elif cache is not None:
                 offload_folder = cache.offload_dir(offload_key)
+                if disk_modules:
+                    served = cache.get(f"offload:{offload_key}")
+                    if served is not None and Path(str(served.get("path", ""))).is_dir():
+                        offload_folder = Path(served["path"]).parent  # served before, perhaps by a larger folder
+                    else:
+                        # Not built for this plan yet: a plan with more on disk (a smaller budget of a
+                        # sweep) may have built a folder that holds these tensors already.
+                        offload_folder = cache.offload_holding(offload_family, disk_modules) or offload_folder
             else:
                 offload_folder = run_dir / "offload"
 
@@ -555,7 +564,8 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
                 cache.set(
                     f"offload:{offload_key}",
                     {"kind": "offload", "path": str(info.offload_folder), "checkpoint": identity, "dtype": inputs.dtype,
-                     "disk_modules": sorted(disk_modules), "model_class": report.model_class, "created": time.time()},
+                     "disk_modules": sorted(disk_modules), "family": offload_family, "model_class": report.model_class,
+                     "created": time.time()},
                 )
 
             # 6. Batches, resumable.
