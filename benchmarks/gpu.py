@@ -193,7 +193,7 @@ def decode(model: Any, device: str, prompt: int = 16, new: int = 32) -> dict[str
     per_forward = max(1, round((prompt + new - 1) / new))  # prompt + new tokens over new forwards
     pinned = bigjob.execution_tokens(model, per_forward) if bigjob.get_dispatch_info(model) is not None else nullcontext()
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    options = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+    options: dict[str, Any] = {"attention_mask": torch.ones_like(ids), "do_sample": False, "pad_token_id": 0}
     with torch.inference_mode(), pinned:
         model.generate(ids, max_new_tokens=4, **options)  # first use: generation config, caches
         sync()
