@@ -448,6 +448,8 @@ class SafetensorsWriter:
         metadata: Mapping[str, str] | None = None,
         data_align: int = DATA_ALIGN,
     ) -> None:
+        if data_align <= 0 or data_align % 8:
+            raise ValueError(f"data_align must be a positive multiple of 8, got {data_align}")
         self.path = Path(path)
         self._entries = [(str(name), dtype, tuple(int(d) for d in shape)) for name, dtype, shape in entries]
         names = [name for name, _, _ in self._entries]
@@ -473,8 +475,6 @@ class SafetensorsWriter:
             }
             position += nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        if data_align <= 0 or data_align % 8:
-            raise ValueError(f"data_align must be a positive multiple of 8, got {data_align}")
         encoded += b" " * (-(8 + len(encoded)) % data_align)  # the data buffer starts on a cache line
         self.data_size = position
         self._next = 0

@@ -99,16 +99,16 @@ def _superset(root: Path, source_identity: dict, entries: Sequence[OffloadEntry]
     source = json.loads(json.dumps(source_identity))  # as a marker reads back (tuples become lists)
     best: tuple[int, Path, str] | None = None
     for folder in sorted(root.glob("offload-*")):
+        marker = offload_marker(folder)
+        if marker is None or marker.get("source") != source or not _complete(folder, marker):
+            continue
         try:
-            marker = json.loads((folder / MARKER).read_text())
-            if marker.get("format") != OFFLOAD_FORMAT or marker.get("source") != source:
-                continue
             if not wanted <= {json.dumps(item) for item in marker["entries"]}:
                 continue
             size = sum(int(n) for n in marker["files"].values())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (KeyError, TypeError, ValueError):
             continue
-        if _marker_matches(folder, marker["fingerprint"]) and (best is None or size < best[0]):
+        if best is None or size < best[0]:
             best = (size, folder, marker["fingerprint"])
     return None if best is None else (best[1], best[2])
 
@@ -123,14 +123,19 @@ def offload_marker(folder: str | os.PathLike[str]) -> dict | None:
     return marker if isinstance(marker, dict) else None
 
 
-def _marker_matches(folder: Path, fingerprint: str) -> bool:
+def _complete(folder: Path, marker: dict) -> bool:
+    """Whether ``marker`` is of this format and every file it lists has the size it says."""
     try:
-        marker = json.loads((folder / MARKER).read_text())
-        if marker.get("format") != OFFLOAD_FORMAT or marker.get("fingerprint") != fingerprint:
+        if marker.get("format") != OFFLOAD_FORMAT or not isinstance(marker.get("fingerprint"), str):
             return False
         return all((folder / name).stat().st_size == size for name, size in marker["files"].items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, KeyError, TypeError, AttributeError):
         return False
+
+
+def _marker_matches(folder: Path, fingerprint: str) -> bool:
+    marker = offload_marker(folder)
+    return marker is not None and marker.get("fingerprint") == fingerprint and _complete(folder, marker)
 
 
 def _remove_stale_temps(root: Path) -> None:

@@ -471,13 +471,14 @@ def from_pretrained(
     transformers_module()  # a missing extra first: it is the thing to fix
     if dtype is not None and torch_dtype is not None:
         raise ConfigError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} were both given; they are one setting: give only dtype")
-    key = "torch_dtype" if torch_dtype is not None else "dtype"
     model_dir = open_model_dir(path)
-    target = resolve_dtype(torch_dtype if torch_dtype is not None else dtype, model_dir, key=key)  # a bad name before any work
+    if torch_dtype is not None:
+        dtype = resolve_dtype(torch_dtype, model_dir, key="torch_dtype")
+    else:
+        dtype = resolve_dtype(dtype, model_dir, key="dtype")  # a bad name fails before any work
     model = empty_model(model_dir.path, model_class_name, **config_overrides)
     planned = isinstance(device_map, str) and device_map in _STRATEGIES
     no_split = no_split_classes(model, no_split_module_classes) if planned else list(no_split_module_classes or ())
-    dtype = target
     if isinstance(working_memory, tuple):
         working_memory = _input_working_memory(model, working_memory, dtype)
     return load_and_dispatch(
