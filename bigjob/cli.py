@@ -3,7 +3,7 @@
 * ``bigjob`` / ``python -m bigjob``: the Hydra app (``-m`` for sweeps);
 * ``bigjob-plan``: the same app with ``mode=plan``;
 * ``bigjob-summarize <sweep folder>``: summary.csv and summary.md of a sweep;
-* ``bigjob-cache [--dir D] list|info|clear|verify``: the plan and offload cache.
+* ``bigjob-cache [--dir D] list|info|clear|verify|prune|export|import``: the plan and offload cache.
 
 Bad input ends with one line ``error: ...`` on stderr and exit code 1 (a full traceback
 with ``HYDRA_FULL_ERROR=1``).
@@ -234,8 +234,50 @@ def _plan_file_command(cache: Any, command: str, file: str) -> None:
         sys.exit(1)
 
 
+def _prune_command(cache: Any, max_size: str | None, older_than: str | None, dry_run: bool) -> None:
+    """``prune``: one line per folder removed or kept; exit code 1 when a folder could not be removed."""
+    import time
+
+    from bigjob.engine.devices import format_size, parse_size
+    from bigjob.job.prune import parse_age, prune
+
+    try:
+        limit = None if max_size is None else parse_size(max_size, key="--max-size")
+        age = None if older_than is None else parse_age(older_than)
+        result = prune(cache, max_size=limit, older_than=age, dry_run=dry_run)
+    except BigJobError as err:
+        fail(err)
+        return
+    now = time.time()
+
+    def line(verb: str, artifact: Any, why: str = "") -> str:
+        days = max(0.0, now - artifact.last_used) / 86400
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(artifact.last_used))
+        return f"{verb:<14} {artifact.kind:<10} {artifact.path.name[:24]:<24} {format_size(artifact.size):>10}  last used {used} ({days:.1f} d ago){why}"
+
+    for artifact in result.removed:
+        print(line("would remove" if dry_run else "removed", artifact))
+    for artifact in result.in_use:
+        print(line("kept", artifact, ": in use by a running job"))
+    for artifact, error in result.failed:
+        print(line("not removed", artifact, f": {error}"))
+    verb = "would free" if dry_run else "freed"
+    print(
+        f"{'dry run: ' if dry_run else ''}{len(result.removed)} folders {'to remove' if dry_run else 'removed'} from {cache.root}, "
+        f"{verb} {format_size(result.freed)}, {result.entries_removed} registry entries removed; "
+        f"{format_size(result.size_after)} {'would be ' if dry_run else ''}left"
+    )
+    if limit is not None and result.size_after > limit:
+        print(
+            f"note: more than --max-size {max_size} is left: "
+            + (f"{len(result.in_use)} folders are in use by running jobs" if result.in_use else "plans, entries and locks only (`clear` removes them)")
+        )
+    if result.failed:
+        sys.exit(1)
+
+
 def cache_main(argv: list[str] | None = None) -> None:
-    """``bigjob-cache [--dir D] list|info|clear|verify|export FILE|import FILE``."""
+    """``bigjob-cache [--dir D] list|info|clear|verify|prune|export FILE|import FILE``."""
     from bigjob.engine.devices import format_size
     from bigjob.job.cache import JobCache, default_cache_dir, remove_cache_files
 
@@ -246,9 +288,17 @@ def cache_main(argv: list[str] | None = None) -> None:
     sub.add_parser("info", help="where the cache is and how big")
     sub.add_parser("clear", help="remove every entry, offload folder and demo checkpoint")
     sub.add_parser("verify", help="drop corrupt entries and entries whose folder is gone")
+    prune = sub.add_parser(
+        "prune", help="remove the least recently used offload folders and demo checkpoints (never those a running job uses)"
+    )
+    prune.add_argument("--max-size", help="remove until the cache folder fits this size, e.g. 50GB or 200GiB")
+    prune.add_argument("--older-than", help="remove what no job used for this long, e.g. 14d, 12h, 30m")
+    prune.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
     sub.add_parser("export", help="write every plan to a JSON file (to share read-only with other nodes)").add_argument("file")
     sub.add_parser("import", help="add the plans of a file written by `export`, each one checked").add_argument("file")
     args = parser.parse_args(argv)
+    if args.command == "prune" and args.max_size is None and args.older_than is None:
+        parser.error("prune needs --max-size (e.g. 50GB) or --older-than (e.g. 14d), or both")
     root = Path(args.dir).expanduser() if args.dir else default_cache_dir()
     if not root.exists() and args.command != "import":
         print(f"no cache at {root}")
@@ -269,6 +319,9 @@ def cache_main(argv: list[str] | None = None) -> None:
     with cache:
         if args.command in ("export", "import"):
             _plan_file_command(cache, args.command, args.file)
+            return
+        if args.command == "prune":
+            _prune_command(cache, args.max_size, args.older_than, args.dry_run)
             return
         if args.command == "list":
             entries = list(cache.entries())
@@ -298,7 +351,7 @@ def cache_main(argv: list[str] | None = None) -> None:
             known = {Path(v["path"]).name for k, v in cache.entries() if k.startswith("offload:")}
             orphans = [p for p in cache.offload_root.iterdir() if p.name not in known] if cache.offload_root.is_dir() else []
             for path in orphans:
-                print(f"note: offload folder {path} has no entry (a job may be building it, or it is left over; `clear` removes it)")
+                print(f"note: offload folder {path} has no entry (a job may be building it, or it is left over; `prune` or `clear` removes it)")
             print(f"verified {root}: {len(dropped)} entries dropped")
 
 

@@ -197,6 +197,10 @@ def job_key(resolved_config: Mapping[str, Any]) -> str:
     True
     >>> job_key({"data": {"batch_size": 4}}) == job_key({"data": {"batch_size": 8}})
     False
+    >>> job_key({"cache": {"dir": None, "max_size": "5GB"}}) == job_key({"cache": {"dir": None}})
+    True
     """
     data = {k: v for k, v in resolved_config.items() if k not in _PRESENTATION_KEYS}
+    if isinstance(data.get("cache"), Mapping):  # how big the cache may grow: housekeeping, not the job
+        data["cache"] = {k: v for k, v in data["cache"].items() if k != "max_size"}
     return _sha256("job", data)

@@ -16,6 +16,7 @@ The CLI prints :meth:`JobReport.summary` (step 8).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import importlib
@@ -37,7 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from bigjob.errors import BigJobError, BudgetError, CheckpointError, ConfigError, JobError, OffloadError
-from bigjob.job.cache import JobCache, default_cache_dir, make_private_dirs
+from bigjob.job.cache import JobCache, default_cache_dir, gate_lock, make_private_dirs, use_lock
 from bigjob.job.data import load_samples, make_batches
 from bigjob.job.fingerprint import (
     OffloadInputs,
@@ -49,6 +50,7 @@ from bigjob.job.fingerprint import (
     working_memory_key,
 )
 from bigjob.job.progress import ResultWriter
+from bigjob.job.prune import prune, touch
 from bigjob.job.report import DEVICE_MAP_NAME, JobReport, MemorySampler, atomic_write_text, cuda_peaks, percentile, read_report, versions
 from bigjob.job.schema import JobConfig, budget_overrides, rate_overrides, validate
 from bigjob.job.tasks import build_task
@@ -64,6 +66,8 @@ DEMO_TARGET = "bigjob.models.demo.DemoTransformer"
 AUTO_BUDGET_QUANTUM = 256 * 2**20
 # Testing hook: SIGKILL this process right after that many batches of this session.
 KILL_AFTER_ENV = "BIGJOB_KILL_AFTER_BATCHES"
+# How long a job's pruning (cache.max_size) waits for other jobs choosing their folders.
+PRUNE_WAIT_S = 60.0
 
 
 # --------------------------------------------------------------------------- step helpers
@@ -468,6 +472,7 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
     explicit = _explicit_map(cfg, model) if cfg.placement.strategy == "explicit" else None
 
     cache = JobCache(cache_root) if cfg.cache.enabled else None
+    uses = contextlib.ExitStack()  # the cache folders this job uses, locked against pruning until it ends
     try:
         reused = _reuse_completed(run_dir, key, cache, multirun) if cfg.skip_completed and cfg.mode == "run" else None
         if reused is not None:
@@ -525,30 +530,41 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
                 return _finish(report, memory, started)
 
             # 4. Where converted disk-tier weights go: the registry folder for their fingerprint.
-            if checkpoint_path is None:
-                from bigjob.models.demo import make_demo_checkpoint
-
-                checkpoints = make_private_dirs(cache_root / "checkpoints")
-                checkpoint_path = make_demo_checkpoint(checkpoints, dict(cfg.model.kwargs), cfg.checkpoint.demo_seed)
             disk_modules = [name for name, device in device_map.items() if device == "disk"]
             offload_inputs = OffloadInputs(identity, tensors, inputs.dtype, dict(inputs.special_dtypes), disk_modules, cfg.placement.offload_buffers)
             offload_key = offload_fingerprint(offload_inputs)
             # The same, whatever is on disk: folders of one family differ only in which modules they hold.
             offload_family = offload_fingerprint(dataclasses.replace(offload_inputs, disk_modules=[]))
-            if cfg.placement.offload_folder:
-                offload_folder = Path(cfg.placement.offload_folder).expanduser().absolute()
-            elif cache is not None:
-                offload_folder = cache.offload_dir(offload_key)
-                if disk_modules:
-                    served = cache.get(f"offload:{offload_key}")
-                    if served is not None and Path(str(served.get("path", ""))).is_dir():
-                        offload_folder = Path(served["path"]).parent  # served before, perhaps by a larger folder
-                    else:
-                        # Not built for this plan yet: a plan with more on disk (a smaller budget of a
-                        # sweep) may have built a folder that holds these tensors already.
-                        offload_folder = cache.offload_holding(offload_family, disk_modules) or offload_folder
-            else:
-                offload_folder = run_dir / "offload"
+            # Chosen under the cache's gate and locked until the job ends: pruning never removes them meanwhile.
+            demo_folder = None
+            registry = cache is not None and bool(disk_modules) and not cfg.placement.offload_folder
+            with gate_lock(cache_root) if checkpoint_path is None or registry else contextlib.nullcontext():
+                if checkpoint_path is None:
+                    from bigjob.models.demo import demo_checkpoint_folder
+
+                    demo_folder = demo_checkpoint_folder(cache_root / "checkpoints", dict(cfg.model.kwargs), cfg.checkpoint.demo_seed)
+                    uses.enter_context(use_lock(cache_root, demo_folder))
+                if cfg.placement.offload_folder:
+                    offload_folder = Path(cfg.placement.offload_folder).expanduser().absolute()
+                elif cache is not None:
+                    offload_folder = cache.offload_dir(offload_key)
+                    if disk_modules:
+                        served = cache.get(f"offload:{offload_key}")
+                        if served is not None and Path(str(served.get("path", ""))).is_dir():
+                            offload_folder = Path(served["path"]).parent  # served before, perhaps by a larger folder
+                        else:
+                            # Not built for this plan yet: a plan with more on disk (a smaller budget of a
+                            # sweep) may have built a folder that holds these tensors already.
+                            offload_folder = cache.offload_holding(offload_family, disk_modules) or offload_folder
+                    if registry:
+                        uses.enter_context(use_lock(cache_root, offload_folder))
+                else:
+                    offload_folder = run_dir / "offload"
+            if demo_folder is not None:
+                from bigjob.models.demo import make_demo_checkpoint
+
+                checkpoint_path = make_demo_checkpoint(make_private_dirs(demo_folder.parent), dict(cfg.model.kwargs), cfg.checkpoint.demo_seed)
+                touch(checkpoint_path)
 
             # 5. Load and dispatch; the lock makes concurrent jobs build a shared folder once.
             model = _load(model, checkpoint_path, device_map, dtype, special_dtypes, offload_folder, cfg, cache, offload_key, disk_modules, model_dir is not None)
@@ -560,6 +576,8 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
             report.bytes_per_tier = dict(info.bytes_per_tier)
             report.offload_folder = info.offload_folder
             report.offload_cache_hit = info.offload_reused
+            if registry:
+                touch(offload_folder)  # its last use, for pruning
             if cache is not None and info.offload_folder and not cfg.placement.offload_folder:
                 cache.set(
                     f"offload:{offload_key}",
@@ -606,10 +624,42 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
             report = _finish(report, memory, started)
         if cache is not None:
             cache.set(f"run:{key}", {"kind": "run", "run_dir": str(run_dir), "finished": report.finished_at})
+            if cfg.cache.max_size is not None:
+                _prune_to(cache, cfg.cache.max_size)  # this job's own folders are still locked: they stay
         return report
     finally:
+        uses.close()
         if cache is not None:
             cache.close()
+
+
+def _prune_to(cache: JobCache, max_size: str | int) -> None:
+    """``cache.max_size``: removes the least recently used folders of other jobs until the cache fits.
+
+    The job is complete and recorded by now: a failure here is a warning, never the job's error.
+    """
+    from bigjob.engine.devices import format_size, parse_size
+
+    limit = parse_size(max_size, key="cache.max_size")
+    try:
+        result = prune(cache, max_size=limit, wait=PRUNE_WAIT_S)
+    except BigJobError as err:
+        logger.warning("cache.max_size: the cache was not pruned (%s)", err)
+        return
+    if result.removed:
+        logger.info(
+            "cache.max_size=%s: removed %d least recently used folders (%s); the cache holds %s",
+            max_size, len(result.removed), format_size(result.freed), format_size(result.size_after),
+        )
+    for artifact, error in result.failed:
+        logger.warning("cache.max_size: could not remove %s (%s)", artifact.path, error)
+    if result.size_after > limit:
+        logger.warning(
+            "the cache holds %s, more than cache.max_size=%s: %s",
+            format_size(result.size_after), max_size,
+            f"{len(result.in_use)} folders in use by running jobs (this one's included) were kept" if result.in_use
+            else "what is left is plans, registry entries and locks; `bigjob-cache clear` removes them",
+        )
 
 
 def _load(

@@ -197,6 +197,9 @@ class CacheConfig:
 
     dir: Optional[str] = None  # null: $BIGJOB_CACHE_DIR, else $XDG_CACHE_HOME/bigjob, else ~/.cache/bigjob
     enabled: bool = True
+    # After each job, remove the least recently used offload folders and demo checkpoints of
+    # other jobs until the cache folder fits this size ("50GB"); null: never remove anything.
+    max_size: Optional[str] = None
 
 
 @dataclass
@@ -275,6 +278,11 @@ def validate(cfg: JobConfig) -> None:
         except BudgetError as err:
             budget_problems.append(str(err))
             problems.append(str(err))
+    if cfg.cache.max_size is not None:
+        try:
+            parse_size(cfg.cache.max_size, key="cache.max_size")
+        except BudgetError as err:
+            problems.append(f"{err}; or cache.max_size=null to never prune")
     if cfg.placement.strategy == "explicit" and cfg.placement.device_map is None:
         problems.append("placement.strategy=explicit needs placement.device_map (a map or a device_map.json path)")
     if cfg.placement.prefetch < 0:

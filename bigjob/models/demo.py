@@ -38,6 +38,7 @@ __all__ = [
     "DEMO_CHECKPOINT_VERSION",
     "DemoBlock",
     "DemoTransformer",
+    "demo_checkpoint_folder",
     "demo_checkpoint_spec",
     "demo_tensor",
     "make_demo_checkpoint",
@@ -244,6 +245,19 @@ def _is_complete(folder: Path, marker: dict[str, Any]) -> bool:
         return False
 
 
+def demo_checkpoint_folder(
+    root: str | os.PathLike[str], config: Mapping[str, Any] | None = None, seed: int = 0, num_shards: int = 4
+) -> Path:
+    """Where :func:`make_demo_checkpoint` keeps this checkpoint: ``root/demo-<hash of config, seed, shards, generator>``.
+
+    >>> a = demo_checkpoint_folder("/c", {"n_layers": 2})
+    >>> a.parent, a == demo_checkpoint_folder("/c", {"n_layers": 2}), a == demo_checkpoint_folder("/c", {"n_layers": 2}, seed=1)
+    (PosixPath('/c'), True, False)
+    """
+    marker = _marker(dict(config or {}), seed, num_shards)
+    return Path(root) / f"demo-{hashlib.sha256(json.dumps(marker, sort_keys=True).encode()).hexdigest()[:16]}"
+
+
 def make_demo_checkpoint(
     root: str | os.PathLike[str],
     config: Mapping[str, Any] | None = None,
@@ -268,9 +282,8 @@ def make_demo_checkpoint(
     """
     config = dict(config or {})
     marker = _marker(config, seed, num_shards)
-    key = hashlib.sha256(json.dumps(marker, sort_keys=True).encode()).hexdigest()[:16]
-    root = Path(root)
-    final = root / f"demo-{key}"
+    final = demo_checkpoint_folder(root, config, seed, num_shards)
+    root, key = final.parent, final.name.removeprefix("demo-")
     if _is_complete(final, marker):
         return final
     root.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,254 @@
+"""Keeping a cache folder within a size: the least recently used offload folders and demo checkpoints go first.
+
+Offload folders (a model's disk tier converted to the job's dtype: gigabytes each, one per
+budget and dtype of a sweep) and demo checkpoints are nearly all of a cache's bytes; plans
+and registry entries are a few KiB each and are kept. Nothing is removed unless asked:
+``bigjob-cache prune --max-size 50GB --older-than 14d``, or ``cache.max_size``, which prunes
+at the end of every job.
+
+* **Last use** is an artifact folder's modification time: a job touches each folder it
+  uses, whether it built it or found it built.
+* **In use** folders are never removed. A job takes a shared use lock on each folder it
+  will use, from the moment it chooses it (before building it) to its end; pruning removes a
+  folder only while it holds that lock exclusively. Choosing and removing are kept apart by
+  the cache's gate (:func:`bigjob.job.cache.gate_lock`), so a job never picks a folder that is being removed.
+* A removed offload folder takes the registry entries that point into it along; the next job
+  needing it builds it again. Temporary folders of builds that were killed go with their
+  artifact (they are counted in its size).
+
+>>> import tempfile
+>>> from bigjob.job.cache import JobCache
+>>> cache = JobCache(Path(tempfile.mkdtemp()) / "cache")
+>>> old = cache.offload_root / ("a" * 64)
+>>> _ = old.mkdir(parents=True), (old / "w.safetensors").write_bytes(bytes(1000)), os.utime(old, (0, 0))
+>>> new = cache.offload_root / ("b" * 64)
+>>> _ = new.mkdir(), (new / "w.safetensors").write_bytes(bytes(1000))
+>>> result = prune(cache, older_than=parse_age("30d"))
+>>> [a.path.name[:4] for a in result.removed], old.exists(), new.exists()
+(['aaaa'], False, True)
+>>> cache.close()
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bigjob.errors import CacheError
+from bigjob.job.cache import LOCK_TIMEOUT_S, FileLock, JobCache, gate_lock, use_lock
+
+__all__ = ["Artifact", "PruneResult", "artifacts", "parse_age", "prune", "touch"]
+
+_AGE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([smhdw]?)\s*$", re.IGNORECASE)
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DEMO_TEMP = re.compile(r"^\.(demo-[0-9a-f]+)-")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One removable thing: an offload folder or a demo checkpoint, with its leftover temporaries."""
+
+    path: Path  # the folder its users name (it may be gone, with only temporaries left)
+    kind: str  # "offload" or "checkpoint"
+    parts: tuple[Path, ...]  # what exists of it on disk: the folder and temporaries of its builds
+    size: int  # bytes of every file in ``parts``
+    last_used: float  # the latest modification time of ``parts``, seconds since the epoch
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune` removed (or with ``dry_run`` would remove) and what it had to keep."""
+
+    removed: list[Artifact] = field(default_factory=list)
+    in_use: list[Artifact] = field(default_factory=list)  # chosen for removal, but a job uses them
+    failed: list[tuple[Artifact, str]] = field(default_factory=list)  # removal refused by the file system
+    entries_removed: int = 0
+    size_before: int = 0
+    size_after: int = 0
+    dry_run: bool = False
+
+    @property
+    def freed(self) -> int:
+        return sum(a.size for a in self.removed)
+
+
+def parse_age(value: str | float, key: str = "--older-than") -> float:
+    """Seconds from an age such as ``"14d"``, ``"12h"``, ``"30m"``, ``"90s"``, ``"2w"`` or a number of seconds.
+
+    >>> parse_age("14d"), parse_age("1.5h"), parse_age(90)
+    (1209600.0, 5400.0, 90.0)
+    >>> parse_age("two weeks")
+    Traceback (most recent call last):
+    ...
+    bigjob.errors.CacheError: cannot read 'two weeks' as an age for --older-than; write a number with a unit s, m, h, d or w, such as '14d'
+    """
+    if isinstance(value, bool):
+        raise CacheError(f"cannot read {value!r} as an age for {key}; write a number with a unit s, m, h, d or w, such as '14d'")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _AGE.match(str(value))
+        if not match:
+            raise CacheError(f"cannot read {value!r} as an age for {key}; write a number with a unit s, m, h, d or w, such as '14d'")
+        seconds = float(match.group(1)) * _SECONDS[match.group(2).lower()]
+    if not math.isfinite(seconds) or seconds < 0:
+        raise CacheError(f"age {value!r} for {key} must be a finite number of seconds, at least 0")
+    return seconds
+
+
+def touch(folder: str | os.PathLike[str]) -> None:
+    """Marks ``folder`` as used now (its modification time); a folder that is gone is left alone."""
+    try:
+        os.utime(folder)
+    except OSError:
+        pass
+
+
+def _measure(paths: list[Path]) -> tuple[int, float]:
+    """Bytes of the files under ``paths`` and the latest modification time among the paths themselves."""
+    size, latest = 0, 0.0
+    for path in paths:
+        try:
+            latest = max(latest, path.stat().st_mtime)
+        except OSError:
+            continue
+        for folder, _, files in os.walk(path):
+            for name in files:
+                try:
+                    info = os.lstat(os.path.join(folder, name))
+                except OSError:
+                    continue
+                size += info.st_size
+    return size, latest
+
+
+def _candidates(cache: JobCache) -> Iterator[tuple[str, Path, list[Path]]]:
+    """(kind, folder, parts) of every artifact folder, with the temporaries each one owns."""
+    if cache.offload_root.is_dir():
+        for path in sorted(cache.offload_root.iterdir()):  # one folder per offload fingerprint
+            if path.is_dir() and not path.is_symlink():
+                yield "offload", path, [path]
+    if cache.checkpoints_root.is_dir():
+        groups: dict[str, list[Path]] = {}
+        for path in sorted(cache.checkpoints_root.iterdir()):
+            if not path.is_dir() or path.is_symlink():
+                continue
+            temporary = _DEMO_TEMP.match(path.name)  # a build in progress or killed: it belongs to its checkpoint
+            name = temporary.group(1) if temporary else path.name
+            groups.setdefault(name, []).append(path)
+        for name, parts in groups.items():
+            yield "checkpoint", cache.checkpoints_root / name, parts
+
+
+def artifacts(cache: JobCache) -> list[Artifact]:
+    """The cache's offload folders and demo checkpoints, least recently used first."""
+    found = []
+    for kind, path, parts in _candidates(cache):
+        size, last_used = _measure(parts)
+        found.append(Artifact(path, kind, tuple(parts), size, last_used))
+    return sorted(found, key=lambda a: (a.last_used, str(a.path)))
+
+
+def _inside(path: str, folder: Path) -> bool:
+    return Path(path) == folder or folder in Path(path).parents
+
+
+def _remove(cache: JobCache, artifact: Artifact) -> tuple[int, str | None]:
+    """Removes the registry entries pointing into ``artifact`` and then its folders: (entries, error)."""
+    entries = 0
+    if artifact.kind == "offload":
+        for key, value in list(cache.entries()):
+            if key.startswith("offload:") and _inside(str(value.get("path", "")), artifact.path):
+                entries += cache.delete(key)
+    errors: list[str] = []
+    for part in artifact.parts:
+        try:
+            shutil.rmtree(part)
+        except FileNotFoundError:
+            pass
+        except OSError as err:  # a file another user made, a read-only mount
+            errors.append(f"{err.filename or part}: {err.strerror or err}")
+    return entries, (errors[0] if errors else None)
+
+
+def prune(
+    cache: JobCache,
+    max_size: int | None = None,
+    older_than: float | None = None,
+    dry_run: bool = False,
+    now: float | None = None,
+    wait: float = LOCK_TIMEOUT_S,
+) -> PruneResult:
+    """Removes artifacts unused for ``older_than`` seconds, then the least recently used until the cache fits ``max_size`` bytes.
+
+    ``max_size`` counts the whole cache folder (database and locks too). Folders that jobs
+    use are kept, even when the cache stays above ``max_size``; they are listed in
+    ``in_use``. With ``dry_run`` nothing is removed and the result says what would be.
+    ``wait`` bounds the wait for jobs that are choosing their folders right now.
+    """
+    if max_size is None and older_than is None:
+        raise CacheError("pruning needs a limit: a maximum size (--max-size, cache.max_size) or an age (--older-than)")
+    now = time.time() if now is None else now
+    result = PruneResult(dry_run=dry_run)
+    gate = gate_lock(cache.root, shared=False, timeout=wait)
+    try:
+        gate.__enter__()
+    except CacheError:
+        raise CacheError(
+            f"the cache {str(cache.root)!r} stayed busy for {wait:.0f} s (jobs choosing their folders, or another prune); "
+            "nothing was removed: prune again later"
+        ) from None
+    try:
+        result.size_before = total = cache.volume()
+        for artifact in artifacts(cache):
+            stale = older_than is not None and now - artifact.last_used > older_than
+            if not stale and (max_size is None or total <= max_size):
+                continue
+            lock = use_lock(cache.root, artifact.path, shared=False)
+            if not lock.try_acquire():
+                result.in_use.append(artifact)
+                continue
+            try:
+                if not dry_run:
+                    entries, error = _remove(cache, artifact)
+                    result.entries_removed += entries
+                    if error is not None:
+                        result.failed.append((artifact, error))
+                        continue
+                    lock.path.unlink(missing_ok=True)  # no job can be waiting on it: they take it under the gate
+                result.removed.append(artifact)
+                total -= artifact.size
+            finally:
+                lock.release()
+        if not dry_run:
+            _drop_idle_locks(cache)
+            if result.entries_removed:
+                cache.compact()
+        result.size_after = total if dry_run else cache.volume()
+    finally:
+        gate.release()
+    return result
+
+
+def _drop_idle_locks(cache: JobCache) -> None:
+    """Deletes the use locks of folders that do not exist and that no job holds (under the gate, held exclusively).
+
+    A job takes the lock of a folder it may never build (a plan served from the checkpoint
+    needs no offload folder); without this their files would pile up in ``locks/``.
+    """
+    kept = {use_lock(cache.root, a.path).path.name for a in artifacts(cache)}
+    for path in (cache.root / "locks").glob("use-*.lock"):
+        if path.name in kept:
+            continue
+        lock = FileLock(path)
+        if lock.try_acquire():
+            try:
+                path.unlink(missing_ok=True)
+            finally:
+                lock.release()
