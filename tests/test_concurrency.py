@@ -114,3 +114,29 @@ def test_a_sweep_over_growing_budgets_converts_the_disk_tier_once(tmp_path):
                                     f"placement.max_memory.cpu={budget}"])
         assert run_job(cfg, tmp_path / f"shrink-{budget}").offload_cache_hit is False
     assert len(offload_folders(tmp_path / "cache2")) == 2
+
+
+def test_jobs_pruning_each_other_at_once_never_lose_a_folder_they_use(tmp_path):
+    """Four jobs at once, two dtypes, each with cache.max_size=1: each prunes every folder no running job
+    holds as it ends. None may lose its folder while it builds or reads it: all complete with the
+    outputs of the model in RAM in their dtype."""
+    folder = _checkpoint(tmp_path / "ckpt", seed=5, mtime_ns=1_700_000_000 * 10**9)
+    env = cli_env({"BIGJOB_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"})
+    dtypes = ["float16", "bfloat16", "float16", "bfloat16"]
+    jobs = [
+        subprocess.Popen([sys.executable, "-m", "bigjob", *JOB, f"dtype={dtype}", "checkpoint=path", f"checkpoint.path={folder}",
+                          "cache.max_size=1", f"hydra.run.dir={tmp_path / f'run{i}'}"],
+                         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i, dtype in enumerate(dtypes)
+    ]
+    outputs = [job.communicate(timeout=240) for job in jobs]
+    assert [job.returncode for job in jobs] == [0] * 4, [err for _, err in outputs]
+    data = compose_config(JOB).data
+    expected = {dtype: _top_ids(reference_model(folder, dtype=getattr(torch, dtype)), data) for dtype in set(dtypes)}
+    for i, dtype in enumerate(dtypes):
+        assert metrics(tmp_path / f"run{i}")["status"] == "completed"
+        assert [r["top_ids"] for r in read_jsonl(tmp_path / f"run{i}" / "predictions.jsonl")] == expected[dtype], (i, dtype)
+    # The last jobs to end pruned the others' folders: at most the two last ones' remain, each complete.
+    remaining = offload_folders(tmp_path / "cache")
+    assert 1 <= len(remaining) <= 2 and all(marker_holds(f) for f in remaining)
+    assert leftovers(tmp_path) == []
