@@ -12,10 +12,12 @@ with ``HYDRA_FULL_ERROR=1``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -157,9 +159,30 @@ def plan_main() -> None:
     main()
 
 
+def _pipe_safe(command: Callable[..., None]) -> Callable[..., None]:
+    """A command whose reader may stop early (``bigjob-cache list | head``): ends quietly, exit code 0.
+
+    Without this, Python prints a ``BrokenPipeError`` traceback, or an "Exception ignored"
+    line when the pipe breaks at the final flush.
+    """
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail again
+            sys.exit(0)
+
+    return run
+
+
 # --------------------------------------------------------------------------- summarize
 
 
+@_pipe_safe
 def summarize_main(argv: list[str] | None = None) -> None:
     """``bigjob-summarize <sweep folder> [--plot]``: write summary.csv and summary.md (and summary.png), print the table."""
     from bigjob.job.summary import render_markdown, write_summary
@@ -276,6 +299,7 @@ def _prune_command(cache: Any, max_size: str | None, older_than: str | None, dry
         sys.exit(1)
 
 
+@_pipe_safe
 def cache_main(argv: list[str] | None = None) -> None:
     """``bigjob-cache [--dir D] list|info|clear|verify|prune|export FILE|import FILE``."""
     from bigjob.engine.devices import format_size
@@ -355,6 +379,7 @@ def cache_main(argv: list[str] | None = None) -> None:
             print(f"verified {root}: {len(dropped)} entries dropped")
 
 
+@_pipe_safe
 def daemon_main(argv: list[str] | None = None) -> None:
     """``bigjob-daemon list|stop``: the warm-start daemons of ``runner.daemon=true`` (see docs/jobs.md)."""
     import time

@@ -196,6 +196,22 @@ def test_cache_command(tmp_path):
     assert "0 entries" in run_entry("cache_main", ["list"], tmp_path, env).stdout
 
 
+def test_a_listing_cut_short_by_its_reader_ends_quietly(tmp_path):
+    """``bigjob-cache list | head -1``: the reader leaves after one line; the command ends with 0 and says nothing."""
+    from bigjob.job.cache import JobCache
+
+    with JobCache(tmp_path / "cache") as cache:  # about 200 KiB of listing: more than a pipe holds
+        for i in range(2000):
+            cache.set(f"plan:{i:064x}", {"kind": "plan", "device_map": {"": "cpu"}, "inputs": {"model_class": "M" * 40}})
+    code = "import sys; from bigjob.cli import cache_main; cache_main(sys.argv[1:])"
+    listing = subprocess.Popen([sys.executable, "-c", code, "--dir", str(tmp_path / "cache"), "list"], cwd=tmp_path,
+                               env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert listing.stdout is not None and listing.stdout.readline().startswith(b"plan:")
+    listing.stdout.close()
+    assert listing.wait(timeout=120) == 0
+    assert listing.stderr is not None and listing.stderr.read() == b""
+
+
 @pytest.mark.slow
 def test_installed_package_runs_from_another_folder(tmp_path):
     venv = tmp_path / "venv"
