@@ -366,8 +366,16 @@ def cache_main(argv: list[str] | None = None) -> None:
             print(f"checkpoints   {len(checkpoints)}" + (f": {', '.join(checkpoints)}" if checkpoints else ""))
             print(f"size on disk  {format_size(cache.volume())}")
         elif args.command == "clear":
-            count = cache.clear()
+            from bigjob.job.prune import clear
+
+            try:
+                count, kept = clear(cache)
+            except BigJobError as err:
+                fail(err)
+                return
             print(f"removed {count} entries and the offload and checkpoint folders from {root}")
+            for artifact in kept:
+                print(f"kept {artifact.kind} {artifact.path}: in use by a running job (clear again when it has ended)")
         else:
             dropped = cache.verify()
             for key, reason in dropped:

@@ -150,10 +150,19 @@ def test_verify_drops_corrupt_and_dangling_entries(tmp_path):
         assert cache.verify() == []
 
 
-def test_clear_removes_entries_and_artifacts(tmp_path):
+def test_clear_removes_entries_and_artifacts_except_those_in_use(tmp_path):
+    from bigjob.job.cache import use_lock
+    from bigjob.job.prune import clear
+
     with JobCache(tmp_path / "c") as cache:
         cache.set(KEY, PLAN)
         cache.offload_dir("f" * 64).mkdir(parents=True)
-        cache.checkpoints_root.mkdir()
-        assert cache.clear() == 1
-        assert cache.keys() == [] and not cache.offload_root.exists() and not cache.checkpoints_root.exists()
+        used = cache.offload_dir("e" * 64)
+        used.mkdir()
+        (cache.checkpoints_root / "demo-00").mkdir(parents=True)
+        with use_lock(cache.root, used):  # a running job's folder
+            count, kept = clear(cache)
+        assert count == 1 and [a.path for a in kept] == [used]
+        assert cache.keys() == [] and [p.name for p in cache.offload_root.iterdir()] == ["e" * 64]
+        assert not cache.checkpoints_root.exists()
+        assert clear(cache) == (0, []) and not cache.offload_root.exists()

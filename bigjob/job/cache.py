@@ -526,14 +526,11 @@ class JobCache:
         return dropped
 
     def clear(self) -> int:
-        """Removes every entry and artifact folder; returns the number of entries removed."""
-        import shutil
-
+        """Removes every entry; returns how many. The folders go with :func:`bigjob.job.prune.clear`."""
         count = sum(1 for k in self.keys() if not k.startswith("lock:"))
         with self._database():
             self._db.clear(retry=True)
-        for folder in (self.offload_root, self.checkpoints_root):
-            shutil.rmtree(folder, ignore_errors=True)
+        self.compact()
         return count
 
     def volume(self) -> int:

@@ -31,6 +31,7 @@ at the end of every job.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -43,7 +44,7 @@ from pathlib import Path
 from bigjob.errors import CacheError
 from bigjob.job.cache import LOCK_TIMEOUT_S, FileLock, JobCache, gate_lock, use_lock
 
-__all__ = ["Artifact", "PruneResult", "artifacts", "parse_age", "prune", "touch"]
+__all__ = ["Artifact", "PruneResult", "artifacts", "clear", "parse_age", "prune", "touch"]
 
 _AGE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([smhdw]?)\s*$", re.IGNORECASE)
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -196,15 +197,7 @@ def prune(
         raise CacheError("pruning needs a limit: a maximum size (--max-size, cache.max_size) or an age (--older-than)")
     now = time.time() if now is None else now
     result = PruneResult(dry_run=dry_run)
-    gate = gate_lock(cache.root, shared=False, timeout=wait)
-    try:
-        gate.__enter__()
-    except CacheError:
-        raise CacheError(
-            f"the cache {str(cache.root)!r} stayed busy for {wait:.0f} s (jobs choosing their folders, or another prune); "
-            "nothing was removed: prune again later"
-        ) from None
-    try:
+    with _gate(cache, wait):
         result.size_before = total = cache.volume()
         for artifact in artifacts(cache):
             stale = older_than is not None and now - artifact.last_used > older_than
@@ -231,9 +224,52 @@ def prune(
             if result.entries_removed:
                 cache.compact()
         result.size_after = total if dry_run else cache.volume()
+    return result
+
+
+def clear(cache: JobCache, wait: float = LOCK_TIMEOUT_S) -> tuple[int, list[Artifact]]:
+    """Removes every entry, and every offload folder and demo checkpoint that no running job uses.
+
+    Returns the number of entries removed and the folders kept because jobs use them (their
+    entries go all the same; a job registers its folder again, and the next job of the same
+    plan finds it where its key says).
+    """
+    kept: list[Artifact] = []
+    with _gate(cache, wait):
+        for artifact in artifacts(cache):
+            lock = use_lock(cache.root, artifact.path, shared=False)
+            if not lock.try_acquire():
+                kept.append(artifact)
+                continue
+            try:
+                for part in artifact.parts:
+                    shutil.rmtree(part, ignore_errors=True)
+                lock.path.unlink(missing_ok=True)
+            finally:
+                lock.release()
+        count = cache.clear()
+        _drop_idle_locks(cache)
+        for folder in (cache.offload_root, cache.checkpoints_root):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # when empty
+    return count, kept
+
+
+@contextlib.contextmanager
+def _gate(cache: JobCache, wait: float) -> Iterator[None]:
+    """The cache's gate, held exclusively: no job chooses a folder meanwhile."""
+    gate = gate_lock(cache.root, shared=False, timeout=wait)
+    try:
+        gate.__enter__()
+    except CacheError:
+        raise CacheError(
+            f"the cache {str(cache.root)!r} stayed busy for {wait:.0f} s (jobs choosing their folders, or another prune); "
+            "nothing was removed: try again later"
+        ) from None
+    try:
+        yield
     finally:
         gate.release()
-    return result
 
 
 def _drop_idle_locks(cache: JobCache) -> None:
