@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -259,8 +260,6 @@ def _plan_file_command(cache: Any, command: str, file: str) -> None:
 
 def _prune_command(cache: Any, max_size: str | None, older_than: str | None, dry_run: bool) -> None:
     """``prune``: one line per folder removed or kept; exit code 1 when a folder could not be removed."""
-    import time
-
     from bigjob.engine.devices import format_size, parse_size
     from bigjob.job.prune import parse_age, prune
 
@@ -358,12 +357,19 @@ def cache_main(argv: list[str] | None = None) -> None:
                 kind = key.split(":", 1)[0]
                 if kind != "lock":
                     counts[kind] = counts.get(kind, 0) + 1
-            offloads = sorted(p.name for p in cache.offload_root.iterdir()) if cache.offload_root.is_dir() else []
-            checkpoints = sorted(p.name for p in cache.checkpoints_root.iterdir() if not p.name.startswith(".")) if cache.checkpoints_root.is_dir() else []
+            from bigjob.job.prune import artifacts
+
+            found = artifacts(cache)  # least recently used first
             print(f"cache folder  {root} (mode {oct(root.stat().st_mode & 0o777)})")
             print(f"entries       {', '.join(f'{k} {n}' for k, n in sorted(counts.items())) or 'none'}")
-            print(f"offload       {len(offloads)} folders" + (f": {', '.join(o[:16] for o in offloads)}" if offloads else ""))
-            print(f"checkpoints   {len(checkpoints)}" + (f": {', '.join(checkpoints)}" if checkpoints else ""))
+            for kind, label in (("offload", "offload      "), ("checkpoint", "checkpoints  ")):
+                group = [a for a in found if a.kind == kind]
+                line = f"{label} {len(group)}"
+                if group:
+                    ages = [max(0.0, time.time() - a.last_used) / 86400 for a in group]
+                    line += (f", {format_size(sum(a.size for a in group))}, last used {min(ages):.1f} to {max(ages):.1f} days ago: "
+                             + ", ".join(a.path.name[:16] for a in group))
+                print(line)
             print(f"size on disk  {format_size(cache.volume())}")
         elif args.command == "clear":
             from bigjob.job.prune import clear
@@ -390,8 +396,6 @@ def cache_main(argv: list[str] | None = None) -> None:
 @_pipe_safe
 def daemon_main(argv: list[str] | None = None) -> None:
     """``bigjob-daemon list|stop``: the warm-start daemons of ``runner.daemon=true`` (see docs/jobs.md)."""
-    import time
-
     from bigjob.job.daemon import list_daemons, socket_dir, stop_daemons
 
     parser = argparse.ArgumentParser(prog="bigjob-daemon", description="List or stop the warm-start daemons of runner.daemon=true.")
