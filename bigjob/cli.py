@@ -291,7 +291,7 @@ def _prune_command(cache: Any, max_size: str | None, older_than: str | None, dry
     )
     if limit is not None and result.size_after > limit:
         print(
-            f"note: more than --max-size {max_size} is left: "
+            f"note: more than --max-size {max_size} ({format_size(limit)}) is left: "
             + (f"{len(result.in_use)} folders are in use by running jobs" if result.in_use else "plans, entries and locks only (`clear` removes them)")
         )
     if result.failed:

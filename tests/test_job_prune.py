@@ -202,7 +202,7 @@ def test_a_running_job_keeps_its_folders_through_prune_and_computes_what_it_woul
     assert pruned.returncode == 0, pruned.stderr
     kept = [line for line in pruned.stdout.splitlines() if line.startswith("kept")]
     assert len(kept) == 2 and all("in use by a running job" in line for line in kept)  # its offload folder and the demo checkpoint
-    assert "note: more than --max-size 0 is left: 2 folders are in use" in pruned.stdout
+    assert "note: more than --max-size 0 (0 B) is left: 2 folders are in use" in pruned.stdout
     assert not other_folder.exists()
     _, stderr = job.communicate(timeout=120)
     assert job.returncode == 0, stderr

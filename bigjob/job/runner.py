@@ -655,8 +655,8 @@ def _prune_to(cache: JobCache, max_size: str | int) -> None:
         logger.warning("cache.max_size: could not remove %s (%s)", artifact.path, error)
     if result.size_after > limit:
         logger.warning(
-            "the cache holds %s, more than cache.max_size=%s: %s",
-            format_size(result.size_after), max_size,
+            "the cache holds %s, more than cache.max_size=%s (%s): %s",
+            format_size(result.size_after), max_size, format_size(limit),
             f"{len(result.in_use)} folders in use by running jobs (this one's included) were kept" if result.in_use
             else "what is left is plans, registry entries and locks; `bigjob-cache clear` removes them",
         )
