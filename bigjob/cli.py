@@ -258,6 +258,22 @@ def _plan_file_command(cache: Any, command: str, file: str) -> None:
         sys.exit(1)
 
 
+def _age(seconds: float) -> str:
+    """How long ago, in the unit that reads best.
+
+    >>> _age(42), _age(600), _age(9000), _age(3 * 86400)
+    ('42 s', '10 min', '2.5 h', '3.0 d')
+    """
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
 def _prune_command(cache: Any, max_size: str | None, older_than: str | None, dry_run: bool) -> None:
     """``prune``: one line per folder removed or kept; exit code 1 when a folder could not be removed."""
     from bigjob.engine.devices import format_size, parse_size
@@ -273,9 +289,8 @@ def _prune_command(cache: Any, max_size: str | None, older_than: str | None, dry
     now = time.time()
 
     def line(verb: str, artifact: Any, why: str = "") -> str:
-        days = max(0.0, now - artifact.last_used) / 86400
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(artifact.last_used))
-        return f"{verb:<14} {artifact.kind:<10} {artifact.path.name[:24]:<24} {format_size(artifact.size):>10}  last used {used} ({days:.1f} d ago){why}"
+        return f"{verb:<14} {artifact.kind:<10} {artifact.path.name[:24]:<24} {format_size(artifact.size):>10}  last used {used} ({_age(now - artifact.last_used)} ago){why}"
 
     for artifact in result.removed:
         print(line("would remove" if dry_run else "removed", artifact))
@@ -366,8 +381,8 @@ def cache_main(argv: list[str] | None = None) -> None:
                 group = [a for a in found if a.kind == kind]
                 line = f"{label} {len(group)}"
                 if group:
-                    ages = [max(0.0, time.time() - a.last_used) / 86400 for a in group]
-                    line += (f", {format_size(sum(a.size for a in group))}, last used {min(ages):.1f} to {max(ages):.1f} days ago: "
+                    ages = [time.time() - a.last_used for a in group]
+                    line += (f", {format_size(sum(a.size for a in group))}, last used {_age(min(ages))} to {_age(max(ages))} ago: "
                              + ", ".join(a.path.name[:16] for a in group))
                 print(line)
             print(f"size on disk  {format_size(cache.volume())}")
