@@ -6,7 +6,8 @@ write it, since its content decides what a job loads)::
     <root>/db/            diskcache (SQLite) with JSONDisk: JSON values, never pickles
     <root>/offload/<fp>/  offload folders, one per offload fingerprint
     <root>/checkpoints/   the demo model's seeded checkpoints
-    <root>/locks/         lock files (``flock``) of compute-once sections
+    <root>/locks/         lock files (``flock``) of compute-once sections, and the use locks
+                          that keep pruning off the folders running jobs use
 
 Every folder bigjob creates here is 0700.
 
@@ -237,9 +238,10 @@ def gate_lock(root: str | os.PathLike[str], shared: bool = True, timeout: float 
 def use_lock(root: str | os.PathLike[str], folder: str | os.PathLike[str], shared: bool = True) -> FileLock:
     """A shared lock saying a job uses ``folder``, an offload folder or demo checkpoint of cache ``root``.
 
-    Pruning removes a folder only while it holds this lock exclusively (``shared=False``). The folder need not
-    exist yet: a job takes the lock before building it. Needs no database, so jobs with
-    ``cache.enabled=false`` protect the demo checkpoint they keep in the cache folder too.
+    Pruning removes a folder only while it holds this lock exclusively (``shared=False``).
+    The folder need not exist yet: a job takes the lock before building it. Needs no
+    database, so jobs with ``cache.enabled=false`` protect the demo checkpoint they keep in
+    the cache folder too.
 
     >>> import tempfile
     >>> root = Path(tempfile.mkdtemp())
