@@ -8,6 +8,7 @@ jobs' folders at the end of a job, never its own.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -251,3 +252,38 @@ def test_a_bad_cache_max_size_is_a_config_error_before_anything_runs(tmp_path):
     with pytest.raises(ConfigError, match=r"cannot read 'big' as a size for cache.max_size.*cache.max_size=null"):
         run_job(cfg, tmp_path / "run")
     assert not (tmp_path / "cache").exists()
+
+
+def test_cache_max_size_makes_room_before_an_offload_folder_is_built(tmp_path, monkeypatch):
+    """The limit holds while the folder is written, not only after the job: a nearly full disk never sees the overshoot."""
+    from bigjob.engine import store
+
+    cache_dir = tmp_path / "cache"
+    # MBs of weights, so that the database's KiBs are noise; most of them on disk.
+    wider = {"model.kwargs.d_model": "256", "model.kwargs.d_ff": "1024", "model.kwargs.n_heads": "4", "placement.max_memory.cpu": "4MiB"}
+    job = [o for o in JOB if o.split("=")[0] not in wider] + [f"{k}={v}" for k, v in wider.items()]
+    older = Path(run_job(compose_config(job + [f"cache.dir={cache_dir}", "dtype=bfloat16"]), tmp_path / "bf16").offload_folder)
+    os.utime(older.parent, (time.time() - DAY, time.time() - DAY))
+    folder_bytes = sum(f.stat().st_size for f in older.iterdir())  # a float16 folder of this model takes as much
+
+    def volume() -> int:
+        return sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file())
+
+    limit = volume() + folder_bytes // 2  # fits now; with a second folder it would not
+    seen: list[tuple[int, int]] = []
+    build = store._build
+
+    def watched(folder, source, entries, fingerprint, shard_bytes):
+        seen.append((volume(), sum(e.dtype.itemsize * math.prod(e.shape) for e in entries)))
+        return build(folder, source, entries, fingerprint, shard_bytes)
+
+    monkeypatch.setattr(store, "_build", watched)
+    report = run_job(compose_config(job + [f"cache.dir={cache_dir}", f"cache.max_size={limit}"]), tmp_path / "fp16")
+    ((at_build, nbytes),) = seen
+    assert nbytes > 4 * 2**20 and report.offload_cache_hit is False and not older.parent.exists()
+    assert at_build + nbytes <= limit  # room was made before the first byte was written
+    assert volume() <= limit
+    monkeypatch.setattr(store, "_build", build)
+    expected = run_job(compose_config(job + [f"cache.dir={tmp_path / 'other'}"]), tmp_path / "expected")
+    assert expected.offload_cache_hit is False
+    assert (tmp_path / "fp16" / "predictions.jsonl").read_bytes() == (tmp_path / "expected" / "predictions.jsonl").read_bytes()

@@ -26,13 +26,15 @@ True
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import logging
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -43,7 +45,15 @@ from bigjob.engine.checkpoint import Checkpoint, open_checkpoint
 from bigjob.engine.safetensors_io import SafetensorsWriter, dtype_name, layout_key
 from bigjob.errors import BigJobError, OffloadError
 
-__all__ = ["OFFLOAD_FORMAT", "OffloadEntry", "OffloadFolder", "offload_fingerprint", "offload_marker", "prepare_offload_folder"]
+__all__ = [
+    "OFFLOAD_FORMAT",
+    "OffloadEntry",
+    "OffloadFolder",
+    "before_offload_build",
+    "offload_fingerprint",
+    "offload_marker",
+    "prepare_offload_folder",
+]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +61,7 @@ OFFLOAD_FORMAT = 1
 MARKER = "bigjob-offload.json"
 INDEX = "model.safetensors.index.json"
 SHARD_BYTES = 1 << 30
+_BEFORE_BUILD: contextvars.ContextVar[Callable[[int], None] | None] = contextvars.ContextVar("before_offload_build", default=None)
 
 
 class OffloadEntry(NamedTuple):
@@ -70,6 +81,33 @@ class OffloadFolder:
     fingerprint: str
     reused: bool
     checkpoint: Checkpoint
+
+
+@contextlib.contextmanager
+def before_offload_build(callback: Callable[[int], None]) -> Iterator[None]:
+    """Within the block, :func:`prepare_offload_folder` calls ``callback(nbytes)`` before it builds a folder.
+
+    ``nbytes`` is what the folder's tensors will take on disk. The callback may make room (a
+    job cache removes least recently used folders) or raise to refuse; a folder that is
+    reused calls nothing. Loading through :func:`~bigjob.engine.dispatch.load_checkpoint_and_dispatch`
+    in the block covers the folders it builds.
+
+    >>> import tempfile, torch
+    >>> from bigjob.engine.safetensors_io import write_file
+    >>> from bigjob.engine.checkpoint import open_checkpoint
+    >>> root = Path(tempfile.mkdtemp())
+    >>> write_file(root / "model.safetensors", {"w": torch.ones(4, 4)})
+    >>> asked = []
+    >>> with before_offload_build(asked.append):
+    ...     _ = prepare_offload_folder(root / "offload", open_checkpoint(root / "model.safetensors"), [OffloadEntry("w", "w", torch.float16, (4, 4))])
+    >>> asked
+    [32]
+    """
+    token = _BEFORE_BUILD.set(callback)
+    try:
+        yield
+    finally:
+        _BEFORE_BUILD.reset(token)
 
 
 def _described(entries: Sequence[OffloadEntry]) -> list[list]:
@@ -203,6 +241,9 @@ def prepare_offload_folder(
         if found is not None:
             log.info("reusing offload folder %s, which holds every tensor asked for and more", found[0])
             return OffloadFolder(found[0], found[1], True, open_checkpoint(found[0] / INDEX))
+        callback = _BEFORE_BUILD.get()
+        if callback is not None:
+            callback(sum(e.dtype.itemsize * _numel(e.shape) for e in entries))
         temp = root / f".tmp-offload-{fingerprint[:12]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         temp.mkdir(mode=0o700)
     except OSError as err:

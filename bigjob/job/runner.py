@@ -633,30 +633,32 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
             cache.close()
 
 
-def _prune_to(cache: JobCache, max_size: str | int) -> None:
-    """``cache.max_size``: removes the least recently used folders of other jobs until the cache fits.
+def _prune_to(cache: JobCache, max_size: str | int, room: int = 0) -> None:
+    """``cache.max_size``: removes the least recently used folders of other jobs until the cache fits,
+    with ``room`` bytes to spare (an offload folder about to be built).
 
-    The job is complete and recorded by now: a failure here is a warning, never the job's error.
+    Pruning never fails a job: what goes wrong is a warning.
     """
     from bigjob.engine.devices import format_size, parse_size
 
-    limit = parse_size(max_size, key="cache.max_size")
+    limit = max(0, parse_size(max_size, key="cache.max_size") - room)
+    what = f"cache.max_size={max_size}" + (f", {format_size(room)} kept free for the offload folder to build" if room else "")
     try:
         result = prune(cache, max_size=limit, wait=PRUNE_WAIT_S)
     except BigJobError as err:
-        logger.warning("cache.max_size: the cache was not pruned (%s)", err)
+        logger.warning("%s: the cache was not pruned (%s)", what, err)
         return
     if result.removed:
         logger.info(
-            "cache.max_size=%s: removed %d least recently used folders (%s); the cache holds %s",
-            max_size, len(result.removed), format_size(result.freed), format_size(result.size_after),
+            "%s: removed %d least recently used folders (%s); the cache holds %s",
+            what, len(result.removed), format_size(result.freed), format_size(result.size_after),
         )
     for artifact, error in result.failed:
-        logger.warning("cache.max_size: could not remove %s (%s)", artifact.path, error)
+        logger.warning("%s: could not remove %s (%s)", what, artifact.path, error)
     if result.size_after > limit:
         logger.warning(
-            "the cache holds %s, more than cache.max_size=%s (%s): %s",
-            format_size(result.size_after), max_size, format_size(limit),
+            "the cache holds %s, more than %s allows (%s): %s",
+            format_size(result.size_after), what, format_size(limit),
             f"{len(result.in_use)} folders in use by running jobs (this one's included) were kept" if result.in_use
             else "what is left is plans, registry entries and locks; `bigjob-cache clear` removes them",
         )
@@ -704,7 +706,12 @@ def _load(
     if disk_modules:
         make_private_dirs(offload_folder.parent)
     if cache is not None and disk_modules:
-        with cache.lock(f"offload:{offload_key}"):
+        from bigjob.engine.store import before_offload_build
+
+        max_size = cfg.cache.max_size
+        # cache.max_size holds while the folder is built too: room is made first (a full disk fails the build).
+        room = before_offload_build(lambda nbytes: _prune_to(cache, max_size, nbytes)) if max_size is not None else contextlib.nullcontext()
+        with cache.lock(f"offload:{offload_key}"), room:
             return load().eval()
     return load().eval()
 

@@ -197,8 +197,9 @@ class CacheConfig:
 
     dir: Optional[str] = None  # null: $BIGJOB_CACHE_DIR, else $XDG_CACHE_HOME/bigjob, else ~/.cache/bigjob
     enabled: bool = True
-    # After each job, remove the least recently used offload folders and demo checkpoints of
-    # other jobs until the cache folder fits this size ("50GB"); null: never remove anything.
+    # Before building an offload folder and after each job, remove the least recently used
+    # offload folders and demo checkpoints of other jobs until the cache folder fits this size
+    # ("50GB"); null: never remove anything.
     max_size: Optional[str] = None
 
 
