@@ -6,10 +6,12 @@
 1. build the model under empty init (no memory);
 2. fingerprint the plan's inputs;
 3. take the device map from the cache, or compute and store it;
-4. choose the offload folder (the cache's registry, locked so concurrent jobs build it once);
+4. choose the offload folder (the cache's registry, locked so concurrent jobs build it once,
+   and locked against pruning, with the demo checkpoint, until the job ends);
 5. load the checkpoint and dispatch the model through the engine;
 6. run the task batch by batch, appending results with a progress marker (resumable);
-7. write the run record (``metrics.json``, ``device_map.json``) atomically.
+7. write the run record (``metrics.json``, ``device_map.json``) atomically;
+   then, with ``cache.max_size``, prune other jobs' folders.
 
 The CLI prints :meth:`JobReport.summary` (step 8).
 """
