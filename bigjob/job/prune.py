@@ -160,13 +160,24 @@ def _inside(path: str, folder: Path) -> bool:
     return Path(path) == folder or folder in Path(path).parents
 
 
-def _remove(cache: JobCache, artifact: Artifact) -> tuple[int, str | None]:
+def _offload_entries(cache: JobCache) -> dict[str, str]:
+    """The folder path each offload entry names, by key (read once: a cache may hold thousands of plans)."""
+    paths = {}
+    for key in cache.keys():
+        if key.startswith("offload:"):
+            value = cache.get(key)
+            if value is not None:
+                paths[key] = str(value.get("path", ""))
+    return paths
+
+
+def _remove(cache: JobCache, artifact: Artifact, registry: dict[str, str]) -> tuple[int, str | None]:
     """Removes the registry entries pointing into ``artifact`` and then its folders: (entries, error)."""
     entries = 0
-    if artifact.kind == "offload":
-        for key, value in list(cache.entries()):
-            if key.startswith("offload:") and _inside(str(value.get("path", "")), artifact.path):
-                entries += cache.delete(key)
+    for key, path in list(registry.items()):
+        if _inside(path, artifact.path):
+            entries += cache.delete(key)
+            del registry[key]
     errors: list[str] = []
     for part in artifact.parts:
         try:
@@ -199,6 +210,7 @@ def prune(
     result = PruneResult(dry_run=dry_run)
     with _gate(cache, wait):
         result.size_before = total = cache.volume()
+        registry = _offload_entries(cache)
         for artifact in artifacts(cache):
             stale = older_than is not None and now - artifact.last_used > older_than
             if not stale and (max_size is None or total <= max_size):
@@ -209,7 +221,7 @@ def prune(
                 continue
             try:
                 if not dry_run:
-                    entries, error = _remove(cache, artifact)
+                    entries, error = _remove(cache, artifact, registry)
                     result.entries_removed += entries
                     if error is not None:
                         result.failed.append((artifact, error))
