@@ -317,7 +317,7 @@ def _prune_command(cache: Any, max_size: str | None, older_than: str | None, dry
 def cache_main(argv: list[str] | None = None) -> None:
     """``bigjob-cache [--dir D] list|info|clear|verify|prune|export FILE|import FILE``."""
     from bigjob.engine.devices import format_size
-    from bigjob.job.cache import JobCache, default_cache_dir, remove_cache_files
+    from bigjob.job.cache import JobCache, default_cache_dir, remove_database
 
     parser = argparse.ArgumentParser(prog="bigjob-cache", description="Inspect and maintain bigjob's plan and offload cache.")
     parser.add_argument("--dir", help="the cache folder (default: cache.dir's default, $BIGJOB_CACHE_DIR or ~/.cache/bigjob)")
@@ -345,12 +345,17 @@ def cache_main(argv: list[str] | None = None) -> None:
         cache = JobCache(root)
     except BigJobError as err:
         if args.command == "clear" and (root / "db").is_dir():  # the fix a broken database's message asks for
+            from bigjob.job.prune import remove_unused_folders
+
             try:
-                remove_cache_files(root)
+                remove_database(root)
+                kept = remove_unused_folders(root)
             except BigJobError as refused:  # another user's folder, or one open to others
                 fail(refused)
                 return
             print(f"the cache database could not be opened ({err}); removed it and the offload and checkpoint folders from {root}")
+            for artifact in kept:
+                print(f"kept {artifact.kind} {artifact.path}: in use by a running job (clear again when it has ended)")
             return
         fail(err)
         return

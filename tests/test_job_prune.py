@@ -287,3 +287,20 @@ def test_cache_max_size_makes_room_before_an_offload_folder_is_built(tmp_path, m
     expected = run_job(compose_config(job + [f"cache.dir={tmp_path / 'other'}"]), tmp_path / "expected")
     assert expected.offload_cache_hit is False
     assert (tmp_path / "fp16" / "predictions.jsonl").read_bytes() == (tmp_path / "expected" / "predictions.jsonl").read_bytes()
+
+
+def test_clearing_a_cache_whose_database_is_broken_spares_the_folders_in_use(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with JobCache(tmp_path / "cache") as cache:
+        used = _offload(cache, "a", 1000, NOW)
+        idle = _offload(cache, "b", 1000, NOW)
+    (tmp_path / "cache" / "db" / "cache.db").write_bytes(b"not a database" * 100)
+    (tmp_path / "cache" / "db" / "cache.db-wal").unlink(missing_ok=True)
+    with use_lock(tmp_path / "cache", used) as held:
+        code, out, err = _cache_command(["--dir", str(tmp_path / "cache"), "clear"], capsys)
+        assert held.path.exists()  # the running job's lock file is not pulled from under it
+    assert code == 0, err
+    assert out.startswith("the cache database could not be opened") and f"kept offload {used}: in use" in out
+    assert used.exists() and not idle.exists() and not (tmp_path / "cache" / "db").exists()
+    with JobCache(tmp_path / "cache") as cache:  # usable again
+        assert cache.keys() == []

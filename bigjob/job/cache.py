@@ -58,7 +58,7 @@ __all__ = [
     "gate_lock",
     "is_cache_key",
     "make_private_dirs",
-    "remove_cache_files",
+    "remove_database",
     "use_lock",
 ]
 
@@ -254,12 +254,13 @@ def use_lock(root: str | os.PathLike[str], folder: str | os.PathLike[str], share
     return FileLock(make_private_dirs(root / "locks") / name, shared=shared)
 
 
-def remove_cache_files(root: str | os.PathLike[str]) -> None:
-    """Deletes a cache folder's database, offload folders, demo checkpoints and locks.
+def remove_database(root: str | os.PathLike[str]) -> None:
+    """Deletes the database of cache folder ``root``: ``bigjob-cache clear`` on one that cannot be opened.
 
-    For ``bigjob-cache clear`` on a cache whose database cannot be opened. A folder of another
-    user or open to others is refused (CacheError) as :class:`JobCache` refuses it; only the
-    names a cache uses are touched, the database folder only when it holds diskcache's file.
+    A folder of another user or open to others is refused (CacheError) as :class:`JobCache`
+    refuses it; the database folder is removed only when it holds diskcache's file. The
+    offload folders and demo checkpoints go with :func:`bigjob.job.prune.remove_unused_folders`,
+    which spares those running jobs use (their lock files stay with them).
     """
     import shutil
 
@@ -268,8 +269,6 @@ def remove_cache_files(root: str | os.PathLike[str]) -> None:
     database = root / "db"
     if (database / diskcache.core.DBNAME).is_file():
         shutil.rmtree(database)
-    for name in ("offload", "checkpoints", "locks"):
-        shutil.rmtree(root / name, ignore_errors=True)
 
 
 def _check_folder(root: Path) -> None:

@@ -44,7 +44,7 @@ from pathlib import Path
 from bigjob.errors import CacheError
 from bigjob.job.cache import LOCK_TIMEOUT_S, FileLock, JobCache, gate_lock, use_lock
 
-__all__ = ["Artifact", "PruneResult", "artifacts", "clear", "parse_age", "prune", "touch"]
+__all__ = ["Artifact", "PruneResult", "artifacts", "clear", "parse_age", "prune", "remove_unused_folders", "touch"]
 
 _AGE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([smhdw]?)\s*$", re.IGNORECASE)
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -129,28 +129,30 @@ def _measure(paths: list[Path]) -> tuple[int, float]:
     return size, latest
 
 
-def _candidates(cache: JobCache) -> Iterator[tuple[str, Path, list[Path]]]:
-    """(kind, folder, parts) of every artifact folder, with the temporaries each one owns."""
-    if cache.offload_root.is_dir():
-        for path in sorted(cache.offload_root.iterdir()):  # one folder per offload fingerprint
+def _candidates(root: Path) -> Iterator[tuple[str, Path, list[Path]]]:
+    """(kind, folder, parts) of every artifact folder of cache ``root``, with the temporaries each one owns."""
+    offload_root, checkpoints_root = root / "offload", root / "checkpoints"
+    if offload_root.is_dir():
+        for path in sorted(offload_root.iterdir()):  # one folder per offload fingerprint
             if path.is_dir() and not path.is_symlink():
                 yield "offload", path, [path]
-    if cache.checkpoints_root.is_dir():
+    if checkpoints_root.is_dir():
         groups: dict[str, list[Path]] = {}
-        for path in sorted(cache.checkpoints_root.iterdir()):
+        for path in sorted(checkpoints_root.iterdir()):
             if not path.is_dir() or path.is_symlink():
                 continue
             temporary = _DEMO_TEMP.match(path.name)  # a build in progress or killed: it belongs to its checkpoint
             name = temporary.group(1) if temporary else path.name
             groups.setdefault(name, []).append(path)
         for name, parts in groups.items():
-            yield "checkpoint", cache.checkpoints_root / name, parts
+            yield "checkpoint", checkpoints_root / name, parts
 
 
-def artifacts(cache: JobCache) -> list[Artifact]:
-    """The cache's offload folders and demo checkpoints, least recently used first."""
+def artifacts(cache: JobCache | str | os.PathLike[str]) -> list[Artifact]:
+    """The offload folders and demo checkpoints of a cache (open, or its folder), least recently used first."""
+    root = cache.root if isinstance(cache, JobCache) else Path(cache).expanduser().absolute()
     found = []
-    for kind, path, parts in _candidates(cache):
+    for kind, path, parts in _candidates(root):
         size, last_used = _measure(parts)
         found.append(Artifact(path, kind, tuple(parts), size, last_used))
     return sorted(found, key=lambda a: (a.last_used, str(a.path)))
@@ -208,7 +210,7 @@ def prune(
         raise CacheError("pruning needs a limit: a maximum size (--max-size, cache.max_size) or an age (--older-than)")
     now = time.time() if now is None else now
     result = PruneResult(dry_run=dry_run)
-    with _gate(cache, wait):
+    with _gate(cache.root, wait):
         result.size_before = total = cache.volume()
         registry = _offload_entries(cache)
         for artifact in artifacts(cache):
@@ -232,7 +234,7 @@ def prune(
             finally:
                 lock.release()
         if not dry_run:
-            _drop_idle_locks(cache)
+            _drop_idle_locks(cache.root)
             if result.entries_removed:
                 cache.compact()
         result.size_after = total if dry_run else cache.volume()
@@ -246,36 +248,51 @@ def clear(cache: JobCache, wait: float = LOCK_TIMEOUT_S) -> tuple[int, list[Arti
     entries go all the same; a job registers its folder again, and the next job of the same
     plan finds it where its key says).
     """
-    kept: list[Artifact] = []
-    with _gate(cache, wait):
-        for artifact in artifacts(cache):
-            lock = use_lock(cache.root, artifact.path, shared=False)
-            if not lock.try_acquire():
-                kept.append(artifact)
-                continue
-            try:
-                for part in artifact.parts:
-                    shutil.rmtree(part, ignore_errors=True)
-                lock.path.unlink(missing_ok=True)
-            finally:
-                lock.release()
+    with _gate(cache.root, wait):
+        kept = _remove_unused(cache.root)
         count = cache.clear()
-        _drop_idle_locks(cache)
-        for folder in (cache.offload_root, cache.checkpoints_root):
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # when empty
+        _drop_idle_locks(cache.root)
     return count, kept
 
 
+def remove_unused_folders(root: str | os.PathLike[str], wait: float = LOCK_TIMEOUT_S) -> list[Artifact]:
+    """Removes the offload folders and demo checkpoints of cache ``root`` that no running job uses, without
+    its database (``bigjob-cache clear`` of a cache whose database cannot be opened); returns those kept."""
+    root = Path(root).expanduser().absolute()
+    with _gate(root, wait):
+        kept = _remove_unused(root)
+        _drop_idle_locks(root)
+    return kept
+
+
+def _remove_unused(root: Path) -> list[Artifact]:
+    kept: list[Artifact] = []
+    for artifact in artifacts(root):
+        lock = use_lock(root, artifact.path, shared=False)
+        if not lock.try_acquire():
+            kept.append(artifact)
+            continue
+        try:
+            for part in artifact.parts:
+                shutil.rmtree(part, ignore_errors=True)
+            lock.path.unlink(missing_ok=True)
+        finally:
+            lock.release()
+    for folder in (root / "offload", root / "checkpoints"):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # when empty
+    return kept
+
+
 @contextlib.contextmanager
-def _gate(cache: JobCache, wait: float) -> Iterator[None]:
+def _gate(root: Path, wait: float) -> Iterator[None]:
     """The cache's gate, held exclusively: no job chooses a folder meanwhile."""
-    gate = gate_lock(cache.root, shared=False, timeout=wait)
+    gate = gate_lock(root, shared=False, timeout=wait)
     try:
         gate.__enter__()
     except CacheError:
         raise CacheError(
-            f"the cache {str(cache.root)!r} stayed busy for {wait:.0f} s (jobs choosing their folders, or another prune); "
+            f"the cache {str(root)!r} stayed busy for {wait:.0f} s (jobs choosing their folders, or another prune); "
             "nothing was removed: try again later"
         ) from None
     try:
@@ -284,14 +301,14 @@ def _gate(cache: JobCache, wait: float) -> Iterator[None]:
         gate.release()
 
 
-def _drop_idle_locks(cache: JobCache) -> None:
+def _drop_idle_locks(root: Path) -> None:
     """Deletes the use locks of folders that do not exist and that no job holds (under the gate, held exclusively).
 
     A job takes the lock of a folder it may never build (a plan served from the checkpoint
     needs no offload folder); without this their files would pile up in ``locks/``.
     """
-    kept = {use_lock(cache.root, a.path).path.name for a in artifacts(cache)}
-    for path in (cache.root / "locks").glob("use-*.lock"):
+    kept = {use_lock(root, a.path).path.name for a in artifacts(root)}
+    for path in (root / "locks").glob("use-*.lock"):
         if path.name in kept:
             continue
         lock = FileLock(path)
