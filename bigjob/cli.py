@@ -313,6 +313,11 @@ def _prune_command(cache: Any, max_size: str | None, older_than: str | None, dry
         sys.exit(1)
 
 
+def _print_kept(kept: list[Any]) -> None:
+    for artifact in kept:
+        print(f"kept {artifact.kind} {artifact.path}: in use by a running job (clear again when it has ended)")
+
+
 @_pipe_safe
 def cache_main(argv: list[str] | None = None) -> None:
     """``bigjob-cache [--dir D] list|info|clear|verify|prune|export FILE|import FILE``."""
@@ -324,7 +329,7 @@ def cache_main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="every entry with the inputs of its key")
     sub.add_parser("info", help="where the cache is and how big")
-    sub.add_parser("clear", help="remove every entry, offload folder and demo checkpoint")
+    sub.add_parser("clear", help="remove every entry, offload folder and demo checkpoint (not those a running job uses)")
     sub.add_parser("verify", help="drop corrupt entries and entries whose folder is gone")
     prune = sub.add_parser(
         "prune", help="remove the least recently used offload folders and demo checkpoints (never those a running job uses)"
@@ -354,8 +359,7 @@ def cache_main(argv: list[str] | None = None) -> None:
                 fail(refused)
                 return
             print(f"the cache database could not be opened ({err}); removed it and the offload and checkpoint folders from {root}")
-            for artifact in kept:
-                print(f"kept {artifact.kind} {artifact.path}: in use by a running job (clear again when it has ended)")
+            _print_kept(kept)
             return
         fail(err)
         return
@@ -400,14 +404,13 @@ def cache_main(argv: list[str] | None = None) -> None:
                 fail(err)
                 return
             print(f"removed {count} entries and the offload and checkpoint folders from {root}")
-            for artifact in kept:
-                print(f"kept {artifact.kind} {artifact.path}: in use by a running job (clear again when it has ended)")
+            _print_kept(kept)
         else:
             dropped = cache.verify()
             for key, reason in dropped:
                 print(f"dropped {key}: {reason}")
-            known = {Path(v["path"]).name for k, v in cache.entries() if k.startswith("offload:")}
-            orphans = [p for p in cache.offload_root.iterdir() if p.name not in known] if cache.offload_root.is_dir() else []
+            known = {Path(v["path"]).parent for k, v in cache.entries() if k.startswith("offload:")}  # entries name the folder inside
+            orphans = [p for p in cache.offload_root.iterdir() if p not in known] if cache.offload_root.is_dir() else []
             for path in orphans:
                 print(f"note: offload folder {path} has no entry (a job may be building it, or it is left over; `prune` or `clear` removes it)")
             print(f"verified {root}: {len(dropped)} entries dropped")

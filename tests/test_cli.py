@@ -191,6 +191,7 @@ def test_cache_command(tmp_path):
     assert "0o700" in info.stdout and "plan 1" in info.stdout and "working 1" in info.stdout and "checkpoints   1" in info.stdout
     verify = run_entry("cache_main", ["verify"], tmp_path, env)
     assert verify.returncode == 0 and "0 entries dropped" in verify.stdout
+    assert "has no entry" not in verify.stdout  # the job's registered offload folder is not an orphan
     cleared = run_entry("cache_main", ["--dir", str(tmp_path / "cache"), "clear"], tmp_path)
     assert cleared.returncode == 0 and "removed" in cleared.stdout
     assert "0 entries" in run_entry("cache_main", ["list"], tmp_path, env).stdout

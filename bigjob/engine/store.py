@@ -243,7 +243,7 @@ def prepare_offload_folder(
             return OffloadFolder(found[0], found[1], True, open_checkpoint(found[0] / INDEX))
         callback = _BEFORE_BUILD.get()
         if callback is not None:
-            callback(sum(e.dtype.itemsize * _numel(e.shape) for e in entries))
+            callback(sum(_nbytes(e) for e in entries))
         temp = root / f".tmp-offload-{fingerprint[:12]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         temp.mkdir(mode=0o700)
     except OSError as err:
@@ -279,7 +279,7 @@ def _build(folder: Path, source: Checkpoint, entries: Sequence[OffloadEntry], fi
     shards: list[list[OffloadEntry]] = [[]]
     size = 0
     for entry in ordered:
-        nbytes = entry.dtype.itemsize * _numel(entry.shape)
+        nbytes = _nbytes(entry)
         if shards[-1] and size + nbytes > shard_bytes:
             shards.append([])
             size = 0
@@ -305,6 +305,10 @@ def _build(folder: Path, source: Checkpoint, entries: Sequence[OffloadEntry], fi
     marker = {"format": OFFLOAD_FORMAT, "fingerprint": fingerprint, "files": files,
               "source": source.identity(), "entries": _described(entries)}
     _write_json(folder / MARKER, marker)
+
+
+def _nbytes(entry: OffloadEntry) -> int:
+    return entry.dtype.itemsize * _numel(entry.shape)
 
 
 def _numel(shape: Sequence[int]) -> int:

@@ -400,18 +400,26 @@ class JobCache:
         with self._database():
             return bool(self._db.delete(key, retry=True))
 
+    @contextlib.contextmanager
+    def _sql(self) -> Iterator[sqlite3.Connection]:
+        """A connection of its own to the database file, committed and closed after the block."""
+        with self._database(), contextlib.closing(
+            sqlite3.connect(os.path.join(self._db.directory, diskcache.core.DBNAME), timeout=DB_TIMEOUT_S)
+        ) as con, con:
+            yield con
+
     def _rows(self) -> list[tuple[int, Any, bool]]:
         """(rowid, stored key, raw flag) of every row, read without decoding anything."""
-        with self._database(), sqlite3.connect(os.path.join(self._db.directory, diskcache.core.DBNAME), timeout=DB_TIMEOUT_S) as con:
+        with self._sql() as con:
             return [(r[0], r[1], bool(r[2])) for r in con.execute("SELECT rowid, key, raw FROM Cache")]
 
     def _delete_row(self, rowid: int) -> None:
-        with self._database(), sqlite3.connect(os.path.join(self._db.directory, diskcache.core.DBNAME), timeout=DB_TIMEOUT_S) as con:
+        with self._sql() as con:
             con.execute("DELETE FROM Cache WHERE rowid = ?", (rowid,))
 
     def compact(self) -> None:
         """Gives the database's write-ahead log back to the file system (it keeps its largest size otherwise)."""
-        with self._database(), sqlite3.connect(os.path.join(self._db.directory, diskcache.core.DBNAME), timeout=DB_TIMEOUT_S) as con:
+        with self._sql() as con:
             con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _decoded_keys(self) -> tuple[list[str], list[tuple[int, str]]]:

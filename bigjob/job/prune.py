@@ -4,7 +4,7 @@ Offload folders (a model's disk tier converted to the job's dtype: gigabytes eac
 budget and dtype of a sweep) and demo checkpoints are nearly all of a cache's bytes; plans
 and registry entries are a few KiB each and are kept. Nothing is removed unless asked:
 ``bigjob-cache prune --max-size 50GB --older-than 14d``, or ``cache.max_size``, which prunes
-at the end of every job.
+before a job builds an offload folder (making room for it) and at the end of every job.
 
 * **Last use** is an artifact folder's modification time: a job touches each folder it
   uses, whether it built it or found it built.
@@ -173,22 +173,45 @@ def _offload_entries(cache: JobCache) -> dict[str, str]:
     return paths
 
 
-def _remove(cache: JobCache, artifact: Artifact, registry: dict[str, str]) -> tuple[int, str | None]:
-    """Removes the registry entries pointing into ``artifact`` and then its folders: (entries, error)."""
+def _forget(cache: JobCache, artifact: Artifact, registry: dict[str, str]) -> int:
+    """Removes the registry entries pointing into ``artifact``; returns how many."""
     entries = 0
     for key, path in list(registry.items()):
         if _inside(path, artifact.path):
             entries += cache.delete(key)
             del registry[key]
-    errors: list[str] = []
+    return entries
+
+
+def _remove_parts(artifact: Artifact) -> str | None:
+    """Removes the folders of ``artifact``; the first error, or None."""
     for part in artifact.parts:
         try:
             shutil.rmtree(part)
         except FileNotFoundError:
             pass
         except OSError as err:  # a file another user made, a read-only mount
-            errors.append(f"{err.filename or part}: {err.strerror or err}")
-    return entries, (errors[0] if errors else None)
+            return f"{err.filename or part}: {err.strerror or err}"
+    return None
+
+
+@contextlib.contextmanager
+def _unused(root: Path, artifact: Artifact) -> Iterator[bool]:
+    """Holds the use lock of ``artifact`` exclusively if no job holds it; yields whether it does.
+
+    Call under the gate: no job can then be waiting on the lock, so once the artifact's
+    folders are gone its lock file goes too.
+    """
+    lock = use_lock(root, artifact.path, shared=False)
+    if not lock.try_acquire():
+        yield False
+        return
+    try:
+        yield True
+        if not any(part.exists() for part in artifact.parts):
+            lock.path.unlink(missing_ok=True)
+    finally:
+        lock.release()
 
 
 def prune(
@@ -217,22 +240,18 @@ def prune(
             stale = older_than is not None and now - artifact.last_used > older_than
             if not stale and (max_size is None or total <= max_size):
                 continue
-            lock = use_lock(cache.root, artifact.path, shared=False)
-            if not lock.try_acquire():
-                result.in_use.append(artifact)
-                continue
-            try:
+            with _unused(cache.root, artifact) as free:
+                if not free:
+                    result.in_use.append(artifact)
+                    continue
                 if not dry_run:
-                    entries, error = _remove(cache, artifact, registry)
-                    result.entries_removed += entries
+                    result.entries_removed += _forget(cache, artifact, registry)
+                    error = _remove_parts(artifact)
                     if error is not None:
                         result.failed.append((artifact, error))
                         continue
-                    lock.path.unlink(missing_ok=True)  # no job can be waiting on it: they take it under the gate
                 result.removed.append(artifact)
                 total -= artifact.size
-            finally:
-                lock.release()
         if not dry_run:
             _drop_idle_locks(cache.root)
             if result.entries_removed:
@@ -268,16 +287,11 @@ def remove_unused_folders(root: str | os.PathLike[str], wait: float = LOCK_TIMEO
 def _remove_unused(root: Path) -> list[Artifact]:
     kept: list[Artifact] = []
     for artifact in artifacts(root):
-        lock = use_lock(root, artifact.path, shared=False)
-        if not lock.try_acquire():
-            kept.append(artifact)
-            continue
-        try:
-            for part in artifact.parts:
-                shutil.rmtree(part, ignore_errors=True)
-            lock.path.unlink(missing_ok=True)
-        finally:
-            lock.release()
+        with _unused(root, artifact) as free:
+            if free:
+                _remove_parts(artifact)  # what the file system refuses stays, as `rm -rf` would leave it
+            else:
+                kept.append(artifact)
     for folder in (root / "offload", root / "checkpoints"):
         with contextlib.suppress(OSError):
             folder.rmdir()  # when empty

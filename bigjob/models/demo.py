@@ -254,7 +254,10 @@ def demo_checkpoint_folder(
     >>> a.parent, a == demo_checkpoint_folder("/c", {"n_layers": 2}), a == demo_checkpoint_folder("/c", {"n_layers": 2}, seed=1)
     (PosixPath('/c'), True, False)
     """
-    marker = _marker(dict(config or {}), seed, num_shards)
+    return _folder(root, _marker(dict(config or {}), seed, num_shards))
+
+
+def _folder(root: str | os.PathLike[str], marker: dict[str, Any]) -> Path:
     return Path(root) / f"demo-{hashlib.sha256(json.dumps(marker, sort_keys=True).encode()).hexdigest()[:16]}"
 
 
@@ -282,15 +285,15 @@ def make_demo_checkpoint(
     """
     config = dict(config or {})
     marker = _marker(config, seed, num_shards)
-    final = demo_checkpoint_folder(root, config, seed, num_shards)
-    root, key = final.parent, final.name.removeprefix("demo-")
+    root = Path(root)
+    final = _folder(root, marker)
     if _is_complete(final, marker):
         return final
     root.mkdir(parents=True, exist_ok=True)
     n_layers = int(config.get("n_layers", inspect.signature(DemoTransformer).parameters["n_layers"].default))
     spec = demo_checkpoint_spec(config)
     groups = list(_shards(spec, num_shards))
-    tmp = Path(tempfile.mkdtemp(prefix=f".demo-{key}-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
     try:
         weight_map: dict[str, str] = {}
         total_bytes = 0
