@@ -25,4 +25,9 @@ def __getattr__(name: str):  # type: ignore[no-untyped-def]
     raise AttributeError(f"module 'bigjob' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    """``dir(bigjob)`` lists ``from_pretrained`` too, though it is imported on first use."""
+    return sorted({*globals(), "from_pretrained"})
+
+
 __all__ = ["__version__", "from_pretrained", *_engine.__all__]

@@ -117,6 +117,13 @@ def test_dispatch_info_fields_are_hand_computed(sharded: Path) -> None:
     assert info.load_seconds > 0
 
 
+def test_hf_device_map_is_the_map_as_accelerate_writes_it(sharded: Path) -> None:
+    model = load_checkpoint_and_dispatch(empty_model(), sharded, device_map=MIXED, no_split_module_classes=["Block"])
+    assert model.hf_device_map == dict(MIXED)  # no GPU here: "cpu" and "disk" are written as they are
+    remove_dispatch(model)
+    assert not hasattr(model, "hf_device_map")
+
+
 def test_all_disk_info(sharded: Path) -> None:
     model = load_checkpoint_and_dispatch(empty_model(), sharded, device_map="disk", no_split_module_classes=["Block"])
     info = get_dispatch_info(model)

@@ -29,6 +29,7 @@ def test_minilm_embeddings_with_disk_offload_equal_transformers_in_ram():
     model = from_pretrained(folder, max_memory={"cpu": "70MB"})  # 87 MiB of weights: most layers stay on disk
     info = get_dispatch_info(model)
     assert info.bytes_per_tier["disk"] > 20e6 and not model.training
+    assert model.hf_device_map == dict(info.device_map) and "disk" in model.hf_device_map.values()
     assert model.embeddings.position_ids.dtype == torch.int64
     tokenizer = hf.load_tokenizer(folder)
     batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")

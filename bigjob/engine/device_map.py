@@ -107,6 +107,14 @@ class DeviceMap(Mapping[str, str]):
         """A JSON-able dict: ``{"device_map": {...}, "plan": {...} | None}``."""
         return {"device_map": dict(self._entries), "plan": asdict(self.summary) if self.summary else None}
 
+    def to_hf(self) -> dict[str, int | str]:
+        """The map as Accelerate and Transformers write ``model.hf_device_map``: CUDA GPUs as indices.
+
+        >>> DeviceMap({"embed": "cuda:0", "blocks.0": "cuda:1", "head": "disk"}).to_hf()
+        {'embed': 0, 'blocks.0': 1, 'head': 'disk'}
+        """
+        return {key: int(device[5:]) if device.startswith("cuda:") else device for key, device in self._entries.items()}
+
     def to_json(self, indent: int | None = 2) -> str:
         """The map as JSON text; :meth:`from_json` reads it back equal."""
         return json.dumps(self.to_dict(), indent=indent)

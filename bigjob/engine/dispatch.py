@@ -161,6 +161,7 @@ def remove_dispatch(model: nn.Module) -> nn.Module:
     if info is not None:
         info.detach()
         model.__dict__.pop(_ATTR, None)
+        model.__dict__.pop("hf_device_map", None)
     return model
 
 
@@ -331,6 +332,7 @@ def dispatch_loaded(
     if plan.decisions and is_accelerator(main):
         log.debug("execution plan on %s:\n%s", main, plan.describe())
     object.__setattr__(model, _ATTR, info)
+    object.__setattr__(model, "hf_device_map", result.device_map.to_hf())  # what Accelerate users read
     weakref.finalize(model, prefetcher.close)
     return model
 
