@@ -129,6 +129,8 @@ def metrics(run_dir: Path) -> dict:
 #   offload  SIGKILL after the first tensor of the offload folder is written (a partial shard on disk)
 #   load     SIGKILL while tensors are being put into the model (the offload folder done, not registered)
 #   slow     sleep 0.25 s after each batch (time to send a real SIGINT from outside)
+#   hold     after the second batch, wait until the file named by $BIGJOB_TEST_RELEASE exists
+#            (a job held running for as long as a test needs, however loaded the machine)
 DRIVER = r"""
 import os, signal, sys, time
 phase = sys.argv.pop(1)
@@ -166,6 +168,17 @@ elif phase == "slow":
     def append(self, *args, **kwargs):
         original(self, *args, **kwargs)
         time.sleep(0.25)
+    ResultWriter.append = append
+elif phase == "hold":
+    from bigjob.job.progress import ResultWriter
+    original = ResultWriter.append
+    batches = []
+    def append(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        batches.append(1)
+        deadline = time.monotonic() + 300
+        while len(batches) == 2 and not os.path.exists(os.environ["BIGJOB_TEST_RELEASE"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
     ResultWriter.append = append
 else:
     raise SystemExit(f"unknown phase {phase!r}")

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -216,10 +217,16 @@ def test_a_listing_cut_short_by_its_reader_ends_quietly(tmp_path):
 @pytest.mark.slow
 def test_installed_package_runs_from_another_folder(tmp_path):
     venv = tmp_path / "venv"
-    # No pip of its own: the venv uses the system's pip and setuptools (no download needed).
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    # No pip or torch of its own: a .pth file lends it this test run's packages (pip, torch, ...), which
+    # may live in a venv of their own, so --system-site-packages would not reach them. The wheel is
+    # built the way a user's `pip install .` builds it, in an isolated build environment.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    lent = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    site = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "lent.pth").write_text("".join(f"{path}\n" for path in sorted(lent)))
     pip = subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(REPO)],
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", str(REPO)],
         capture_output=True, text=True, cwd=tmp_path,
     )
     assert pip.returncode == 0, pip.stderr

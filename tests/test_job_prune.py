@@ -196,10 +196,13 @@ def test_a_running_job_keeps_its_folders_through_prune_and_computes_what_it_woul
     assert reference.returncode == 0, reference.stderr
 
     run_dir = tmp_path / "run"
-    job = subprocess.Popen([sys.executable, "-c", DRIVER, "slow", *JOB, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
-                           env=cli_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    release = tmp_path / "release"  # the job stays running until the prune is done
+    job = subprocess.Popen([sys.executable, "-c", DRIVER, "hold", *JOB, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                           env=cli_env({**env, "BIGJOB_TEST_RELEASE": str(release)}), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
     assert wait_for_batches(run_dir / "progress.json", 2, job, timeout=120), job.communicate()
     pruned = run_entry("cache_main", ["prune", "--max-size", "0"], tmp_path, env)
+    release.touch()
     assert pruned.returncode == 0, pruned.stderr
     kept = [line for line in pruned.stdout.splitlines() if line.startswith("kept")]
     assert len(kept) == 2 and all("in use by a running job" in line for line in kept)  # its offload folder and the demo checkpoint
