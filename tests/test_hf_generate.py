@@ -11,7 +11,7 @@ from bigjob.errors import JobError
 from bigjob.job.data import make_batches
 from bigjob.job.generate import Decoding, filter_logits, generate
 from bigjob.job.schema import TaskConfig
-from bigjob.job.tasks import build_task
+from bigjob.job.task_registry import build_task
 from bigjob.models.hf import from_pretrained
 
 PROMPTS = [[1, 5, 9, 22, 7], [1, 30, 4, 4, 17, 8, 40, 12, 3], [1, 11], [1, 50, 6, 19, 2, 33, 9]]  # uneven: left padding

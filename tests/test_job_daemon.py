@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 from bigjob.errors import BudgetError, ConfigError, JobError
 from bigjob.job import schema
 from bigjob.job.daemon import socket_dir, stop_daemons
-from bigjob.job.isolation import ChildTraceback, isolation_wanted, run_isolated
+from bigjob.job.child_process import ChildTraceback
+from bigjob.job.isolation import isolation_wanted, run_isolated
 from bigjob.job.runner import run_job
 from bigjob.models.demo import demo_checkpoint_spec, demo_tensor
 

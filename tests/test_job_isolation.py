@@ -12,8 +12,9 @@ import pytest
 
 from _jobkit import TINY_OVERRIDES, compose_config, read_jsonl, run_cli, wait_for_batches
 from bigjob.errors import BudgetError, ConfigError, JobError
-from bigjob.job import forkserver, isolation
-from bigjob.job.isolation import ChildTraceback, JobProcessError, config_from_json, isolation_wanted, run_isolated
+from bigjob.job import child_process, forkserver, isolation
+from bigjob.job.child_process import ChildTraceback, JobProcessError, config_from_json
+from bigjob.job.isolation import isolation_wanted, run_isolated
 from bigjob.job.runner import KILL_AFTER_ENV, run_job
 
 JOB = TINY_OVERRIDES + ["placement.max_memory.cpu=36KiB", "data.num_samples=6", "data.seq_len=10", "data.batch_size=2", "quiet=true"]
@@ -184,7 +185,7 @@ def test_the_child_stops_when_its_parent_dies(tmp_path, start, monkeypatch):
         assert wait_for_batches(progress, 1, parent), "the child never started its batches"
         parent.kill()
         parent.wait()
-        time.sleep(3 * isolation.PARENT_POLL_S + 1)
+        time.sleep(3 * child_process.PARENT_POLL_S + 1)
         done = json.loads(progress.read_text())["batches_done"]
         time.sleep(1.5)
         assert json.loads(progress.read_text())["batches_done"] == done  # no batch after the parent died

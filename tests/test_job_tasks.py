@@ -8,7 +8,7 @@ import torch
 from _jobkit import TINY
 from bigjob.job.data import make_batches
 from bigjob.job.schema import TaskConfig
-from bigjob.job.tasks import build_task
+from bigjob.job.task_registry import build_task
 from bigjob.errors import ConfigError, JobError
 from bigjob.models.demo import DemoTransformer
 

@@ -125,7 +125,7 @@ def _child(spec_path: str, reply: IO[str]) -> None:
 
 def become_job(spec_path: str, setup: Callable[[], None]) -> None:
     """In a freshly forked process: run ``setup`` (the caller's streams, folder ...), then the isolated
-    job of the spec at ``spec_path`` (:func:`bigjob.job.isolation.child_main`), and exit with its code."""
+    job of the spec at ``spec_path`` (:func:`bigjob.job.child_process.child_main`), and exit with its code."""
     code = 1
     try:
         setup()
@@ -137,7 +137,7 @@ def become_job(spec_path: str, setup: Callable[[], None]) -> None:
         os.environ.update(spec.get("env") or {})
         sys.path[:0] = [p for p in spec.get("sys_path", []) if p not in sys.path]
         spec["parent_pid"] = os.getppid()  # the process that forked this one: it goes when the launcher does
-        from bigjob.job.isolation import child_main
+        from bigjob.job.child_process import child_main
 
         code = child_main(spec)
     finally:

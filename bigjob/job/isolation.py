@@ -8,9 +8,10 @@ and its peak memory is no longer its own. :func:`execute` decides, and with isol
 
 * the child gets the typed config as JSON, the parent's ``sys.path`` and log handlers;
 * its ``metrics.json`` measures only itself (``pid``, ``parent_pid``, ``isolated: true``);
+* what parent and child exchange is :mod:`bigjob.job.child_process`;
 * when it fails, the parent raises its error again: a :class:`~bigjob.errors.BigJobError`
   keeps its class and one-line message (so the CLI's errors do not change), chained to a
-  :class:`ChildTraceback` that holds the child's formatted traceback (``HYDRA_FULL_ERROR=1``
+  :class:`~bigjob.job.child_process.ChildTraceback` that holds the child's formatted traceback (``HYDRA_FULL_ERROR=1``
   shows it); any other exception arrives as a :class:`JobProcessError` (a crash, shown with
   both tracebacks); a child killed by a signal is a :class:`~bigjob.errors.JobError` naming it;
 * the child exits when its parent dies, so a killed launcher worker leaves no orphan.
@@ -26,8 +27,6 @@ launcher, which already starts a process of its own for each.
 >>> from bigjob.job.schema import JobConfig
 >>> isolation_wanted(JobConfig(), multirun=True), isolation_wanted(JobConfig(), multirun=False)
 (True, False)
->>> config_from_json(json.loads(json.dumps(dataclasses.asdict(JobConfig())))) == JobConfig()
-True
 """
 
 from __future__ import annotations
@@ -36,47 +35,24 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
-from bigjob.errors import BigJobError, JobError
-from bigjob.job.report import JobReport, atomic_write_text, read_report
+from bigjob.errors import JobError
+from bigjob.job.child_process import BOOT, child_failure, log_targets
+from bigjob.job.report import JobReport, read_report
 from bigjob.job.schema import JobConfig
 
-__all__ = ["ChildTraceback", "JobProcessError", "config_from_json", "execute", "isolation_wanted", "run_isolated"]
+__all__ = ["execute", "isolation_wanted", "run_isolated"]
 
 logger = logging.getLogger(__name__)
 
 # Launchers that start a new process for every job (their jobs need no second one).
 FRESH_PROCESS_LAUNCHERS = ("hydra_plugins.hydra_submitit_launcher.",)
-# How often the child checks that its parent is still alive, in seconds.
-PARENT_POLL_S = 1.0
-# Exit code of a child whose parent died.
-ORPHANED_EXIT = 75
-# The child's first statements: the parent's import path before anything of bigjob is imported.
-_BOOT = (
-    "import json, sys; spec = json.load(open(sys.argv[1], encoding='utf-8')); "
-    "sys.path[:0] = [p for p in spec['sys_path'] if p not in sys.path]; "
-    "from bigjob.job.isolation import child_main; sys.exit(child_main(spec))"
-)
-
-
-class ChildTraceback(Exception):
-    """The formatted traceback of an error raised in a job's child process (the ``__cause__`` of the re-raised error)."""
-
-    def __str__(self) -> str:
-        return "\n\n" + str(self.args[0]).rstrip() if self.args else ""
-
-
-class JobProcessError(RuntimeError):
-    """A job's child process raised something other than a :class:`BigJobError`: a crash, not bad input."""
 
 
 def isolation_wanted(cfg: JobConfig, multirun: bool) -> bool:
@@ -109,13 +85,6 @@ def execute(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
     return run_job(cfg, run_dir, multirun=multirun)
 
 
-def config_from_json(data: dict[str, Any]) -> JobConfig:
-    """The typed :class:`JobConfig` of ``dataclasses.asdict`` data (checked by the schema again)."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), data))  # type: ignore[return-value]
-
-
 # --------------------------------------------------------------------------- parent side
 
 
@@ -133,7 +102,7 @@ def run_isolated(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool
             "run_dir": str(run_dir),
             "multirun": multirun,
             "sys_path": [p for p in sys.path if isinstance(p, str)],
-            "logging": _log_targets(),
+            "logging": log_targets(),
             "parent_pid": os.getpid(),
             "result": str(Path(tmp) / "report.json"),
             "error": str(Path(tmp) / "error.json"),
@@ -161,7 +130,7 @@ def run_isolated(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool
                 if cfg.runner.daemon:
                     server.close()  # one connection per job; the shared forkserver stays for the next
         else:
-            process = subprocess.Popen([sys.executable, "-c", _BOOT, str(spec_path)])
+            process = subprocess.Popen([sys.executable, "-c", BOOT, str(spec_path)])
             pid = process.pid
             logger.info("job running in child process %d (runner.isolate)", pid)
             try:
@@ -173,7 +142,7 @@ def run_isolated(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool
         result = Path(spec["result"])
         if code == 0 and result.exists():
             return JobReport.from_json(result.read_text(encoding="utf-8"))
-        raise _child_failure(Path(spec["error"]), code, pid, run_dir)
+        raise child_failure(Path(spec["error"]), code, pid, run_dir)
 
 
 def _warm_server(cfg: JobConfig) -> Any:
@@ -219,125 +188,4 @@ def _stop(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
             process.wait()
 
 
-def _child_failure(error_file: Path, code: int, pid: int, run_dir: Path) -> BaseException:
-    """The exception to raise in the parent for a child that ended with ``code``."""
-    try:
-        info = json.loads(error_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        info = None
-    if isinstance(info, dict):
-        cls = _error_class(info.get("classes") or [])
-        message = str(info.get("message", ""))
-        err: BaseException
-        if cls is not None:
-            err = cls(message)
-        elif info.get("type") == "KeyboardInterrupt":
-            err = KeyboardInterrupt()
-        else:
-            err = JobProcessError(f"the job process (pid {pid}) failed with {info.get('type')}: {message}")
-        err.__cause__ = ChildTraceback(str(info.get("traceback", "")))
-        return err
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        hint = " (out of memory?)" if -code == signal.SIGKILL else ""
-        return JobError(
-            f"the job process (pid {pid}) was killed by {name}{hint}; {run_dir} keeps the finished batches: run the job again to resume"
-        )
-    if code == ORPHANED_EXIT:
-        return JobError(f"the job process (pid {pid}) stopped because the process that started it went away")
-    return JobError(f"the job process (pid {pid}) exited with code {code} without a report; see the log in {run_dir}")
 
-
-def _error_class(names: list[str]) -> type[BigJobError] | None:
-    """The first of ``names`` (a class's MRO) that is an error class of :mod:`bigjob.errors` (nothing else is looked up)."""
-    from bigjob import errors
-
-    for name in names:
-        cls = getattr(errors, name, None) if name in errors.__all__ else None
-        if isinstance(cls, type) and issubclass(cls, BigJobError):
-            return cls
-    return None
-
-
-def _log_targets() -> dict[str, Any]:
-    """The root logger's level and its file and console handlers, for the child to log alike."""
-    root = logging.getLogger()
-    handlers = []
-    for handler in root.handlers:
-        formatter = handler.formatter
-        entry: dict[str, Any] = {
-            "level": handler.level,
-            "format": getattr(formatter, "_fmt", None),
-            "datefmt": getattr(formatter, "datefmt", None),
-        }
-        if isinstance(handler, logging.FileHandler):
-            handlers.append({**entry, "file": handler.baseFilename})
-        elif isinstance(handler, logging.StreamHandler):
-            stream = getattr(handler, "stream", None)
-            if stream in (sys.stdout, sys.__stdout__):
-                handlers.append({**entry, "stream": "stdout"})
-            elif stream in (sys.stderr, sys.__stderr__):
-                handlers.append({**entry, "stream": "stderr"})
-    return {"level": root.level, "handlers": handlers}
-
-
-# --------------------------------------------------------------------------- child side
-
-
-def child_main(spec: dict[str, Any]) -> int:
-    """The child process: configure logging, run the job, leave its report or its error for the parent."""
-    _exit_with_parent(int(spec["parent_pid"]))
-    _configure_logging(spec.get("logging") or {})
-    logger.info("job process %d (started by %d) runs %s", os.getpid(), spec["parent_pid"], spec["run_dir"])
-    try:
-        from bigjob.job.runner import run_job
-
-        report = run_job(config_from_json(spec["config"]), spec["run_dir"], multirun=bool(spec["multirun"]))
-        if report.pid == os.getpid():  # the work ran here (not a record reused from an earlier run)
-            report.isolated = True
-            report.write()
-        atomic_write_text(spec["result"], report.to_json())
-        return 0
-    except BaseException as err:  # noqa: BLE001 - everything goes back to the parent
-        _write_error(Path(spec["error"]), err)
-        return 1
-
-
-def _write_error(path: Path, err: BaseException) -> None:
-    info = {
-        "type": type(err).__name__,
-        "classes": [cls.__name__ for cls in type(err).__mro__],
-        "message": str(err),
-        "traceback": "".join(traceback.format_exception(type(err), err, err.__traceback__)),
-    }
-    atomic_write_text(path, json.dumps(info))
-
-
-def _exit_with_parent(parent_pid: int) -> None:
-    """Ends this process once its parent is gone (a killed launcher worker must not leave jobs running)."""
-
-    def watch() -> None:
-        while True:
-            if os.getppid() != parent_pid:
-                os._exit(ORPHANED_EXIT)
-            time.sleep(PARENT_POLL_S)
-
-    threading.Thread(target=watch, name="bigjob-parent-watch", daemon=True).start()
-
-
-def _configure_logging(targets: dict[str, Any]) -> None:
-    root = logging.getLogger()
-    root.setLevel(int(targets.get("level", logging.INFO)))
-    for entry in targets.get("handlers", []):
-        handler: logging.Handler
-        if "file" in entry:
-            handler = logging.FileHandler(entry["file"], mode="a", encoding="utf-8")
-        else:
-            handler = logging.StreamHandler(sys.stdout if entry.get("stream") == "stdout" else sys.stderr)
-        handler.setLevel(int(entry.get("level", logging.NOTSET)))
-        if entry.get("format"):
-            handler.setFormatter(logging.Formatter(entry["format"], entry.get("datefmt")))
-        root.addHandler(handler)

@@ -55,7 +55,7 @@ from bigjob.job.progress import ResultWriter
 from bigjob.job.prune import prune, touch
 from bigjob.job.report import DEVICE_MAP_NAME, JobReport, MemorySampler, atomic_write_text, cuda_peaks, percentile, read_report, versions
 from bigjob.job.schema import JobConfig, budget_overrides, rate_overrides, validate
-from bigjob.job.tasks import build_task
+from bigjob.job.task_registry import build_task
 from bigjob.job.text import TokenizerRef, check_context
 
 __all__ = ["KILL_AFTER_ENV", "build_empty_model", "job_identity", "resolve_budgets", "run_job"]

@@ -4,15 +4,15 @@ A task turns one forward pass into per-sample JSON records (one line each in
 ``predictions.jsonl``) and, optionally, tensors written as one safetensors file per batch.
 Padding never leaks into a result: only positions whose attention mask is 1 count.
 
-New tasks subclass :class:`Task` and register in :data:`TASKS`; generation lives in
-:mod:`bigjob.job.generate`.
+New tasks subclass :class:`Task` and register in :mod:`bigjob.job.task_registry`;
+generation lives in :mod:`bigjob.job.generate`.
 
 >>> from bigjob.models.demo import DemoTransformer
 >>> from bigjob.job.data import make_batches
 >>> from bigjob.job.schema import TaskConfig
 >>> model = DemoTransformer(vocab_size=32, d_model=8, n_layers=1, n_heads=2, d_ff=16).eval()
 >>> batch = make_batches([[1, 2, 3], [4, 5]], batch_size=2, pad_id=0)[0]
->>> result = build_task(TaskConfig(name="score")).run(model, batch, "cpu")
+>>> result = ScoreTask(TaskConfig(name="score")).run(model, batch, "cpu")
 >>> [r["tokens_scored"] for r in result.records]
 [2, 1]
 """
@@ -20,18 +20,18 @@ New tasks subclass :class:`Task` and register in :data:`TASKS`; generation lives
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from bigjob.errors import ConfigError, JobError
+from bigjob.errors import JobError
 from bigjob.job.data import Batch
 from bigjob.job.schema import TaskConfig
 
-__all__ = ["BatchResult", "EmbedTask", "LogitsTask", "ScoreTask", "TASKS", "Task", "build_task", "model_outputs"]
+__all__ = ["BatchResult", "EmbedTask", "LogitsTask", "ScoreTask", "Task", "model_outputs"]
 
 
 @dataclass
@@ -217,19 +217,3 @@ class EmbedTask(Task):
                 vector = torch.nn.functional.normalize(vector, dim=0)
             records.append({"id": sample_id, "embedding": vector.tolist()})
         return BatchResult(records)
-
-
-def _generate_task(cfg: TaskConfig, tokenizer: Any = None) -> Task:
-    from bigjob.job.generate import GenerateTask  # imports this module: loaded on first use
-
-    return GenerateTask(cfg, tokenizer)
-
-
-TASKS: dict[str, Callable[..., Task]] = {"logits": LogitsTask, "score": ScoreTask, "embed": EmbedTask, "generate": _generate_task}
-
-
-def build_task(cfg: TaskConfig, tokenizer: Any = None) -> Task:
-    """The task named by ``task.name``; ``tokenizer`` (a TokenizerRef) turns generated ids into text."""
-    if cfg.name not in TASKS:
-        raise ConfigError(f"task.name={cfg.name!r} is not available; choose one of {', '.join(TASKS)}")
-    return TASKS[cfg.name](cfg, tokenizer)
