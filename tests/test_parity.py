@@ -40,7 +40,7 @@ from bigjob import (
     load_checkpoint_and_dispatch,
     load_checkpoint_in_model,
 )
-from bigjob.errors import BigJobError, BudgetError, CheckpointError, DeviceMapError
+from bigjob.errors import BigJobError, BudgetError, CheckpointError, ConfigError, DeviceMapError
 
 # ---------------------------------------------------------------- the test models (Accelerate's shapes)
 
@@ -630,6 +630,37 @@ class TestLoadCheckpointAndDispatch:
         model = load_checkpoint_and_dispatch(model, tmp_path / "pt_model.bin", max_memory={"cpu": 10**6})
         assert bigjob.get_dispatch_info(model).device_map.summary.strategy == "auto"
         assert_same_tensors(model, source)
+
+
+class TestFromPretrained:
+    """Transformers' ``from_pretrained(device_map=..., max_memory=..., offload_folder=...)`` as ``bigjob.from_pretrained``."""
+
+    @pytest.fixture
+    def llama(self, tmp_path: Path) -> Path:
+        from _hfkit import llama_config, write_model
+
+        config = llama_config()
+        config.architectures = ["LlamaForCausalLM"]
+        return write_model(tmp_path / "llama", config, tokenizer=False)
+
+    def test_offloaded_logits_equal_transformers_in_ram(self, llama: Path, tmp_path: Path) -> None:
+        from _hfkit import reference
+
+        expected_model = reference(llama)
+        total = sum(t.numel() * t.element_size() for t in expected_model.state_dict().values())
+        model = bigjob.from_pretrained(
+            llama, device_map="auto", max_memory={"cpu": int(total * 0.8)}, offload_folder=tmp_path / "off", torch_dtype=torch.float32
+        )
+        assert "disk" in bigjob.get_dispatch_info(model).bytes_per_tier  # part of it really is offloaded
+        ids = torch.tensor([[1, 5, 9, 12, 3]])
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, expected_model(ids).logits, atol=0, rtol=0)
+
+    @pytest.mark.parametrize("argument", ["low_cpu_mem_usage", "offload_state_dict"])
+    def test_loading_switches_are_refused(self, llama: Path, argument: str) -> None:
+        # Always streamed tensor by tensor: the switches have no meaning, and are never silently ignored.
+        with pytest.raises(ConfigError, match=argument):
+            bigjob.from_pretrained(llama, device_map="cpu", **{argument: True})
 
 
 # ---------------------------------------------------------------- budgets below one unit (after the fallback)
