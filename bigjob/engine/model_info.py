@@ -22,7 +22,7 @@ __all__ = ["find_tied_parameters", "get_max_layer_size"]
 
 
 def find_tied_parameters(model: nn.Module) -> list[list[str]]:
-    """Groups of parameter names that hold one tensor, each group sorted, groups in order of first use.
+    """Groups of parameter names that hold one tensor, each group sorted, the groups by their first name.
 
     Untied parameters are not listed, so an untied model gives ``[]``. Linear in the number
     of parameter names.
