@@ -1,6 +1,6 @@
 """The big-model inference engine: a library on its own (it never imports Hydra or the job layer).
 
-Empty models (:mod:`.empty`), byte accounting (:mod:`.sizes`), budgets (:mod:`.devices`),
+Empty models (:mod:`.empty`), byte accounting (:mod:`.sizes`), budgets (:mod:`.devices`), structure facts (:mod:`.model_info`),
 the planner (:mod:`.planner`) and its :class:`DeviceMap`, checkpoint readers
 (:mod:`.checkpoint`), offload folders (:mod:`.store`), the loader (:mod:`.loading`) and
 the dispatcher with its hooks (:mod:`.dispatch`, :mod:`.hooks`, :mod:`.local_units`) and the
@@ -24,6 +24,7 @@ from bigjob.engine.dispatch import (
 from bigjob.engine.empty import init_empty_weights, init_on_device
 from bigjob.engine.execution import ExecutionPlan, ExecutionRates, measure_rates, plan_execution
 from bigjob.engine.loading import load_checkpoint_in_model
+from bigjob.engine.model_info import find_tied_parameters, get_max_layer_size
 from bigjob.engine.planner import get_balanced_memory, infer_auto_device_map
 from bigjob.engine.sizes import compute_module_sizes
 from bigjob.engine.working_memory import estimate_working_memory
@@ -42,8 +43,10 @@ __all__ = [
     "estimate_working_memory",
     "dispatch_model",
     "execution_tokens",
+    "find_tied_parameters",
     "get_balanced_memory",
     "get_dispatch_info",
+    "get_max_layer_size",
     "get_max_memory",
     "infer_auto_device_map",
     "init_empty_weights",

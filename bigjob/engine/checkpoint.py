@@ -503,6 +503,8 @@ def _read_index(index: Path) -> dict[str, str]:
             f"checkpoint index '{index}' is not valid JSON ({err}); re-download it or pass a shard as `checkpoint`"
         ) from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if weight_map is None and isinstance(data, dict) and data and all(isinstance(v, str) for v in data.values()):
+        weight_map = data  # a bare name -> shard map, as Accelerate's load_checkpoint_in_model accepts
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
@@ -604,6 +606,9 @@ def _choose_in_folder(folder: Path) -> Path:
         return chosen
     if "pytorch_model.bin" in names:
         return folder / "pytorch_model.bin"
+    chosen = _single(folder, [p for p in entries if p.name.endswith(".index.json")], "*.index.json")
+    if chosen is not None:
+        return chosen
     chosen = _single(folder, [p for p in entries if p.name.endswith(_TORCH_SUFFIXES)], ".bin/.pt/.pth")
     if chosen is not None:
         return chosen
@@ -620,7 +625,9 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     In a folder the first match wins: ``model.safetensors.index.json``,
     ``model.safetensors``, a single ``*.safetensors.index.json``, a single
     ``*.safetensors``, ``pytorch_model.bin.index.json``, a single
-    ``*.bin.index.json``, ``pytorch_model.bin``, a single ``.bin``/``.pt``/``.pth``.
+    ``*.bin.index.json``, ``pytorch_model.bin``, a single ``*.index.json``, a single
+    ``.bin``/``.pt``/``.pth``. An index is ``{"weight_map": {name: shard}}`` or, as Accelerate
+    also accepts, the bare ``{name: shard}`` map.
     Shard names in an index must stay inside the index's folder (symbolic
     links, as in the Hugging Face cache, are followed).
 

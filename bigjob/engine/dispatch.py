@@ -595,8 +595,9 @@ def disk_offload(
     execution: Execution = "stream",
     execution_rates: Rates | None = None,
     disk_reads: DiskReads = "auto",
+    offload_buffers: bool = False,
 ) -> nn.Module:
-    """Keep every weight on disk (an offload folder) and run each module on ``execution_device``.
+    """Keep every weight (and, with ``offload_buffers``, every buffer) on disk (an offload folder) and run each module on ``execution_device``.
 
     With ``execution="local"`` or ``"auto"`` on an accelerator, modules may run on the CPU
     from the mapped files instead of being copied (see :func:`dispatch_loaded`).
@@ -614,6 +615,7 @@ def disk_offload(
         {"": DISK},
         main_device=device,
         offload_folder=offload_folder,
+        offload_buffers=offload_buffers,
         prefetch=prefetch,
         execution=execution,
         execution_rates=execution_rates,
