@@ -238,3 +238,15 @@ def test_a_job_streams_under_a_small_budget_by_default_and_strict_budget_makes_i
         job(tmp_path, "placement.max_memory.cpu=12KiB", "placement.strict_budget=true")
     message = str(info.value)
     assert "\n" not in message and "placement.max_memory.cpu" in message and "placement.prefetch" in message, message
+
+
+def test_on_a_gpu_every_streamed_unit_comes_alone_once_one_must(caplog):
+    """A GPU's streaming buffers are shared by its units: planned for a GPU this machine need not have."""
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256), nn.Linear(128, 128))
+    layer = nbytes(model[0])
+    dm = infer_auto_device_map(model, {"cuda:0": layer + 100, "cpu": 10 * layer, "disk": 0})
+    assert dm.summary.main_device == "cuda:0" and set(dm.values()) == {"cpu"}
+    assert dm.summary.solo_units == ["0", "1", "2"] and dm.summary.over_budget == {}
+    assert dm.summary.reserve == {"cuda:0": layer} and dm.summary.streaming_peak == {"cuda:0": layer}
+    with pytest.raises(BudgetError, match=r"on cuda:0 \(the execution device\)"):
+        infer_auto_device_map(model, {"cuda:0": layer + 100, "cpu": 10 * layer, "disk": 0}, strict_budget=True)
