@@ -196,7 +196,7 @@ def dispatch_loaded(
     plan = plan_execution(inventory, tiers, main, execution, rates)
     modules = dict(model.named_modules(remove_duplicate=False))
     summary = result.device_map.summary
-    alone = set(summary.solo_units) | set(summary.over_budget) if summary is not None else set()
+    alone = set(summary.solo_units) | set(summary.over_budget) if summary is not None else set()  # units brought back alone
     asked, prefetch = prefetch, 0 if alone and is_accelerator(main) else prefetch  # a GPU's streaming buffers are shared
     prefetcher = Prefetcher(prefetch)
     schedule = Schedule(prefetcher)
@@ -289,10 +289,13 @@ def dispatch_loaded(
             handles.append(HookHandle(module, paged_unit))
             paged += 1
     schedule.solo = {i for i, hook_unit in enumerate(schedule.units) if hook_unit.name in alone}
-    for line, say in zip(fallback_messages(summary.solo_units, summary.over_budget, summary.streaming_peak, summary.budgets,
-                                           summary.planned_bytes, asked) if alone else (), (log.info, log.warning)):
-        if line:
-            say("%s", line)  # once per dispatch: the plan's fallback (bigjob.engine.budget_fallback)
+    if alone and summary is not None:  # the plan's fallback (bigjob.engine.budget_fallback), said once per dispatch
+        lowered, over = fallback_messages(
+            summary.solo_units, summary.over_budget, summary.streaming_peak, summary.budgets, summary.planned_bytes, asked
+        )
+        for line, say in ((lowered, log.info), (over, log.warning)):
+            if line:
+                say("%s", line)
     if streamed or auto:
         trim_heap()  # CPU-tier homes were copied into pinned memory: their first copies are free now
     if main_dev.type == "cuda":
@@ -314,8 +317,8 @@ def dispatch_loaded(
     handles.insert(0, HookHandle(model, RootHook(main_dev, schedule, tied_ranges, checked, sources)))
     info = DispatchInfo(
         result.device_map, main, dict(result.bytes_per_tier), result.load_seconds, result.offload_folder, result.offload_reused,
-        prefetch, streamed, paged, local_units=local, auto_units=auto, execution=plan, handles=handles, prefetcher=prefetcher,
-        schedule=schedule, sources=sources,
+        prefetch, streamed, paged, local_units=local, auto_units=auto, execution=plan, handles=handles,
+        prefetcher=prefetcher, schedule=schedule, sources=sources,
     )
     if plan.decisions and is_accelerator(main):
         log.debug("execution plan on %s:\n%s", main, plan.describe())
