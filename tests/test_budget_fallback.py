@@ -250,3 +250,30 @@ def test_on_a_gpu_every_streamed_unit_comes_alone_once_one_must(caplog):
     assert dm.summary.reserve == {"cuda:0": layer} and dm.summary.streaming_peak == {"cuda:0": layer}
     with pytest.raises(BudgetError, match=r"on cuda:0 \(the execution device\)"):
         infer_auto_device_map(model, {"cuda:0": layer + 100, "cpu": 10 * layer, "disk": 0}, strict_budget=True)
+
+
+def test_minilm_at_40mib_streams_its_45mib_embeddings_and_equals_transformers_in_ram(caplog):
+    """The issue's own case: all-MiniLM-L6-v2 offloaded with a CPU budget below its embeddings."""
+    import _hfkit as hfkit
+    import transformers
+
+    from bigjob.models import hf
+    from bigjob.models.hf import from_pretrained
+
+    folder = hfkit.minilm_dir()
+    reference = transformers.BertModel.from_pretrained(str(folder), local_files_only=True).eval()
+    embeddings, budget = nbytes(reference.embeddings), parse_size("40MiB")  # the unit: its parameters and buffers
+    assert budget < embeddings
+    caplog.set_level(logging.INFO, logger="bigjob")
+    model = from_pretrained(folder, max_memory={"cpu": "40MiB"})
+    summary = get_dispatch_info(model).device_map.summary
+    assert summary.over_budget.get("embeddings") == embeddings
+    tokenizer = hf.load_tokenizer(folder)
+    batch = tokenizer(["the cat sat on the mat", "a budget smaller than one layer"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).last_hidden_state, reference(**batch).last_hidden_state, rtol=0, atol=1e-5)
+    _, warnings = fallback_records(caplog)
+    assert len(warnings) == 1 and f"'embeddings' ({format_size(embeddings)})" in warnings[0], warnings
+    assert f"max_memory['cpu']={format_size(budget)}" in warnings[0]
+    with pytest.raises(BudgetError, match=r"'embeddings'.*\(1 \+ prefetch=1\) x its size.*max_memory\['cpu'\] is 40.00 MiB"):
+        from_pretrained(folder, max_memory={"cpu": "40MiB"}, strict_budget=True)
