@@ -209,7 +209,7 @@ CASES: dict[str, Case] = {
         BudgetError,
         ("1.00 KiB", "placement.max_memory.cpu", "placement.max_memory.disk"),
     ),
-    "prefetch reserve beyond the budget": Case(("placement.prefetch=100",), BudgetError, ("placement.prefetch=100", "placement.max_memory.cpu")),
+    "prefetch reserve beyond the budget": Case(("placement.prefetch=100", "placement.strict_budget=true"), BudgetError, ("placement.prefetch=100", "placement.max_memory.cpu")),
     # checkpoints
     "checkpoint path missing": Case(("checkpoint=path", "checkpoint.path={w}/nowhere"), CheckpointError, ("nowhere", "checkpoint.path")),
     "checkpoint folder empty": Case(CKPT, CheckpointError, ("ckpt", "holds no checkpoint files", "checkpoint.path"), lambda w: (w / "ckpt").mkdir()),

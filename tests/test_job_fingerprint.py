@@ -54,6 +54,7 @@ CHANGES = {
     "checkpoint": {"format": "safetensors", "files": [{"name": "model.safetensors", "size": 10, "mtime_ns": 2}], "index": None},
     "planner_version": "2",
     "working_memory": 4096,
+    "strict_budget": True,
 }
 
 

@@ -130,12 +130,15 @@ def test_random_plans_place_everything_within_budget(drawn: tuple, data: st.Data
     impossible = max(clusters) > max(budgets.values()) or total > sum(budgets.values())
 
     try:
-        dm = infer_auto_device_map(model, max_memory, no_split, dtype, strategy=strategy, prefetch=prefetch)
+        dm = infer_auto_device_map(model, max_memory, no_split, dtype, strategy=strategy, prefetch=prefetch, strict_budget=True)
     except BudgetError as err:
         assert not must_work, f"refused a plan that trivially exists: {err}"
         assert "max_memory[" in str(err)
+        check_fallback(model, max_memory, no_split, dtype, strategy, prefetch, err, units, impossible)
         return
     assert not impossible
+    # Where strict budgets hold, the fallback never changes the plan.
+    assert infer_auto_device_map(model, max_memory, no_split, dtype, strategy=strategy, prefetch=prefetch).to_dict() == dm.to_dict()
 
     # Every tensor, under every name, buffers included, resolves to exactly one device.
     placed = {name: dm.device_of(name) for name in tensors}
@@ -176,6 +179,33 @@ def test_random_plans_place_everything_within_budget(drawn: tuple, data: st.Data
     if streamed:
         assert summary.reserve.get(main, 0) >= (1 + prefetch) * max(streamed)
     assert DeviceMap.from_json(dm.to_json()) == dm
+
+
+def check_fallback(model, max_memory, no_split, dtype, strategy, prefetch, refused, units, impossible) -> None:
+    """Without strict budgets, a refused plan either fails with the same error or records how it streams instead."""
+    try:
+        dm = infer_auto_device_map(model, max_memory, no_split, dtype, strategy=strategy, prefetch=prefetch)
+    except BudgetError as err:
+        assert str(err) == str(refused)
+        return
+    assert not impossible
+    summary = dm.summary
+    assert summary.solo_units or summary.over_budget
+    for device, budget in summary.budgets.items():
+        assert summary.planned_bytes.get(device, 0) + summary.reserve.get(device, 0) <= budget, device
+    main = summary.main_device
+    placed = {unit: dm.device_of(unit) for unit in units}
+    streamed = {u: size for u, size in units.items() if placed[u] != main and not is_accelerator(placed[u])}
+    alone = set(summary.solo_units) | set(summary.over_budget)
+    assert alone <= set(streamed)
+    # Units fetched ahead fit 1 + prefetch at a time in the reserve; those brought alone fit once, or are over budget.
+    ahead = [size for u, size in streamed.items() if u not in alone]
+    assert (1 + prefetch) * max(ahead, default=0) <= summary.reserve.get(main, 0)
+    for unit in summary.solo_units:
+        assert streamed[unit] <= summary.reserve[main] <= summary.budgets[main]
+    for unit, nbytes in summary.over_budget.items():
+        assert nbytes == streamed[unit] > summary.budgets[main] or nbytes > summary.budgets.get("cpu", 0)
+    assert summary.streaming_peak.get(main, 0) >= max(streamed.values(), default=0)
 
 
 unit_names = st.lists(
@@ -433,10 +463,10 @@ def test_tied_units_too_big_together_are_named() -> None:
         infer_auto_device_map(model, {"cpu": 2000, "disk": 0})
 
 
-def test_reserve_that_cannot_fit_is_an_error_naming_the_device() -> None:
+def test_reserve_that_cannot_fit_is_an_error_naming_the_device_with_strict_budget() -> None:
     model = stack((32, 32), (16, 16))
     with pytest.raises(BudgetError) as info:
-        infer_auto_device_map(model, {"cpu": 1000, "disk": 10**6})
+        infer_auto_device_map(model, {"cpu": 1000, "disk": 10**6}, strict_budget=True)
     message = str(info.value)
     assert "'0'" in message and format_size(2 * L32) in message and "max_memory['cpu']" in message
     assert "prefetch" in message

@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bigjob.engine.budget_fallback import fallback_messages
 from bigjob.engine.checkpoint import Checkpoint
-from bigjob.engine.device_map import DeviceMap
+from bigjob.engine.device_map import DeviceMap, assign_tensors
 from bigjob.engine.direct import BufferPool, DirectReads, Files, Layout
 from bigjob.engine.devices import CPU, DISK, is_accelerator, normalize_device
 from bigjob.engine.execution import ExecutionPlan, ExecutionRates, measure_rates, needs_rates, plan_execution, resolve_policy
@@ -39,7 +40,6 @@ from bigjob.engine.hooks import (
     DeviceSlots, HookHandle, MoveInputs, PagedUnit, Prefetcher, RootHook, Schedule, StagingPool, StreamedUnit, TensorSlot,
 )
 from bigjob.engine.local_units import AutoUnit, LocalUnit
-from bigjob.engine.device_map import assign_tensors
 from bigjob.engine.loading import LoadResult, check_devices, load_checkpoint_in_model, set_tensor
 from bigjob.engine.folios import file_mappings
 from bigjob.engine.pages import Range, merge, prefer_huge, release, trim_heap
@@ -50,14 +50,8 @@ from bigjob.engine.store import OffloadEntry, prepare_offload_folder
 from bigjob.errors import ConfigError, OffloadError
 
 __all__ = [
-    "DispatchInfo",
-    "cpu_offload",
-    "disk_offload",
-    "dispatch_model",
-    "execution_tokens",
-    "get_dispatch_info",
-    "load_checkpoint_and_dispatch",
-    "remove_dispatch",
+    "DispatchInfo", "cpu_offload", "disk_offload", "dispatch_model", "execution_tokens", "get_dispatch_info",
+    "load_checkpoint_and_dispatch", "remove_dispatch",
 ]
 
 log = logging.getLogger(__name__)
@@ -202,6 +196,9 @@ def dispatch_loaded(
         rates = measure_rates(main, inventory.target_dtype or next(floating, torch.float32))  # matmuls in the weights' dtype
     plan = plan_execution(inventory, tiers, main, execution, rates)
     modules = dict(model.named_modules(remove_duplicate=False))
+    summary = result.device_map.summary
+    alone = set(summary.solo_units) | set(summary.over_budget) if summary is not None else set()  # units brought back alone
+    asked, prefetch = prefetch, 0 if alone and is_accelerator(main) else prefetch  # a GPU's streaming buffers are shared
     prefetcher = Prefetcher(prefetch)
     schedule = Schedule(prefetcher)
     handles: list[HookHandle] = []
@@ -292,6 +289,14 @@ def dispatch_loaded(
             paged_unit.position = schedule.add(paged_unit)
             handles.append(HookHandle(module, paged_unit))
             paged += 1
+    schedule.solo = {i for i, hook_unit in enumerate(schedule.units) if hook_unit.name in alone}
+    if alone and summary is not None:  # the plan's fallback (bigjob.engine.budget_fallback), said once per dispatch
+        lowered, over = fallback_messages(
+            summary.solo_units, summary.over_budget, summary.streaming_peak, summary.budgets, summary.planned_bytes, asked
+        )
+        for line, say in ((lowered, log.info), (over, log.warning)):
+            if line:
+                say("%s", line)
     if streamed or auto:
         trim_heap()  # CPU-tier homes were copied into pinned memory: their first copies are free now
     if main_dev.type == "cuda":
@@ -312,22 +317,9 @@ def dispatch_loaded(
     sources = Sources.of(itertools.chain(model.parameters(), model.buffers(), homes))
     handles.insert(0, HookHandle(model, RootHook(main_dev, schedule, tied_ranges, checked, sources)))
     info = DispatchInfo(
-        result.device_map,
-        main,
-        dict(result.bytes_per_tier),
-        result.load_seconds,
-        result.offload_folder,
-        result.offload_reused,
-        prefetch,
-        streamed,
-        paged,
-        local_units=local,
-        auto_units=auto,
-        execution=plan,
-        handles=handles,
-        prefetcher=prefetcher,
-        schedule=schedule,
-        sources=sources,
+        result.device_map, main, dict(result.bytes_per_tier), result.load_seconds, result.offload_folder, result.offload_reused,
+        prefetch, streamed, paged, local_units=local, auto_units=auto, execution=plan, handles=handles,
+        prefetcher=prefetcher, schedule=schedule, sources=sources,
     )
     if plan.decisions and is_accelerator(main):
         log.debug("execution plan on %s:\n%s", main, plan.describe())
@@ -419,6 +411,8 @@ def load_checkpoint_and_dispatch(
     execution_rates: Rates | None = None,
     disk_reads: DiskReads = "auto",
     working_memory: int | str = 0,
+    *,
+    strict_budget: bool = False,
 ) -> nn.Module:
     """Load ``checkpoint`` into the (empty) ``model`` following ``device_map`` and attach the hooks that run it.
 
@@ -429,7 +423,10 @@ def load_checkpoint_and_dispatch(
     the forward itself (:func:`~bigjob.engine.working_memory.estimate_working_memory` gives it
     for a batch), so that weights and forward stay within ``max_memory`` together.
     ``execution``/``execution_rates``: how offloaded units run on an accelerator (see
-    :func:`dispatch_loaded`); they do not change where the weights go.
+    :func:`dispatch_loaded`); they do not change where the weights go. A ``max_memory`` too small
+    to bring offloaded units back ``1 + prefetch`` at a time lowers prefetch for them (logged at
+    INFO once), then streams units larger than it anyway (warned once, with the expected peak);
+    ``strict_budget=True`` raises :class:`~bigjob.errors.BudgetError` instead.
 
     >>> import tempfile, torch
     >>> from torch import nn
@@ -461,6 +458,7 @@ def load_checkpoint_and_dispatch(
         offload_buffers=offload_buffers,
         prefetch=prefetch,
         working_memory=working_memory,
+        strict_budget=strict_budget,
     )
     return dispatch_loaded(model, result, prefetch=prefetch, execution=execution, execution_rates=execution_rates, disk_reads=disk_reads)
 

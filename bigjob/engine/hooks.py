@@ -208,7 +208,7 @@ class Prefetcher:
         self.drain()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
-            self._pool = None
+        self._pool = None
 
 
 class Schedule:
@@ -224,6 +224,7 @@ class Schedule:
         self.files: Files | None = None  # their open checkpoint files: closed when the hooks are removed
         self.unit_reads = {"mapped": 0, "direct": 0}  # disk-tier units run on the CPU so far, by how their bytes came
         self.slots: dict[torch.device, DeviceSlots] = {}  # per GPU: the buffers streamed units are copied into
+        self.solo: set[int] = set()  # units the plan brings back one at a time (bigjob.engine.budget_fallback)
 
     def add(self, unit: Any) -> int:
         self.units.append(unit)
@@ -240,7 +241,13 @@ class Schedule:
             self.prefetcher.later(lambda: release(ranges))
 
     def ahead(self, position: int) -> None:
-        for nxt in range(position + 1, min(position + 1 + self.prefetcher.depth, len(self.units))):
+        """Prefetch the units after ``position``, up to one in ``solo``; nothing while a ``solo`` unit runs."""
+        if self.solo and (position in self.solo or position - 1 in self.solo):
+            self.prefetcher.settle()  # the unit before has released its pages: one unit in flight
+        stop = 0 if position in self.solo else min(position + 1 + self.prefetcher.depth, len(self.units))
+        for nxt in range(position + 1, stop):
+            if nxt in self.solo:
+                break
             unit = self.units[nxt]
             self.prefetcher.submit(nxt, unit.prepare, inline=getattr(unit, "queues_only", False))
 
@@ -334,10 +341,8 @@ def _pack_layout(slots: Sequence[TensorSlot]) -> int:
 class StreamedUnit:
     """A unit whose weights live in CPU RAM or on disk and run on an accelerator, one transfer per forward."""
 
-    def __init__(
-        self, name: str, slots: list[TensorSlot], device: torch.device, schedule: Schedule, staging: StagingPool | None,
-        ranges: list[Range] | None = None,
-    ) -> None:
+    def __init__(self, name: str, slots: list[TensorSlot], device: torch.device, schedule: Schedule, staging: StagingPool | None,
+                 ranges: list[Range] | None = None) -> None:
         self.name = name
         self.slots = slots
         self.ranges = ranges or []  # page ranges of homes that are file views: mapped for the copy only
@@ -521,10 +526,8 @@ class StagingPool:
 class RootHook:
     """Inputs to the execution device, prefetch primed, outputs back where the inputs were."""
 
-    def __init__(
-        self, device: torch.device, schedule: Schedule, tied_ranges: list[Range], streamed: list[Range] | None = None,
-        sources: Sources | None = None,
-    ) -> None:
+    def __init__(self, device: torch.device, schedule: Schedule, tied_ranges: list[Range], streamed: list[Range] | None = None,
+                 sources: Sources | None = None) -> None:
         self.device = device
         self.schedule = schedule
         self.sources = sources  # files the weights are mapped from: checked for in-place changes before each forward
@@ -581,10 +584,8 @@ class HookHandle:
     def __init__(self, module: nn.Module, hook: Any) -> None:
         self.module = module
         self.hook = hook
-        self._handles = [
-            module.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True),
-            module.register_forward_hook(self._post, always_call=True),
-        ]
+        pre = module.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True)
+        self._handles = [pre, module.register_forward_hook(self._post, always_call=True)]
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return self.hook.pre_forward(module, args, kwargs)
@@ -593,6 +594,5 @@ class HookHandle:
         return self.hook.post_forward(module, output)
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        while self._handles:
+            self._handles.pop().remove()

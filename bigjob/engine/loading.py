@@ -287,6 +287,8 @@ def load_checkpoint_in_model(
     offload_buffers: bool = False,
     prefetch: int = 1,
     working_memory: int | str = 0,
+    *,
+    strict_budget: bool = False,
 ) -> LoadResult:
     """Load ``checkpoint`` into ``model`` (empty or not) following ``device_map`` (default: all on CPU).
 
@@ -294,21 +296,12 @@ def load_checkpoint_in_model(
     stored in); ``special_dtypes`` overrides it per module. Disk-tier tensors that need converting go
     to an offload folder under ``offload_folder`` (required then). ``prefetch`` is the depth the
     model will be dispatched with: a planned map keeps room for that many units in flight, and
-    ``working_memory`` bytes free for the forward (see :func:`~bigjob.engine.planner.infer_auto_device_map`).
+    ``working_memory`` bytes free for the forward, falling back where the budget is smaller unless
+    ``strict_budget`` (see :func:`~bigjob.engine.planner.infer_auto_device_map`).
     """
     started = time.perf_counter()
-    args = (
-        device_map,
-        dtype,
-        offload_folder,
-        strict,
-        special_dtypes,
-        max_memory,
-        no_split_module_classes,
-        offload_buffers,
-        prefetch,
-        working_memory,
-    )
+    args = (device_map, dtype, offload_folder, strict, special_dtypes, max_memory, no_split_module_classes, offload_buffers)
+    args += (prefetch, working_memory, strict_budget)
     if isinstance(checkpoint, Checkpoint):
         return _load(model, checkpoint, started, *args)
     # Opened here, closed here: the descriptors of positioned reads must not outlive the load
@@ -331,6 +324,7 @@ def _load(
     offload_buffers: bool,
     prefetch: int,
     working_memory: int | str,
+    strict_budget: bool,
 ) -> LoadResult:
     target = resolve_dtype(dtype)
     keep_stored = target is None
@@ -354,6 +348,7 @@ def _load(
         prefetch,
         inventory=inventory,
         working_memory=working_memory,
+        strict_budget=strict_budget,
     )
     tiers = assign_tensors(inventory, resolved)
     main = resolved.summary.main_device if resolved.summary else _main_of(resolved)

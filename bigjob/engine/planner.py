@@ -6,7 +6,8 @@ room. A device is not abandoned because one unit did not fit: smaller units afte
 go there, and the planner only moves on once nothing left could fit. Tied tensors travel
 together. When anything is offloaded, room for bringing back the largest offloaded unit
 (times ``1 + prefetch``) is kept on the execution device, so the budget is what the process
-really uses; a plan whose reserve cannot fit is an error, never a silent overrun. The
+really uses. A budget too small for that falls back (prefetch lowered, then one unit at a time
+over the budget; recorded on the plan, see :mod:`.budget_fallback`) unless ``strict_budget``. The
 balanced strategies use balanced GPU budgets only while the model fits on the GPUs. Time is
 linear in the number of units (a bounded number of linear passes).
 
@@ -28,28 +29,12 @@ import torch
 from torch import nn
 
 from bigjob.engine.device_map import DeviceMap, PlanSummary, assign_tensors, summarize
-from bigjob.engine.devices import (
-    CPU,
-    DISK,
-    UNLIMITED,
-    device_order,
-    format_size,
-    get_max_memory,
-    is_accelerator,
-    normalize_device,
-    parse_size,
-)
+from bigjob.engine.budget_fallback import relaxed_place
+from bigjob.engine.devices import CPU, DISK, UNLIMITED, device_order, format_size, get_max_memory, is_accelerator, normalize_device, parse_size
 from bigjob.engine.sizes import Inventory, Unit, build_inventory, no_gc
 from bigjob.errors import BudgetError, ConfigError
 
-__all__ = [
-    "PLANNER_VERSION",
-    "STRATEGIES",
-    "get_balanced_memory",
-    "infer_auto_device_map",
-    "plan",
-    "resolve_device_map",
-]
+__all__ = ["PLANNER_VERSION", "STRATEGIES", "get_balanced_memory", "infer_auto_device_map", "plan", "resolve_device_map"]
 
 log = logging.getLogger(__name__)
 
@@ -282,13 +267,15 @@ def _water_level(capacities: list[int], total: int) -> int:
 
 
 def plan(
-    inventory: Inventory, budgets: Mapping[str, int], strategy: str = "auto", prefetch: int = 1, working_memory: int = 0
+    inventory: Inventory, budgets: Mapping[str, int], strategy: str = "auto", prefetch: int = 1, working_memory: int = 0,
+    *, strict_budget: bool = False,
 ) -> DeviceMap:
     """The device map for ``inventory`` under ``budgets`` (canonical device -> bytes). Pure.
 
     ``working_memory``: bytes the forward itself needs on the execution device (activations,
     outputs, caches; see :func:`~bigjob.engine.working_memory.estimate_working_memory`),
-    kept free of weights and streaming buffers there.
+    kept free of weights and streaming buffers there. ``strict_budget``: raise where the budgets
+    cannot hold ``1 + prefetch`` offloaded units at a time, rather than fall back.
 
     >>> from torch import nn
     >>> inv = build_inventory(nn.Sequential(*[nn.Linear(10, 10) for _ in range(3)]))  # 440 bytes each
@@ -316,7 +303,7 @@ def plan(
             )
         budgets[runs_on] -= working_memory
     try:
-        return _plan(inventory, budgets, strategy, prefetch, working_memory, runs_on)
+        return _plan(inventory, budgets, strategy, prefetch, working_memory, runs_on, strict_budget)
     except BudgetError as err:
         if not working_memory:
             raise
@@ -327,7 +314,7 @@ def plan(
 
 
 def _plan(
-    inventory: Inventory, budgets: dict[str, int], strategy: str, prefetch: int, working_memory: int, runs_on: str
+    inventory: Inventory, budgets: dict[str, int], strategy: str, prefetch: int, working_memory: int, runs_on: str, strict: bool
 ) -> DeviceMap:
     clusters = _clusters(inventory)
     placement: list[str] | None = None
@@ -344,8 +331,17 @@ def _plan(
                 budgets = balanced
             else:
                 placement = None
+    relaxed = None
     if placement is None:
-        placement, reserve, main = _place(inventory, clusters, budgets, prefetch)
+        try:
+            placement, reserve, main = _place(inventory, clusters, budgets, prefetch)
+        except BudgetError as refused:
+            if strict:
+                raise
+            main, devices = _main_device(budgets), [d for d, size in budgets.items() if size > 0]
+            fill = lambda held: _fill(inventory, clusters, devices, {d: max(0, budgets[d] - held.get(d, 0)) for d in devices}, "max_memory")  # noqa: E731
+            placement, relaxed = relaxed_place(fill, [u.nbytes for u in inventory.units], budgets, main, prefetch, refused)
+            reserve = relaxed.reserve
     planned: dict[str, int] = {}
     counts: dict[str, int] = {}
     heads, sizes = clusters.head, clusters.nbytes
@@ -357,16 +353,13 @@ def _plan(
     given = dict(budgets)
     if working_memory:
         given[runs_on] += working_memory  # the summary shows the budgets as given, the working memory beside them
+    names = [unit.name for unit in inventory.units]
     summary = PlanSummary(
-        strategy,
-        given,
-        planned,
-        counts,
-        main,
-        reserve=reserve,
-        dtype=str(target).removeprefix("torch.") if target else None,
-        total_bytes=inventory.total_bytes,
-        working_memory=working_memory,
+        strategy, given, planned, counts, main, reserve=reserve, dtype=str(target).removeprefix("torch.") if target else None,
+        total_bytes=inventory.total_bytes, working_memory=working_memory,
+        solo_units=[names[i] for i in relaxed.solo] if relaxed else [],
+        over_budget={names[i]: inventory.units[i].nbytes for i in relaxed.over} if relaxed else {},
+        streaming_peak=dict(relaxed.peak) if relaxed and (relaxed.solo or relaxed.over) else {},
     )
     return DeviceMap._trusted(_collapse(inventory, placement), summary)
 
@@ -539,6 +532,7 @@ def infer_auto_device_map(
     *,
     inventory: Inventory | None = None,
     working_memory: int | str = 0,
+    strict_budget: bool = False,
 ) -> DeviceMap:
     """Plan where each module of ``model`` (empty or not) lives, GPUs first, then CPU, then disk.
 
@@ -550,7 +544,9 @@ def infer_auto_device_map(
     within its budget; :func:`~bigjob.engine.working_memory.estimate_working_memory` measures
     it for a batch.
     ``inventory``: the model's :func:`build_inventory` for these arguments, when the caller
-    already has it (it is not built twice).
+    already has it (it is not built twice). A budget too small to bring offloaded units back
+    ``1 + prefetch`` at a time lowers prefetch for them, then streams units larger than it
+    anyway (the plan records it; dispatch logs it once); ``strict_budget=True`` raises instead.
 
     >>> from torch import nn
     >>> model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)])  # 16,640 bytes each
@@ -564,7 +560,7 @@ def infer_auto_device_map(
         if inventory is None:
             inventory = build_inventory(model, dtype, special_dtypes, no_split)
         classes = set(inventory.module_classes.values())
-        device_map = plan(inventory, budgets, strategy, prefetch, parse_size(working_memory, key="working_memory"))
+        device_map = plan(inventory, budgets, strategy, prefetch, parse_size(working_memory, key="working_memory"), strict_budget=strict_budget)
         del inventory  # freed here, with the collector still paused
     for name in no_split:
         if name not in classes:
@@ -583,6 +579,7 @@ def resolve_device_map(
     *,
     inventory: Inventory | None = None,
     working_memory: int | str = 0,
+    strict_budget: bool = False,
 ) -> DeviceMap:
     """Any accepted ``device_map`` argument as a checked :class:`DeviceMap`.
 
@@ -595,15 +592,8 @@ def resolve_device_map(
     """
     if isinstance(device_map, str) and device_map in STRATEGIES:
         return infer_auto_device_map(
-            model,
-            max_memory,
-            no_split_module_classes,
-            dtype,
-            special_dtypes,
-            device_map,
-            prefetch,
-            inventory=inventory,
-            working_memory=working_memory,
+            model, max_memory, no_split_module_classes, dtype, special_dtypes, device_map, prefetch,
+            inventory=inventory, working_memory=working_memory, strict_budget=strict_budget,
         )
     if parse_size(working_memory, key="working_memory"):
         raise ConfigError(

@@ -3,7 +3,7 @@
 * :func:`plan_fingerprint` keys a device map. Every input that changes the plan is in
   :class:`PlanInputs` (model class and kwargs, every tensor's name/shape/dtype and which
   names share a tensor, target and per-tensor dtypes, budgets in bytes, strategy,
-  no-split classes, prefetch depth, the working memory kept free, the devices present with
+  no-split classes, prefetch depth, the working memory kept free, strict budgets, the devices present with
   their total memory, the checkpoint's identity, the planner version); nothing else is.
 * :func:`offload_fingerprint` keys an offload folder: the checkpoint, the tensors, their
   target dtypes and which modules live on disk.
@@ -117,12 +117,15 @@ class PlanInputs:
     checkpoint: Mapping[str, Any]
     planner_version: str
     working_memory: int = 0  # bytes kept free on the executing device for the forward
+    strict_budget: bool = False  # an error, not a fallback, where budgets are too small to stream with prefetch
 
     def to_json(self) -> dict[str, Any]:
         """The inputs as canonical JSON data (no-split classes as a sorted set)."""
         data = dataclasses.asdict(self)
         if not self.working_memory:
             del data["working_memory"]  # plans made before it existed keep their keys
+        if not self.strict_budget:
+            del data["strict_budget"]  # likewise: every plan made before served the budgets strict_budget=True does
         data["tensors"] = [list(t[:1]) + [list(t[1])] + list(t[2:]) for t in self.tensors]
         data["no_split"] = sorted(set(self.no_split))
         data["devices"] = device_signature(self.devices)

@@ -316,7 +316,7 @@ def _planned_map(
                 special_dtypes=special_dtypes or None,
                 strategy=cfg.placement.strategy,
                 prefetch=cfg.placement.prefetch,
-                working_memory=inputs.working_memory,
+                working_memory=inputs.working_memory, strict_budget=inputs.strict_budget,
             ).to_dict()
         except BudgetError as err:
             raise type(err)(_in_config_terms(str(err))) from None
@@ -499,7 +499,7 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
                 budgets=budgets,
                 strategy=cfg.placement.strategy,
                 no_split=list(cfg.model.no_split_module_classes),
-                prefetch=cfg.placement.prefetch,
+                prefetch=cfg.placement.prefetch, strict_budget=cfg.placement.strict_budget,
                 devices=devices,
                 checkpoint=identity,
                 planner_version=PLANNER_VERSION,

@@ -144,6 +144,9 @@ class PlacementConfig:
     offload_folder: Optional[str] = None  # null: the cache's offload registry (or the run folder)
     offload_buffers: bool = False
     prefetch: int = 1  # offloaded modules fetched ahead of the one computing
+    # A budget too small for 1 + prefetch offloaded modules at a time: false lowers prefetch for them, then
+    # streams modules larger than the budget with a warning; true keeps it an error (a plan input).
+    strict_budget: bool = False
     # Room kept free of weights on the device that runs the model, for the forward itself (activations,
     # outputs, KV cache): null (none), auto (estimated from the task's forward on the largest batch), or a size.
     working_memory: Optional[str] = None

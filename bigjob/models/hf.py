@@ -438,6 +438,7 @@ def from_pretrained(
     execution_rates: Mapping[str, Any] | None = None,
     disk_reads: str = "auto",
     working_memory: int | str | tuple[int, int] = 0,
+    strict_budget: bool = False,
     **config_overrides: Any,
 ) -> nn.Module:
     """Load a local Transformers model folder through bigjob's planner, loader and dispatcher.
@@ -466,7 +467,8 @@ def from_pretrained(
     the forward itself (activations, logits, the KV cache), so that the weights and the
     forward stay within ``max_memory`` together: bytes, a size, or ``(batch, tokens)`` to
     estimate it for ``model(input_ids)`` of that shape
-    (:func:`~bigjob.engine.working_memory.estimate_working_memory`).
+    (:func:`~bigjob.engine.working_memory.estimate_working_memory`). ``strict_budget``: raise where
+    ``max_memory`` is smaller than streaming needs, not fall back (see :mod:`bigjob.engine.budget_fallback`).
     """
     transformers_module()  # a missing extra first: it is the thing to fix
     if dtype is not None and torch_dtype is not None:
@@ -493,8 +495,6 @@ def from_pretrained(
         offload_folder=offload_folder,
         offload_buffers=offload_buffers,
         prefetch=prefetch,
-        execution=execution,
-        execution_rates=execution_rates,
-        disk_reads=disk_reads,
-        working_memory=working_memory,
+        execution=execution, execution_rates=execution_rates, disk_reads=disk_reads, working_memory=working_memory,
+        strict_budget=strict_budget,
     )
