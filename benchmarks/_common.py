@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from bigjob.engine.pages import Range, touch
+from bigjob.engine.tiers.pages import Range, touch
 
 
 def proc_status(field: str) -> int:
@@ -40,7 +40,7 @@ def warm(files: list[Path], window: int = 64 << 20) -> None:
     asks for huge folios, window by window (mapped, read one byte a page, unmapped). The read
     makes the pages warm for the machine too: on a virtual machine that gave freed memory back
     to its host, a page is backed again only at its first touch, which costs far more than
-    mapping it (``bigjob.engine.pages.touch``); a back-to-back batch never pays that, so a
+    mapping it (``bigjob.engine.tiers.pages.touch``); a back-to-back batch never pays that, so a
     warm forward must not either. The folio size decides what
     mapping the pages costs later: a ``read()`` loop leaves readahead-sized folios, which cost
     a system streaming weights through mappings up to 11x more page-table work per forward

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from bigjob import __version__
-from bigjob.engine.devices import format_size, parse_size
+from bigjob.engine.plan.devices import format_size, parse_size
 
 
 def folder_bytes(root: Path) -> int:

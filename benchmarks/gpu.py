@@ -49,7 +49,7 @@ import torch
 from _common import evict, proc_status, versions_line
 from workload import LLAMA, token_batch, write_model_folder
 
-from bigjob.engine.pinned import pinned_empty
+from bigjob.engine.tiers.pinned import pinned_empty
 
 SYSTEMS = ("gpu", "bigjob", "bigjob-auto", "bigjob-local", "accelerate")
 MAPS = {"cpu": (0.25, None), "disk": (0.25, 0.40)}  # (GPU share, CPU share: None = all the rest)

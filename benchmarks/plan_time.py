@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from bigjob import __version__
-from bigjob.engine.empty import init_empty_weights
-from bigjob.engine.planner import STRATEGIES, infer_auto_device_map
+from bigjob.engine.plan.empty import init_empty_weights
+from bigjob.engine.plan.planner import STRATEGIES, infer_auto_device_map
 
 
 class Attention(nn.Module):

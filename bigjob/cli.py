@@ -78,7 +78,7 @@ def _record_failure(run_dir: Path, cfg: DictConfig, err: BaseException) -> None:
 
 
 def _print_plan(run_dir: Path) -> None:
-    from bigjob.engine.device_map import DeviceMap
+    from bigjob.engine.plan.device_map import DeviceMap
 
     device_map = DeviceMap.from_json((run_dir / "device_map.json").read_text(encoding="utf-8"))
     print(device_map.describe())
@@ -212,7 +212,7 @@ def summarize_main(argv: list[str] | None = None) -> None:
 
 
 def _format_entry(key: str, value: dict[str, Any]) -> str:
-    from bigjob.engine.devices import format_size
+    from bigjob.engine.plan.devices import format_size
 
     kind = value.get("kind")
     if kind == "plan":
@@ -276,7 +276,7 @@ def _age(seconds: float) -> str:
 
 def _prune_command(cache: Any, max_size: str | None, older_than: str | None, dry_run: bool) -> None:
     """``prune``: one line per folder removed or kept; exit code 1 when a folder could not be removed."""
-    from bigjob.engine.devices import format_size, parse_size
+    from bigjob.engine.plan.devices import format_size, parse_size
     from bigjob.job.prune import parse_age, prune
 
     try:
@@ -321,7 +321,7 @@ def _print_kept(kept: list[Any]) -> None:
 @_pipe_safe
 def cache_main(argv: list[str] | None = None) -> None:
     """``bigjob-cache [--dir D] list|info|clear|verify|prune|export FILE|import FILE``."""
-    from bigjob.engine.devices import format_size
+    from bigjob.engine.plan.devices import format_size
     from bigjob.job.cache import JobCache, default_cache_dir, remove_database
 
     parser = argparse.ArgumentParser(prog="bigjob-cache", description="Inspect and maintain bigjob's plan and offload cache.")

@@ -139,21 +139,21 @@ def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 if phase == "plan":
-    from bigjob.engine import planner
+    from bigjob.engine.plan import planner
     original = planner.infer_auto_device_map
     def planned(*args, **kwargs):
         original(*args, **kwargs)
         die()
     planner.infer_auto_device_map = planned
 elif phase == "offload":
-    from bigjob.engine.safetensors_io import SafetensorsWriter
+    from bigjob.engine.checkpoints.safetensors_io import SafetensorsWriter
     original = SafetensorsWriter.write
     def write(self, name, tensor):
         original(self, name, tensor)
         die()
     SafetensorsWriter.write = write
 elif phase == "load":
-    from bigjob.engine import loading
+    from bigjob.engine.run import loading
     original = loading.set_tensor
     calls = []
     def set_tensor(*args):

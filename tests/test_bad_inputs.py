@@ -383,7 +383,7 @@ def test_unknown_group_option_gets_hydras_message_naming_it_and_the_choices(work
 
 def test_disk_full_while_the_offload_folder_is_written(workspace, monkeypatch):
     """ENOSPC half-way through the build: an OffloadError naming the folder key; no folder, no entry; a rerun builds it."""
-    from bigjob.engine import safetensors_io
+    from bigjob.engine.checkpoints import safetensors_io
 
     w = workspace
     args = JOB + ["dtype=bfloat16"]  # another offload folder than the workspace's float16 one

@@ -16,17 +16,17 @@ import pytest
 import torch
 from torch import nn
 
-from bigjob.engine.devices import format_size, parse_size
-from bigjob.engine.dispatch import get_dispatch_info, load_checkpoint_and_dispatch
-from bigjob.engine.empty import init_empty_weights
-from bigjob.engine.planner import infer_auto_device_map
-from bigjob.engine.safetensors_io import write_file
+from bigjob.engine.plan.devices import format_size, parse_size
+from bigjob.engine.run.dispatch import get_dispatch_info, load_checkpoint_and_dispatch
+from bigjob.engine.plan.empty import init_empty_weights
+from bigjob.engine.plan.planner import infer_auto_device_map
+from bigjob.engine.checkpoints.safetensors_io import write_file
 from bigjob.errors import BudgetError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _jobkit import TINY_OVERRIDES, compose_config, read_jsonl, reference_model  # noqa: E402
 
-LOGGER = "bigjob.engine.dispatch"
+LOGGER = "bigjob.engine.run.dispatch"
 
 
 def nbytes(module: nn.Module) -> int:

@@ -1,4 +1,4 @@
-"""Tests of bigjob.engine.checkpoint: formats, errors, safety, key matching, identity."""
+"""Tests of bigjob.engine.checkpoints.checkpoint: formats, errors, safety, key matching, identity."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from _enginekit import mapped_ranges
 from safetensors.torch import save_file
 
-from bigjob.engine.checkpoint import (
+from bigjob.engine.checkpoints.checkpoint import (
     Checkpoint,
     KeyReport,
     TensorMeta,

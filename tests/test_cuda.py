@@ -1,4 +1,4 @@
-"""Tests of the accelerator paths of bigjob.engine.dispatch/hooks: StreamedUnit with packed pinned
+"""Tests of the accelerator paths of bigjob.engine.run.dispatch/hooks: StreamedUnit with packed pinned
 homes and pinned staging buffers, CPU and disk tiers executed on cuda:0, model parallel over GPUs,
 and the execution policies (offloaded units run on the CPU: ``local``, ``auto``).
 
@@ -20,7 +20,7 @@ from tiny_transformer import make_reference
 from torch import nn
 
 from bigjob import cpu_offload, disk_offload, get_dispatch_info, load_checkpoint_and_dispatch, remove_dispatch
-from bigjob.engine.hooks import HookHandle, MoveInputs, Prefetcher, Schedule, StagingPool, StreamedUnit, TensorSlot
+from bigjob.engine.run.hooks import HookHandle, MoveInputs, Prefetcher, Schedule, StagingPool, StreamedUnit, TensorSlot
 from bigjob.errors import DeviceError
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -440,7 +440,7 @@ def test_local_execution_keeps_cpu_tier_weights_off_the_gpu() -> None:
 @pytest.mark.cuda
 @needs_cuda
 def test_measured_rates_drive_auto(sharded: Path) -> None:
-    from bigjob.engine.execution import measure_rates
+    from bigjob.engine.run.execution import measure_rates
 
     rates = measure_rates("cuda:0")
     assert rates.h2d_bytes_per_s > 0 and rates.cpu_flops > 0 and rates.device_flops > 0
@@ -502,7 +502,7 @@ def test_pinned_homes_take_the_bytes_they_hold() -> None:
 
 
 def test_device_slots_hand_out_each_buffer_once_until_released() -> None:
-    from bigjob.engine.hooks import DeviceSlots
+    from bigjob.engine.run.hooks import DeviceSlots
 
     slots = DeviceSlots(torch.device("cpu"), size=1000, count=2)
     a, buffer_a, wait_a = slots.acquire(600)

@@ -6,7 +6,7 @@ import psutil
 import pytest
 import torch
 
-from bigjob.engine.devices import UNLIMITED, device_inventory, format_size, get_max_memory, normalize_device, parse_size
+from bigjob.engine.plan.devices import UNLIMITED, device_inventory, format_size, get_max_memory, normalize_device, parse_size
 from bigjob.errors import BudgetError, ConfigError
 
 

@@ -1,7 +1,7 @@
-"""Tests of bigjob.engine.direct: disk-tier units read past the page cache into reused buffers.
+"""Tests of bigjob.engine.tiers.direct: disk-tier units read past the page cache into reused buffers.
 
 The reference is the tiny model held in RAM by plain PyTorch; what the page cache holds is
-read with ``mincore`` (:func:`bigjob.engine.pages.resident`), independently of the choice
+read with ``mincore`` (:func:`bigjob.engine.tiers.pages.resident`), independently of the choice
 the engine makes from it.
 """
 
@@ -18,9 +18,9 @@ from _enginekit import empty_model, evict, inputs, untied_state, write_sharded_s
 from tiny_transformer import TinyLM
 
 from bigjob import dispatch_model, get_dispatch_info, load_checkpoint_and_dispatch
-from bigjob.engine.direct import ALIGN, GAP, BufferPool, DirectReads, Files, Layout, cached_fraction
-from bigjob.engine.hooks import PagedUnit
-from bigjob.engine.pages import PAGE, Range, resident
+from bigjob.engine.tiers.direct import ALIGN, GAP, BufferPool, DirectReads, Files, Layout, cached_fraction
+from bigjob.engine.run.hooks import PagedUnit
+from bigjob.engine.tiers.pages import PAGE, Range, resident
 from bigjob.errors import CheckpointError, ConfigError
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "O_DIRECT") or not Path("/proc/self/maps").exists(), reason="needs Linux")
@@ -182,7 +182,7 @@ def test_the_cached_fraction_sampled_follows_what_mincore_counts_whole(tmp_path:
 
 def _choices(monkeypatch: pytest.MonkeyPatch, fractions: list[float], forget_at: int | None = None, mode: str = "auto") -> list[bool]:
     """What DirectReads.choose answers, forward by forward, when the cache holds ``fractions`` of the unit."""
-    from bigjob.engine import direct
+    from bigjob.engine.tiers import direct
 
     reads = DirectReads(Layout.of([("/x", 0, 4096)]), Files(), BufferPool(4096), mode=mode, retry=4)
     out = []

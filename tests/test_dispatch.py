@@ -1,4 +1,4 @@
-"""Tests of bigjob.engine.dispatch and its hooks on CPU execution: the seed's example, dispatch
+"""Tests of bigjob.engine.run.dispatch and its hooks on CPU execution: the seed's example, dispatch
 info, prefetch depths, zero-copy disk tier, page release, offload folders, detaching, devices.
 
 References are the tiny model held in RAM by PyTorch alone; outputs are compared bit for bit.
@@ -41,10 +41,10 @@ from bigjob import (
     load_checkpoint_and_dispatch,
     remove_dispatch,
 )
-from bigjob.engine import hooks
-from bigjob.engine.hooks import first_device, move_to
-from bigjob.engine.pages import PAGE
-from bigjob.engine.safetensors_io import write_file
+from bigjob.engine.run import hooks
+from bigjob.engine.run.hooks import first_device, move_to
+from bigjob.engine.tiers.pages import PAGE
+from bigjob.engine.checkpoints.safetensors_io import write_file
 from bigjob.errors import DeviceError, OffloadError
 
 EMBED, POS, NORM = VOCAB * WIDTH * 4, CONTEXT * WIDTH * 4, 2 * WIDTH * 4

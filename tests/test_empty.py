@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from bigjob.engine.empty import init_empty_weights, init_on_device
+from bigjob.engine.plan.empty import init_empty_weights, init_on_device
 
 
 class TaggedParameter(nn.Parameter):
@@ -245,7 +245,7 @@ def anon():
     for line in open('/proc/self/status'):
         if line.startswith('RssAnon:'):
             return int(line.split()[1]) * 1024
-from bigjob.engine.empty import init_empty_weights
+from bigjob.engine.plan.empty import init_empty_weights
 before = anon()
 with init_empty_weights():
     model = nn.Sequential(*[nn.Sequential(nn.Linear(1024, 4096), nn.LayerNorm(4096), nn.Embedding(1000, 64)) for _ in range(8)])

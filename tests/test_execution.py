@@ -1,5 +1,5 @@
-"""Tests of bigjob.engine.execution (the cost model and execution plans), the hooks of
-bigjob.engine.local_units driven by RootHook's token count, dispatch with ``execution=`` on
+"""Tests of bigjob.engine.run.execution (the cost model and execution plans), the hooks of
+bigjob.engine.run.local_units driven by RootHook's token count, dispatch with ``execution=`` on
 the CPU, and ``placement.execution`` in the job layer.
 
 Expected thresholds are worked out by hand in each test from the declared rates (the
@@ -37,10 +37,10 @@ from bigjob import (
     get_dispatch_info,
     load_checkpoint_and_dispatch,
 )
-from bigjob.engine import dispatch as dispatch_module
-from bigjob.engine import hooks, local_units
-from bigjob.engine.devices import UNLIMITED
-from bigjob.engine.execution import (
+from bigjob.engine.run import dispatch as dispatch_module
+from bigjob.engine.run import hooks, local_units
+from bigjob.engine.plan.devices import UNLIMITED
+from bigjob.engine.run.execution import (
     ANY,
     ExecutionPlan,
     ExecutionRates,
@@ -51,7 +51,7 @@ from bigjob.engine.execution import (
     resolve_policy,
     unit_cost,
 )
-from bigjob.engine.hooks import (
+from bigjob.engine.run.hooks import (
     HookHandle,
     Prefetcher,
     RootHook,
@@ -60,10 +60,10 @@ from bigjob.engine.hooks import (
     TensorSlot,
     count_tokens,
 )
-from bigjob.engine.local_units import AutoUnit, LocalUnit
-from bigjob.engine.pages import Range
-from bigjob.engine.planner import plan
-from bigjob.engine.sizes import build_inventory
+from bigjob.engine.run.local_units import AutoUnit, LocalUnit
+from bigjob.engine.tiers.pages import Range
+from bigjob.engine.plan.planner import plan
+from bigjob.engine.plan.sizes import build_inventory
 from bigjob.errors import ConfigError
 from bigjob.job import schema
 from bigjob.job.runner import job_identity, run_job

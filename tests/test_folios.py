@@ -1,4 +1,4 @@
-"""Tests of bigjob.engine.folios: finding streamed files held in small page-cache folios and re-reading them once."""
+"""Tests of bigjob.engine.tiers.folios: finding streamed files held in small page-cache folios and re-reading them once."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from _enginekit import empty_model, evict, inputs, resident_kib, untied_state, w
 from tiny_transformer import TinyLM
 
 from bigjob import get_dispatch_info, load_checkpoint_and_dispatch
-from bigjob.engine import folios, hooks
-from bigjob.engine.folios import HUGE, drop_cached, file_mappings, refresh_small_folios
-from bigjob.engine import pages
-from bigjob.engine.pages import PAGE, Range, huge_pages_enabled, merge, populate, release, resident, touch
-from bigjob.engine.safetensors_io import MappedFile, read_header, write_file
+from bigjob.engine.run import hooks
+from bigjob.engine.tiers import folios
+from bigjob.engine.tiers.folios import HUGE, drop_cached, file_mappings, refresh_small_folios
+from bigjob.engine.tiers import pages
+from bigjob.engine.tiers.pages import PAGE, Range, huge_pages_enabled, merge, populate, release, resident, touch
+from bigjob.engine.checkpoints.safetensors_io import MappedFile, read_header, write_file
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from _jobkit import REPO, TINY
-from bigjob.engine.empty import init_empty_weights
+from bigjob.engine.plan.empty import init_empty_weights
 from bigjob.job.fingerprint import (
     OffloadInputs,
     PlanInputs,

@@ -259,7 +259,7 @@ def test_a_bad_cache_max_size_is_a_config_error_before_anything_runs(tmp_path):
 
 def test_cache_max_size_makes_room_before_an_offload_folder_is_built(tmp_path, monkeypatch):
     """The limit holds while the folder is written, not only after the job: a nearly full disk never sees the overshoot."""
-    from bigjob.engine import store
+    from bigjob.engine.tiers import store
 
     cache_dir = tmp_path / "cache"
     # MBs of weights, so that the database's KiBs are noise; most of them on disk.

@@ -77,7 +77,7 @@ def test_second_run_is_a_plan_cache_hit(tmp_path):
 
 
 def test_disk_reads_change_neither_the_plan_nor_the_outputs(tmp_path, monkeypatch):
-    from bigjob.engine.direct import DirectReads
+    from bigjob.engine.tiers.direct import DirectReads
 
     reads = []
     real = DirectReads.read
@@ -291,7 +291,7 @@ def test_bad_working_memory_names_the_key_and_leaves_no_cache_entry(tmp_path, va
 
 
 def test_working_memory_auto_is_estimated_once_per_forward_and_cached(tmp_path, monkeypatch):
-    import bigjob.engine.working_memory as wm
+    import bigjob.engine.plan.working_memory as wm
     from bigjob.job.cache import JobCache
 
     traced = []
@@ -316,7 +316,7 @@ def test_working_memory_auto_is_estimated_once_per_forward_and_cached(tmp_path, 
 
 
 def test_dispatch_streams_the_units_the_plan_was_made_of(tmp_path, monkeypatch):
-    from bigjob.engine import hooks
+    from bigjob.engine.run import hooks
 
     streamed = []
     real = hooks.PagedUnit.pre_forward

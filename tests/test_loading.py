@@ -1,4 +1,4 @@
-"""Tests of bigjob.engine.loading: every checkpoint format and device map gives the in-RAM outputs,
+"""Tests of bigjob.engine.run.loading: every checkpoint format and device map gives the in-RAM outputs,
 dtype conversion, key checks, bad checkpoints.
 
 The reference is always the tiny model built in RAM by PyTorch alone (``make_reference()``,
@@ -39,7 +39,7 @@ from bigjob import (
     load_checkpoint_in_model,
     remove_dispatch,
 )
-from bigjob.engine.safetensors_io import write_file
+from bigjob.engine.checkpoints.safetensors_io import write_file
 from bigjob.errors import CheckpointError, OffloadError, UnsafeCheckpointError
 
 TOTAL = 4 * BLOCK_NUMEL * 4 + VOCAB * WIDTH * 4 + CONTEXT * WIDTH * 4 + 2 * WIDTH * 4 + CONTEXT * 8 + CONTEXT * CONTEXT * 4

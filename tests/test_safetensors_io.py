@@ -1,4 +1,4 @@
-"""Tests of bigjob.engine.safetensors_io against the official safetensors package."""
+"""Tests of bigjob.engine.checkpoints.safetensors_io against the official safetensors package."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from bigjob.engine import safetensors_io
-from bigjob.engine.pages import huge_pages_enabled
-from bigjob.engine.safetensors_io import (
+from bigjob.engine.checkpoints import safetensors_io
+from bigjob.engine.tiers.pages import huge_pages_enabled
+from bigjob.engine.checkpoints.safetensors_io import (
     MAX_HEADER_BYTES,
     MappedFile,
     SafetensorsWriter,

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from bigjob.engine.device_map import check_device_map
-from bigjob.engine.empty import init_empty_weights
-from bigjob.engine.sizes import build_inventory, compute_module_sizes, resolve_dtype
+from bigjob.engine.plan.device_map import check_device_map
+from bigjob.engine.plan.empty import init_empty_weights
+from bigjob.engine.plan.sizes import build_inventory, compute_module_sizes, resolve_dtype
 from bigjob.errors import ConfigError, DeviceMapError
 from models_for_planning import (
     CLASS_NAMES,

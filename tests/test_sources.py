@@ -19,7 +19,7 @@ from tiny_transformer import make_reference
 from torch import nn
 
 from bigjob import get_dispatch_info, load_checkpoint_and_dispatch
-from bigjob.engine.sources import Sources
+from bigjob.engine.tiers.sources import Sources
 from bigjob.errors import CheckpointError
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")

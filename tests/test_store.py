@@ -1,4 +1,4 @@
-"""Tests of bigjob.engine.store: offload folders are built atomically, keyed by a fingerprint,
+"""Tests of bigjob.engine.tiers.store: offload folders are built atomically, keyed by a fingerprint,
 never trusted without a matching marker, cleaned after crashes and safe for concurrent builders.
 
 Every load here converts the tiny model to bf16 on the disk tier, so its weights are served from
@@ -22,10 +22,11 @@ from _enginekit import empty_model, inputs, untied_state
 from tiny_transformer import make_reference
 
 from bigjob import get_dispatch_info, load_checkpoint_and_dispatch
-from bigjob.engine import safetensors_io, store
-from bigjob.engine.checkpoint import open_checkpoint
-from bigjob.engine.safetensors_io import write_file
-from bigjob.engine.store import MARKER, OffloadEntry, offload_fingerprint, prepare_offload_folder
+from bigjob.engine.checkpoints import safetensors_io
+from bigjob.engine.tiers import store
+from bigjob.engine.checkpoints.checkpoint import open_checkpoint
+from bigjob.engine.checkpoints.safetensors_io import write_file
+from bigjob.engine.tiers.store import MARKER, OffloadEntry, offload_fingerprint, prepare_offload_folder
 from bigjob.errors import OffloadError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -426,7 +427,7 @@ _WORKER = textwrap.dedent(
     import torch
     from _enginekit import empty_model, inputs
     from bigjob import get_dispatch_info, load_checkpoint_and_dispatch
-    from bigjob.engine import store
+    from bigjob.engine.tiers import store
 
     checkpoint, offload, gate, expected = sys.argv[1:5]
     real = store._build

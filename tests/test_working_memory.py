@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from bigjob import estimate_working_memory, infer_auto_device_map, init_empty_weights, load_checkpoint_and_dispatch
-from bigjob.engine.planner import plan
-from bigjob.engine.safetensors_io import write_file
-from bigjob.engine.sizes import build_inventory
+from bigjob.engine.plan.planner import plan
+from bigjob.engine.checkpoints.safetensors_io import write_file
+from bigjob.engine.plan.sizes import build_inventory
 from bigjob.errors import BudgetError, ConfigError
 from models_for_planning import random_model, tree_specs
 
@@ -131,7 +131,7 @@ ARCHITECTURES = [
 @pytest.mark.parametrize("model_class, config_class, sizes", ARCHITECTURES, ids=[a[0] for a in ARCHITECTURES])
 def test_fake_trace_agrees_with_the_real_forward_across_architectures(model_class: str, config_class: str, sizes: dict) -> None:
     transformers = pytest.importorskip("transformers")
-    from bigjob.engine.working_memory import _LiveBytes, _storage_key, _tensors
+    from bigjob.engine.plan.working_memory import _LiveBytes, _storage_key, _tensors
 
     torch.manual_seed(0)
     model = getattr(transformers, model_class)(getattr(transformers, config_class)(vocab_size=100, **sizes)).eval()
@@ -208,7 +208,7 @@ def test_random_plans_with_working_memory_equal_plans_under_the_smaller_budget(d
 
 
 def test_working_memory_moves_weights_off_the_cpu_and_survives_the_map_file() -> None:
-    from bigjob.engine.device_map import DeviceMap
+    from bigjob.engine.plan.device_map import DeviceMap
 
     without = infer_auto_device_map(layers(), max_memory={"cpu": 6 * LAYER})
     assert set(without.values()) == {"cpu"}
@@ -273,7 +273,7 @@ def test_estimate_equals_the_peak_cuda_allocates_for_the_same_forward() -> None:
 
 @pytest.mark.parametrize("device_map", ["cpu", {"": "cpu"}])
 def test_working_memory_with_a_map_bigjob_does_not_plan_is_refused(device_map) -> None:
-    from bigjob.engine.planner import resolve_device_map
+    from bigjob.engine.plan.planner import resolve_device_map
 
     with pytest.raises(ConfigError, match=r"working_memory=4096 only shapes a map bigjob plans.*device_map='auto'"):
         resolve_device_map(layers(), device_map, working_memory=4096)

@@ -8,10 +8,10 @@ execution policy of offloaded units (:mod:`.execution`, with the speeds it weigh
 and the forward's own memory (:mod:`.working_memory`).
 """
 
-from bigjob.engine.checkpoint import Checkpoint, open_checkpoint
-from bigjob.engine.device_map import DeviceMap, PlanSummary, check_device_map
-from bigjob.engine.devices import get_max_memory, parse_size
-from bigjob.engine.dispatch import (
+from bigjob.engine.checkpoints.checkpoint import Checkpoint, open_checkpoint
+from bigjob.engine.plan.device_map import DeviceMap, PlanSummary, check_device_map
+from bigjob.engine.plan.devices import get_max_memory, parse_size
+from bigjob.engine.run.dispatch import (
     DispatchInfo,
     cpu_offload,
     disk_offload,
@@ -21,13 +21,13 @@ from bigjob.engine.dispatch import (
     load_checkpoint_and_dispatch,
     remove_dispatch,
 )
-from bigjob.engine.empty import init_empty_weights, init_on_device
-from bigjob.engine.execution import ExecutionPlan, ExecutionRates, measure_rates, plan_execution
-from bigjob.engine.loading import load_checkpoint_in_model
-from bigjob.engine.model_info import find_tied_parameters, get_max_layer_size
-from bigjob.engine.planner import get_balanced_memory, infer_auto_device_map
-from bigjob.engine.sizes import compute_module_sizes
-from bigjob.engine.working_memory import estimate_working_memory
+from bigjob.engine.plan.empty import init_empty_weights, init_on_device
+from bigjob.engine.run.execution import ExecutionPlan, ExecutionRates, measure_rates, plan_execution
+from bigjob.engine.run.loading import load_checkpoint_in_model
+from bigjob.engine.plan.model_info import find_tied_parameters, get_max_layer_size
+from bigjob.engine.plan.planner import get_balanced_memory, infer_auto_device_map
+from bigjob.engine.plan.sizes import compute_module_sizes
+from bigjob.engine.plan.working_memory import estimate_working_memory
 
 __all__ = [
     "Checkpoint",

@@ -456,11 +456,11 @@ class JobCache:
         are on disk (checkpoint, tensors, dtypes, offload_buffers). A plan with a larger budget
         puts a subset of another plan's disk modules on disk: that plan's folder already holds
         them, converted the same way, and the engine serves the subset from it as it is
-        (:func:`bigjob.engine.store.prepare_offload_folder`). Of several, the one with the
+        (:func:`bigjob.engine.tiers.store.prepare_offload_folder`). Of several, the one with the
         fewest disk modules; None when there is none (or its folder predates the records the
         engine checks).
         """
-        from bigjob.engine.store import offload_marker
+        from bigjob.engine.tiers.store import offload_marker
 
         best: tuple[int, Path] | None = None
         for key, entry in self.entries():

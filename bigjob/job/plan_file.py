@@ -69,9 +69,9 @@ def check_plan_entry(key: str, value: Any) -> str | None:
     >>> check_plan_entry("plan:" + "0" * 64, {"kind": "plan", "device_map": {"": "cpu"}, "inputs": {}})
     'the key does not match the inputs it lists (tampered with, or made by another bigjob)'
     """
-    from bigjob.engine.device_map import DeviceMap, PlanSummary
-    from bigjob.engine.devices import DISK, normalize_device
-    from bigjob.engine.planner import PLANNER_VERSION
+    from bigjob.engine.plan.device_map import DeviceMap, PlanSummary
+    from bigjob.engine.plan.devices import DISK, normalize_device
+    from bigjob.engine.plan.planner import PLANNER_VERSION
 
     if not is_cache_key(key) or not key.startswith("plan:"):
         return "not a plan key ('plan:<sha256>')"
@@ -122,7 +122,7 @@ def export_plans(cache: JobCache, path: str | os.PathLike[str]) -> ExportResult:
             skipped.append((key, problem))
             continue
         plans[key] = {f: value[f] for f in _FIELDS if f in value}
-    from bigjob.engine.planner import PLANNER_VERSION
+    from bigjob.engine.plan.planner import PLANNER_VERSION
 
     document = {
         "format": FORMAT,

@@ -218,7 +218,7 @@ class JobReport:
 
     def summary(self) -> str:
         """A few lines for a terminal: where the weights went, times, cache hits, outputs."""
-        from bigjob.engine.devices import format_size
+        from bigjob.engine.plan.devices import format_size
 
         def secs(value: float | None) -> str:
             return "-" if value is None else f"{value:.2f} s"

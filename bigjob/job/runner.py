@@ -105,7 +105,7 @@ def import_target(target: str, key: str = "model._target_") -> Any:
 
 def build_empty_model(cfg: JobConfig) -> nn.Module:
     """Step 1: ``model._target_(**model.kwargs)`` (and ``path=model.path`` when set) with parameters on the meta device."""
-    from bigjob.engine.empty import init_empty_weights
+    from bigjob.engine.plan.empty import init_empty_weights
 
     factory = import_target(cfg.model._target_)
     if not callable(factory):
@@ -135,7 +135,7 @@ def _vocab_size(model: nn.Module) -> int | None:
 
 def resolve_budgets(cfg: JobConfig) -> dict[str, int]:
     """Budgets in bytes per canonical device; unset devices get free memory rounded down."""
-    from bigjob.engine.devices import DISK, get_max_memory, normalize_device
+    from bigjob.engine.plan.devices import DISK, get_max_memory, normalize_device
 
     user = budget_overrides(cfg.placement.max_memory)
     try:
@@ -151,8 +151,8 @@ def resolve_budgets(cfg: JobConfig) -> dict[str, int]:
 
 def _check_budgeted_devices(cfg: JobConfig, budgets: Mapping[str, int]) -> None:
     """A run needs every device it budgets; names the ``placement.max_memory`` key of one this machine lacks."""
-    from bigjob.engine.devices import normalize_device
-    from bigjob.engine.loading import check_devices
+    from bigjob.engine.plan.devices import normalize_device
+    from bigjob.engine.run.loading import check_devices
     from bigjob.errors import DeviceError
 
     for key, value in budget_overrides(cfg.placement.max_memory).items():
@@ -262,8 +262,8 @@ def _checkpoint_identity(
     path: Path, cfg: JobConfig, model: nn.Module | None, dtype: torch.dtype | None, special_dtypes: dict[str, Any]
 ) -> dict[str, Any]:
     """The checkpoint's identity; with ``model``, first checks that its tensors fit the model (headers only)."""
-    from bigjob.engine.checkpoint import open_checkpoint
-    from bigjob.engine.loading import check_checkpoint
+    from bigjob.engine.checkpoints.checkpoint import open_checkpoint
+    from bigjob.engine.run.loading import check_checkpoint
 
     try:
         with open_checkpoint(path) as checkpoint:
@@ -275,7 +275,7 @@ def _checkpoint_identity(
 
 
 def _explicit_map(cfg: JobConfig, model: nn.Module) -> Any:
-    from bigjob.engine.device_map import DeviceMap, check_device_map
+    from bigjob.engine.plan.device_map import DeviceMap, check_device_map
 
     source = cfg.placement.device_map
     if isinstance(source, str):
@@ -303,8 +303,8 @@ def _planned_map(
     cache: JobCache | None,
 ) -> tuple[Any, bool | None]:
     """Step 3: ``(device map, plan cache hit)``, computed at most once per key across processes."""
-    from bigjob.engine.device_map import DeviceMap
-    from bigjob.engine.planner import infer_auto_device_map
+    from bigjob.engine.plan.device_map import DeviceMap
+    from bigjob.engine.plan.planner import infer_auto_device_map
 
     def compute() -> dict[str, Any]:
         try:
@@ -349,8 +349,8 @@ def _working_memory(
     The estimate (a traced forward: 0.25 s for a 24-layer decoder) is cached under the model, its
     tensors, the dtypes, the forward's inputs and the library versions that trace it.
     """
-    from bigjob.engine.devices import format_size, parse_size
-    from bigjob.engine.working_memory import ESTIMATE_VERSION, estimate_working_memory
+    from bigjob.engine.plan.devices import format_size, parse_size
+    from bigjob.engine.plan.working_memory import ESTIMATE_VERSION, estimate_working_memory
 
     setting = cfg.placement.working_memory
     if setting is None:
@@ -424,8 +424,8 @@ def _reuse_completed(run_dir: Path, key: str, cache: JobCache | None, multirun: 
 
 def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = False) -> JobReport:
     """Runs (or with ``mode=plan`` only plans) one job and writes its record into ``run_dir``."""
-    from bigjob.engine.devices import device_inventory
-    from bigjob.engine.planner import PLANNER_VERSION
+    from bigjob.engine.plan.devices import device_inventory
+    from bigjob.engine.plan.planner import PLANNER_VERSION
 
     started = time.time()
     run_dir = Path(run_dir).absolute()
@@ -641,7 +641,7 @@ def _prune_to(cache: JobCache, max_size: str | int, room: int = 0) -> None:
 
     Pruning never fails a job: what goes wrong is a warning.
     """
-    from bigjob.engine.devices import format_size, parse_size
+    from bigjob.engine.plan.devices import format_size, parse_size
 
     limit = max(0, parse_size(max_size, key="cache.max_size") - room)
     what = f"cache.max_size={max_size}" + (f", {format_size(room)} kept free for the offload folder to build" if room else "")
@@ -708,7 +708,7 @@ def _load(
     if disk_modules:
         make_private_dirs(offload_folder.parent)
     if cache is not None and disk_modules:
-        from bigjob.engine.store import before_offload_build
+        from bigjob.engine.tiers.store import before_offload_build
 
         max_size = cfg.cache.max_size
         # cache.max_size holds while the folder is built too: room is made first (a full disk fails the build).
@@ -721,9 +721,9 @@ def _load(
 def _engine_dispatch() -> tuple[Any, Any]:
     """The engine's ``(load_checkpoint_and_dispatch, get_dispatch_info)``."""
     try:
-        from bigjob.engine.dispatch import get_dispatch_info, load_checkpoint_and_dispatch
+        from bigjob.engine.run.dispatch import get_dispatch_info, load_checkpoint_and_dispatch
     except ImportError:  # the names the job system was first written against
-        from bigjob.engine.loading import get_dispatch_info, load_checkpoint_and_dispatch  # type: ignore[attr-defined,no-redef]
+        from bigjob.engine.run.loading import get_dispatch_info, load_checkpoint_and_dispatch  # type: ignore[attr-defined,no-redef]
     return load_checkpoint_and_dispatch, get_dispatch_info
 
 

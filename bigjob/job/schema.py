@@ -252,9 +252,9 @@ def _choice(problems: list[str], key: str, value: object, allowed: tuple[str, ..
 
 def validate(cfg: JobConfig) -> None:
     """Raises one :class:`ConfigError` listing every invalid value, or returns None."""
-    from bigjob.engine.devices import parse_size  # sizes are the engine's vocabulary
-    from bigjob.engine.dispatch import DISK_READS
-    from bigjob.engine.execution import ExecutionRates, resolve_policy
+    from bigjob.engine.plan.devices import parse_size  # sizes are the engine's vocabulary
+    from bigjob.engine.run.dispatch import DISK_READS
+    from bigjob.engine.run.execution import ExecutionRates, resolve_policy
 
     unknown = {key: f"unknown config key {key}; {_known_keys(key)}" for key in _unknown_keys(cfg)}
     problems: list[str] = list(unknown.values())

@@ -10,9 +10,9 @@ and no custom model code is ever run (``trust_remote_code`` stays off).
     model = from_pretrained("/models/llama", max_memory={"cpu": "8GiB"}, dtype="auto")
 
 It builds the model class named by ``config.architectures`` under bigjob's
-:func:`~bigjob.engine.empty.init_empty_weights` (no memory), keeps tied embeddings
+:func:`~bigjob.engine.plan.empty.init_empty_weights` (no memory), keeps tied embeddings
 tied, takes the no-split classes from the class's ``_no_split_modules``, then loads and
-dispatches with :func:`~bigjob.engine.dispatch.load_checkpoint_and_dispatch` (not
+dispatches with :func:`~bigjob.engine.run.dispatch.load_checkpoint_and_dispatch` (not
 Transformers' ``device_map`` path) and returns the model in ``eval()`` mode. The steps are
 separate functions so the job runner can cache the plan between them.
 
@@ -211,7 +211,7 @@ def empty_model(path: str | os.PathLike[str], model_class_name: str | None = Non
     ``path=model.path`` and ``model.kwargs`` (attributes of the config to override, e.g.
     ``attn_implementation``; ``model_class_name`` picks another class than ``architectures``).
     """
-    from bigjob.engine.empty import init_empty_weights
+    from bigjob.engine.plan.empty import init_empty_weights
 
     model_dir = open_model_dir(path)
     config = load_config(model_dir, **config_overrides)
@@ -322,7 +322,7 @@ def _quiet_about(names: set[str]) -> Iterator[None]:
             message = record.getMessage()
             return not ("unexpected" in message and all(name in message for name in names))
 
-    engine_log = logging.getLogger("bigjob.engine.loading")
+    engine_log = logging.getLogger("bigjob.engine.run.loading")
     drop = _Filter()
     if names:
         engine_log.addFilter(drop)
@@ -339,7 +339,7 @@ def ignorable_keys(model: nn.Module, checkpoint: str | os.PathLike[str], strict:
     and keys matching the model's ``_keys_to_ignore_on_load_unexpected``. With ``strict``,
     any other unexpected key is a CheckpointError listing them.
     """
-    from bigjob.engine.checkpoint import compare_keys, open_checkpoint
+    from bigjob.engine.checkpoints.checkpoint import compare_keys, open_checkpoint
 
     state = model.state_dict()  # persistent tensors only, tied names included; costs nothing on meta
     with open_checkpoint(checkpoint) as ckpt:
@@ -374,13 +374,13 @@ def load_and_dispatch(
     strict: bool = True,
     **engine_args: Any,
 ) -> nn.Module:
-    """:func:`~bigjob.engine.dispatch.load_checkpoint_and_dispatch` for an empty Transformers model, in eval mode.
+    """:func:`~bigjob.engine.run.dispatch.load_checkpoint_and_dispatch` for an empty Transformers model, in eval mode.
 
     ``engine_args`` go to the engine unchanged (device_map, max_memory, dtype, ...). Keys
     Transformers itself ignores are not reported (see :func:`ignorable_keys`); others are
     an error with ``strict``.
     """
-    from bigjob.engine.dispatch import load_checkpoint_and_dispatch
+    from bigjob.engine.run.dispatch import load_checkpoint_and_dispatch
 
     quiet = ignorable_keys(model, checkpoint, strict)
     with _quiet_about(quiet):
@@ -414,7 +414,7 @@ def load_tokenizer(path: str | os.PathLike[str], key: str = "path") -> Any:
 
 def _input_working_memory(model: nn.Module, shape: tuple[int, int], dtype: torch.dtype | None, key: str = "working_memory") -> int:
     """The working memory of ``model(input_ids)`` for a ``(batch, tokens)`` batch, weights in ``dtype``."""
-    from bigjob.engine.working_memory import estimate_working_memory
+    from bigjob.engine.plan.working_memory import estimate_working_memory
 
     if len(shape) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
         raise ConfigError(f"{key}={shape!r}: give bytes, a size such as '200MiB', or (batch, tokens) as two positive ints")
@@ -461,14 +461,14 @@ def from_pretrained(
     so no layer moves away from its KV cache between steps.
 
     ``disk_reads`` (``"auto"``, ``"mapped"``, ``"direct"``): how disk-tier layers run on the
-    CPU get their bytes; see :func:`bigjob.engine.dispatch.dispatch_loaded`.
+    CPU get their bytes; see :func:`bigjob.engine.run.dispatch.dispatch_loaded`.
 
     ``working_memory``: room a planned map keeps free on the device that runs the model for
     the forward itself (activations, logits, the KV cache), so that the weights and the
     forward stay within ``max_memory`` together: bytes, a size, or ``(batch, tokens)`` to
     estimate it for ``model(input_ids)`` of that shape
-    (:func:`~bigjob.engine.working_memory.estimate_working_memory`). ``strict_budget``: raise where
-    ``max_memory`` is smaller than streaming needs, not fall back (see :mod:`bigjob.engine.budget_fallback`).
+    (:func:`~bigjob.engine.plan.working_memory.estimate_working_memory`). ``strict_budget``: raise where
+    ``max_memory`` is smaller than streaming needs, not fall back (see :mod:`bigjob.engine.plan.budget_fallback`).
     """
     transformers_module()  # a missing extra first: it is the thing to fix
     if dtype is not None and torch_dtype is not None:

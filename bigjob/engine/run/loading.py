@@ -5,7 +5,7 @@
 * Disk tier: when the checkpoint is safetensors and a tensor's stored dtype is its target
   dtype, the parameter becomes a zero-copy view of the checkpoint file (memory-mapped;
   nothing is copied or written). Otherwise the tensor is converted once into an offload
-  folder (see :mod:`bigjob.engine.store`) and viewed from there.
+  folder (see :mod:`bigjob.engine.tiers.store`) and viewed from there.
 
 Every problem with the keys is found before anything is loaded and reported at once:
 missing keys (an error: nothing is left silently on ``meta``), shape and dtype-kind
@@ -14,8 +14,8 @@ prefix such as ``model.`` that explains a mismatch.
 
 >>> import tempfile, torch
 >>> from torch import nn
->>> from bigjob.engine.empty import init_empty_weights
->>> from bigjob.engine.safetensors_io import write_file
+>>> from bigjob.engine.plan.empty import init_empty_weights
+>>> from bigjob.engine.checkpoints.safetensors_io import write_file
 >>> path = Path(tempfile.mkdtemp()) / "m.safetensors"
 >>> write_file(path, nn.Linear(3, 2).state_dict())
 >>> with init_empty_weights():
@@ -38,13 +38,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bigjob.engine.checkpoint import Checkpoint, KeyReport, compare_keys, open_checkpoint, resolve_name
-from bigjob.engine.device_map import DeviceMap, assign_tensors
-from bigjob.engine.devices import CPU, DISK, is_accelerator
-from bigjob.engine.pages import Range, populate
-from bigjob.engine.planner import resolve_device_map
-from bigjob.engine.sizes import Inventory, TensorRecord, build_inventory, resolve_dtype
-from bigjob.engine.store import OffloadEntry, OffloadFolder, prepare_offload_folder
+from bigjob.engine.checkpoints.checkpoint import Checkpoint, KeyReport, compare_keys, open_checkpoint, resolve_name
+from bigjob.engine.plan.device_map import DeviceMap, assign_tensors
+from bigjob.engine.plan.devices import CPU, DISK, is_accelerator
+from bigjob.engine.tiers.pages import Range, populate
+from bigjob.engine.plan.planner import resolve_device_map
+from bigjob.engine.plan.sizes import Inventory, TensorRecord, build_inventory, resolve_dtype
+from bigjob.engine.tiers.store import OffloadEntry, OffloadFolder, prepare_offload_folder
 from bigjob.errors import CheckpointError, ConfigError, DeviceError, OffloadError
 
 __all__ = ["LoadResult", "check_checkpoint", "check_devices", "checkpoint_dtype", "load_checkpoint_in_model", "set_tensor"]
@@ -297,7 +297,7 @@ def load_checkpoint_in_model(
     to an offload folder under ``offload_folder`` (required then). ``prefetch`` is the depth the
     model will be dispatched with: a planned map keeps room for that many units in flight, and
     ``working_memory`` bytes free for the forward, falling back where the budget is smaller unless
-    ``strict_budget`` (see :func:`~bigjob.engine.planner.infer_auto_device_map`).
+    ``strict_budget`` (see :func:`~bigjob.engine.plan.planner.infer_auto_device_map`).
     """
     started = time.perf_counter()
     args = (device_map, dtype, offload_folder, strict, special_dtypes, max_memory, no_split_module_classes, offload_buffers)

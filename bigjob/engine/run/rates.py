@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from bigjob.engine.devices import CPU, normalize_device, parse_size
-from bigjob.engine.pinned import pinned_empty
+from bigjob.engine.plan.devices import CPU, normalize_device, parse_size
+from bigjob.engine.tiers.pinned import pinned_empty
 from bigjob.errors import BudgetError, ConfigError
 
 __all__ = ["ExecutionRates", "measure_rates", "parse_bandwidth", "parse_flops"]

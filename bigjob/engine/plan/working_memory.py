@@ -6,7 +6,7 @@ device next to the weights. :func:`estimate_working_memory` runs the model's for
 on fake tensors (PyTorch's ``FakeTensorMode``: every operation computes shapes and dtypes,
 nothing is allocated) and follows each tensor the forward creates from its first to its
 last reference. The peak of the bytes alive at once is the figure the planner can keep
-free (``working_memory=`` of :func:`~bigjob.engine.planner.infer_auto_device_map`). Fake
+free (``working_memory=`` of :func:`~bigjob.engine.plan.planner.infer_auto_device_map`). Fake
 tensors rather than ``meta`` ones, because libraries take care that their models trace
 under them: on ``meta``, Transformers' value checks on the attention mask call ``.item()``.
 
@@ -99,7 +99,7 @@ def estimate_working_memory(model: nn.Module, *args: Any, dtype: torch.dtype | N
     """Peak bytes that ``model(*args, **kwargs)`` holds beyond its weights and inputs, returned outputs included.
 
     The forward runs on fake tensors under ``torch.no_grad()``: the model may be empty (built
-    under :func:`~bigjob.engine.empty.init_empty_weights`) or loaded, and is left as it was;
+    under :func:`~bigjob.engine.plan.empty.init_empty_weights`) or loaded, and is left as it was;
     only the inputs' shapes and dtypes matter (real or ``meta`` tensors). ``dtype``: the
     floating dtype the weights will be loaded in, when it is not the one the model was built
     with (activations follow the weights' dtype). Costs one forward's

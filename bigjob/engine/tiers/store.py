@@ -12,8 +12,8 @@ the marker also records the source and every tensor, for that check. Nothing out
 own ``offload-*`` and ``.tmp-offload-*`` entries under ``offload_folder`` is ever touched.
 
 >>> import tempfile, torch
->>> from bigjob.engine.safetensors_io import write_file
->>> from bigjob.engine.checkpoint import open_checkpoint
+>>> from bigjob.engine.checkpoints.safetensors_io import write_file
+>>> from bigjob.engine.checkpoints.checkpoint import open_checkpoint
 >>> root = Path(tempfile.mkdtemp())
 >>> write_file(root / "model.safetensors", {"w": torch.ones(2, 2)})
 >>> source = open_checkpoint(root / "model.safetensors")
@@ -41,8 +41,8 @@ from typing import NamedTuple
 
 import torch
 
-from bigjob.engine.checkpoint import Checkpoint, open_checkpoint
-from bigjob.engine.safetensors_io import SafetensorsWriter, dtype_name, layout_key
+from bigjob.engine.checkpoints.checkpoint import Checkpoint, open_checkpoint
+from bigjob.engine.checkpoints.safetensors_io import SafetensorsWriter, dtype_name, layout_key
 from bigjob.errors import BigJobError, OffloadError
 
 __all__ = [
@@ -89,12 +89,12 @@ def before_offload_build(callback: Callable[[int], None]) -> Iterator[None]:
 
     ``nbytes`` is what the folder's tensors will take on disk. The callback may make room (a
     job cache removes least recently used folders) or raise to refuse; a folder that is
-    reused calls nothing. Loading through :func:`~bigjob.engine.dispatch.load_checkpoint_and_dispatch`
+    reused calls nothing. Loading through :func:`~bigjob.engine.run.dispatch.load_checkpoint_and_dispatch`
     in the block covers the folders it builds.
 
     >>> import tempfile, torch
-    >>> from bigjob.engine.safetensors_io import write_file
-    >>> from bigjob.engine.checkpoint import open_checkpoint
+    >>> from bigjob.engine.checkpoints.safetensors_io import write_file
+    >>> from bigjob.engine.checkpoints.checkpoint import open_checkpoint
     >>> root = Path(tempfile.mkdtemp())
     >>> write_file(root / "model.safetensors", {"w": torch.ones(4, 4)})
     >>> asked = []

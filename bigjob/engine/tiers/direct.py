@@ -2,7 +2,7 @@
 
 A disk-tier unit executed on the CPU normally runs on views of its memory-mapped file:
 the page cache holds its bytes, and a forward only maps and unmaps them (see
-:mod:`bigjob.engine.pages`). That is the fastest way while the page cache keeps the file.
+:mod:`bigjob.engine.tiers.pages`). That is the fastest way while the page cache keeps the file.
 When it does not (the disk tier is larger than the memory left to the cache, or something
 else pushes it out), every forward reads the unit from disk into freshly allocated cache
 pages that are thrown away again before the next one: allocation, reclaim and page-table
@@ -24,7 +24,7 @@ dropped unit tries the cache again on every ``retry``-th direct forward.
 
 A buffer goes back to the pool after its unit's forward, to be refilled by a later unit. An
 output that views the unit's weights (a module returning a slice of a table) keeps its buffer
-out of the pool instead (:class:`~bigjob.engine.hooks.PagedUnit` checks the output's storages).
+out of the pool instead (:class:`~bigjob.engine.run.hooks.PagedUnit` checks the output's storages).
 A view kept anywhere else past the forward (module state, a global) is not seen: such a model
 should use ``disk_reads="mapped"``.
 
@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bigjob.engine.pages import PAGE, Range, resident
+from bigjob.engine.tiers.pages import PAGE, Range, resident
 from bigjob.errors import CheckpointError
 
 __all__ = ["ALIGN", "BufferPool", "DirectReads", "Extent", "Files", "Layout", "cached_fraction"]

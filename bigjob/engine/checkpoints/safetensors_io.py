@@ -43,7 +43,7 @@ from types import TracebackType
 
 import torch
 
-from bigjob.engine.pages import Range, prefer_huge
+from bigjob.engine.tiers.pages import Range, prefer_huge
 from bigjob.errors import CheckpointError, OffloadError
 
 logger = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ The cost model, per unit and for ``t`` tokens (all approximations, stated):
   0 (a warm page cache): both modes pay it.
 
 Planning is pure (no device is touched). The rates come from :mod:`.rates` (declared, or
-measured by :func:`~bigjob.engine.rates.measure_rates`, the one function with side effects,
+measured by :func:`~bigjob.engine.run.rates.measure_rates`, the one function with side effects,
 kept there and re-exported here).
 
 >>> rates = ExecutionRates(h2d_bytes_per_s=10e9, cpu_flops=1e11, device_flops=1e13)
@@ -48,8 +48,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from bigjob.engine.device_map import DeviceMap, assign_tensors
-from bigjob.engine.devices import (
+from bigjob.engine.plan.device_map import DeviceMap, assign_tensors
+from bigjob.engine.plan.devices import (
     CPU,
     DISK,
     UNLIMITED,
@@ -57,8 +57,8 @@ from bigjob.engine.devices import (
     is_accelerator,
     normalize_device,
 )
-from bigjob.engine.rates import ExecutionRates, measure_rates
-from bigjob.engine.sizes import Inventory
+from bigjob.engine.run.rates import ExecutionRates, measure_rates
+from bigjob.engine.plan.sizes import Inventory
 from bigjob.errors import ConfigError
 
 __all__ = [
@@ -156,7 +156,7 @@ def unit_cost(inventory: Inventory, tensor_names: list[str]) -> UnitCost:
     """The :class:`UnitCost` of the tensors ``tensor_names`` (first names) of ``inventory``.
 
     >>> from torch import nn
-    >>> from bigjob.engine.sizes import build_inventory
+    >>> from bigjob.engine.plan.sizes import build_inventory
     >>> inv = build_inventory(nn.Sequential(nn.Embedding(100, 8), nn.Linear(8, 16)))
     >>> unit_cost(inv, ["1.weight", "1.bias"])  # 2 * 16 * 8 FLOPs per token, 8 fp32 inputs per token
     UnitCost(nbytes=576, flops_per_token=256, hidden_bytes=32)
@@ -302,7 +302,7 @@ def plan_execution(
     CPU). On a CPU execution device every offloaded unit runs locally, whatever the policy.
 
     >>> from torch import nn
-    >>> from bigjob.engine.sizes import build_inventory
+    >>> from bigjob.engine.plan.sizes import build_inventory
     >>> inv = build_inventory(nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 1024)))
     >>> rates = ExecutionRates(10e9, 1e11, 1e13)
     >>> plan = plan_execution(inv, {"0": "cuda:0", "1": "cpu"}, "cuda:0", "auto", rates)

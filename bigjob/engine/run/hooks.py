@@ -35,11 +35,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from bigjob.engine.direct import BufferPool, DirectReads, Files
-from bigjob.engine.folios import refresh_small_folios
-from bigjob.engine.pages import Range, merge, populate, release, touch
-from bigjob.engine.pinned import pinned_empty
-from bigjob.engine.sources import Sources
+from bigjob.engine.tiers.direct import BufferPool, DirectReads, Files
+from bigjob.engine.tiers.folios import refresh_small_folios
+from bigjob.engine.tiers.pages import Range, merge, populate, release, touch
+from bigjob.engine.tiers.pinned import pinned_empty
+from bigjob.engine.tiers.sources import Sources
 
 __all__ = ["MoveInputs", "PagedUnit", "Prefetcher", "RootHook", "Schedule", "StreamedUnit", "TensorSlot", "count_tokens", "move_to"]
 
@@ -220,11 +220,11 @@ class Schedule:
         self.tokens: int | None = None  # of the current root forward; set before its first prefetch
         self.pinned: int | None = None  # set by dispatch.execution_tokens: the count every forward uses
         self.readahead = True  # announce a unit's pages before mapping them; off once they asked for huge folios
-        self.pool: BufferPool | None = None  # read buffers of units that read directly (bigjob.engine.direct)
+        self.pool: BufferPool | None = None  # read buffers of units that read directly (bigjob.engine.tiers.direct)
         self.files: Files | None = None  # their open checkpoint files: closed when the hooks are removed
         self.unit_reads = {"mapped": 0, "direct": 0}  # disk-tier units run on the CPU so far, by how their bytes came
         self.slots: dict[torch.device, DeviceSlots] = {}  # per GPU: the buffers streamed units are copied into
-        self.solo: set[int] = set()  # units the plan brings back one at a time (bigjob.engine.budget_fallback)
+        self.solo: set[int] = set()  # units the plan brings back one at a time (bigjob.engine.plan.budget_fallback)
 
     def add(self, unit: Any) -> int:
         self.units.append(unit)
@@ -534,7 +534,7 @@ class RootHook:
         self.tied_ranges = merge(tied_ranges)
         self._origin = threading.local()
         # File pages every forward maps and unmaps (tied ones included): checked once, after the
-        # first forward, for small page-cache folios (see bigjob.engine.folios).
+        # first forward, for small page-cache folios (see bigjob.engine.tiers.folios).
         self._unchecked = list(streamed or [])
 
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -11,7 +11,7 @@ again, and :func:`get_dispatch_info` says where the weights went and what loadin
 
 On an accelerator, offloaded units stream their weights to it by default; ``execution=``
 (``"local"``, ``"auto"`` or a policy per tier) runs some on the CPU instead, following an
-:class:`~bigjob.engine.execution.ExecutionPlan` recorded on the :class:`DispatchInfo`.
+:class:`~bigjob.engine.run.execution.ExecutionPlan` recorded on the :class:`DispatchInfo`.
 """
 
 from __future__ import annotations
@@ -30,23 +30,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bigjob.engine.budget_fallback import fallback_messages
-from bigjob.engine.checkpoint import Checkpoint
-from bigjob.engine.device_map import DeviceMap, assign_tensors
-from bigjob.engine.direct import BufferPool, DirectReads, Files, Layout
-from bigjob.engine.devices import CPU, DISK, is_accelerator, normalize_device
-from bigjob.engine.execution import ExecutionPlan, ExecutionRates, measure_rates, needs_rates, plan_execution, resolve_policy
-from bigjob.engine.hooks import (
+from bigjob.engine.plan.budget_fallback import fallback_messages
+from bigjob.engine.checkpoints.checkpoint import Checkpoint
+from bigjob.engine.plan.device_map import DeviceMap, assign_tensors
+from bigjob.engine.tiers.direct import BufferPool, DirectReads, Files, Layout
+from bigjob.engine.plan.devices import CPU, DISK, is_accelerator, normalize_device
+from bigjob.engine.run.execution import ExecutionPlan, ExecutionRates, measure_rates, needs_rates, plan_execution, resolve_policy
+from bigjob.engine.run.hooks import (
     DeviceSlots, HookHandle, MoveInputs, PagedUnit, Prefetcher, RootHook, Schedule, StagingPool, StreamedUnit, TensorSlot,
 )
-from bigjob.engine.local_units import AutoUnit, LocalUnit
-from bigjob.engine.loading import LoadResult, check_devices, load_checkpoint_in_model, set_tensor
-from bigjob.engine.folios import file_mappings
-from bigjob.engine.pages import Range, merge, prefer_huge, release, trim_heap
-from bigjob.engine.sources import Sources
-from bigjob.engine.planner import resolve_device_map
-from bigjob.engine.sizes import build_inventory
-from bigjob.engine.store import OffloadEntry, prepare_offload_folder
+from bigjob.engine.run.local_units import AutoUnit, LocalUnit
+from bigjob.engine.run.loading import LoadResult, check_devices, load_checkpoint_in_model, set_tensor
+from bigjob.engine.tiers.folios import file_mappings
+from bigjob.engine.tiers.pages import Range, merge, prefer_huge, release, trim_heap
+from bigjob.engine.tiers.sources import Sources
+from bigjob.engine.plan.planner import resolve_device_map
+from bigjob.engine.plan.sizes import build_inventory
+from bigjob.engine.tiers.store import OffloadEntry, prepare_offload_folder
 from bigjob.errors import ConfigError, OffloadError
 
 __all__ = [
@@ -72,7 +72,7 @@ class DispatchInfo:
     ``streamed_units`` always stream to the accelerator, ``local_units`` always run on the
     CPU there, ``auto_units`` choose per forward (see :attr:`execution`); ``paged_units`` are
     disk-tier units of a model executing on the CPU. ``sources`` are the files its weights are
-    views of, checked before every forward for a change in place (see :mod:`bigjob.engine.sources`).
+    views of, checked before every forward for a change in place (see :mod:`bigjob.engine.tiers.sources`).
     """
 
     device_map: DeviceMap
@@ -171,7 +171,7 @@ def dispatch_loaded(
     """Attach hooks to a model that :func:`load_checkpoint_in_model` filled, following its placement.
 
     ``execution`` says how offloaded units run when the execution device is an accelerator
-    (see :mod:`bigjob.engine.execution`): ``"stream"`` their weights there, run them
+    (see :mod:`bigjob.engine.run.execution`): ``"stream"`` their weights there, run them
     ``"local"``-ly on the CPU, or choose per forward (``"auto"``), for all or per tier.
     ``execution_rates`` (``{"h2d": "12GB/s", "cpu_flops": ..., "device_flops": ...}``) feed
     ``auto``'s thresholds; without them they are measured once per process.
@@ -180,7 +180,7 @@ def dispatch_loaded(
     ``"mapped"`` runs them on views of their memory-mapped files (the page cache holds the
     bytes; nothing is copied), ``"direct"`` reads them on every forward into reused buffers
     past the page cache (``O_DIRECT``), and ``"auto"`` maps them while the page cache keeps
-    them and reads directly once it is seen to drop them (see :mod:`bigjob.engine.direct`).
+    them and reads directly once it is seen to drop them (see :mod:`bigjob.engine.tiers.direct`).
     """
     _check_execution(execution, execution_rates, disk_reads)
     remove_dispatch(model)
@@ -290,7 +290,7 @@ def dispatch_loaded(
             handles.append(HookHandle(module, paged_unit))
             paged += 1
     schedule.solo = {i for i, hook_unit in enumerate(schedule.units) if hook_unit.name in alone}
-    if alone and summary is not None:  # the plan's fallback (bigjob.engine.budget_fallback), said once per dispatch
+    if alone and summary is not None:  # the plan's fallback (bigjob.engine.plan.budget_fallback), said once per dispatch
         lowered, over = fallback_messages(
             summary.solo_units, summary.over_budget, summary.streaming_peak, summary.budgets, summary.planned_bytes, asked
         )
@@ -308,7 +308,7 @@ def dispatch_loaded(
         schedule.slots = {device: DeviceSlots(device, size, 1 + prefetch) for device, size in sizes.items()}
     # Merged across units: a page two streamed units share belongs to the streamed pages too.
     streamed_pages = merge([*streamed_views, *tied_ranges])
-    schedule.readahead = not prefer_huge(streamed_pages)  # see bigjob.engine.pages.populate
+    schedule.readahead = not prefer_huge(streamed_pages)  # see bigjob.engine.tiers.pages.populate
     if disk_reads != "mapped":
         _attach_direct_reads(paged_units, disk_reads, schedule)
     # Folio sizes matter to pages that are mapped; units that always read directly map none.
@@ -338,7 +338,7 @@ def _tensor(modules: Mapping[str, nn.Module], name: str) -> tuple[nn.Module, str
 
 
 def _attach_direct_reads(units: list[PagedUnit], mode: DiskReads, schedule: Schedule) -> None:
-    """Give each paged unit what it needs to read itself past the page cache (see :mod:`bigjob.engine.direct`).
+    """Give each paged unit what it needs to read itself past the page cache (see :mod:`bigjob.engine.tiers.direct`).
 
     A unit whose file views cannot be traced to a file that is still the one mapped keeps mapping only.
     """
@@ -420,7 +420,7 @@ def load_checkpoint_and_dispatch(
     ``"sequential"``), a device (``"cpu"``, ``"cuda:0"``, ``"disk"``) or an explicit map.
     Outputs equal the same model loaded in RAM, wherever its weights live.
     ``working_memory``: bytes a planned map keeps free on the device that runs the model, for
-    the forward itself (:func:`~bigjob.engine.working_memory.estimate_working_memory` gives it
+    the forward itself (:func:`~bigjob.engine.plan.working_memory.estimate_working_memory` gives it
     for a batch), so that weights and forward stay within ``max_memory`` together.
     ``execution``/``execution_rates``: how offloaded units run on an accelerator (see
     :func:`dispatch_loaded`); they do not change where the weights go. A ``max_memory`` too small
@@ -430,8 +430,8 @@ def load_checkpoint_and_dispatch(
 
     >>> import tempfile, torch
     >>> from torch import nn
-    >>> from bigjob.engine.empty import init_empty_weights
-    >>> from bigjob.engine.safetensors_io import write_file
+    >>> from bigjob.engine.plan.empty import init_empty_weights
+    >>> from bigjob.engine.checkpoints.safetensors_io import write_file
     >>> reference = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> path = Path(tempfile.mkdtemp()) / "model.safetensors"
     >>> write_file(path, reference.state_dict())

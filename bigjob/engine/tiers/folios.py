@@ -1,7 +1,7 @@
 """Page-cache folio size of the files that disk-tier weights stream from.
 
 A disk-tier unit executed on the CPU is mapped before its forward and unmapped after (see
-:mod:`bigjob.engine.pages`). What that costs depends on how the kernel holds the file's
+:mod:`bigjob.engine.tiers.pages`). What that costs depends on how the kernel holds the file's
 pages: a 2 MiB folio maps with one page-table entry, the same bytes in 4 KiB folios with
 512. Measured on a 2-core VM for 882 MiB, mapping plus unmapping took 10 ms with 2 MiB
 folios and 112 ms with 4 KiB ones: a third of a batch-1 forward of a 341M model.
@@ -33,7 +33,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from bigjob.engine.pages import (
+from bigjob.engine.tiers.pages import (
     PAGE,
     Range,
     huge_pages_enabled,

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bigjob.engine.folios import file_mappings
+from bigjob.engine.tiers.folios import file_mappings
 from bigjob.errors import CheckpointError
 
 __all__ = ["Sources"]

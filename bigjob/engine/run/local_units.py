@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bigjob.engine.hooks import Schedule, StreamedUnit, move_to
-from bigjob.engine.pages import Range, populate
+from bigjob.engine.run.hooks import Schedule, StreamedUnit, move_to
+from bigjob.engine.tiers.pages import Range, populate
 
 __all__ = ["AutoUnit", "LocalUnit"]
 

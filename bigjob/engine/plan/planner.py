@@ -28,10 +28,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from bigjob.engine.device_map import DeviceMap, PlanSummary, assign_tensors, summarize
-from bigjob.engine.budget_fallback import relaxed_place
-from bigjob.engine.devices import CPU, DISK, UNLIMITED, device_order, format_size, get_max_memory, is_accelerator, normalize_device, parse_size
-from bigjob.engine.sizes import Inventory, Unit, build_inventory, no_gc
+from bigjob.engine.plan.device_map import DeviceMap, PlanSummary, assign_tensors, summarize
+from bigjob.engine.plan.budget_fallback import relaxed_place
+from bigjob.engine.plan.devices import CPU, DISK, UNLIMITED, device_order, format_size, get_max_memory, is_accelerator, normalize_device, parse_size
+from bigjob.engine.plan.sizes import Inventory, Unit, build_inventory, no_gc
 from bigjob.errors import BudgetError, ConfigError
 
 __all__ = ["PLANNER_VERSION", "STRATEGIES", "get_balanced_memory", "infer_auto_device_map", "plan", "resolve_device_map"]
@@ -273,7 +273,7 @@ def plan(
     """The device map for ``inventory`` under ``budgets`` (canonical device -> bytes). Pure.
 
     ``working_memory``: bytes the forward itself needs on the execution device (activations,
-    outputs, caches; see :func:`~bigjob.engine.working_memory.estimate_working_memory`),
+    outputs, caches; see :func:`~bigjob.engine.plan.working_memory.estimate_working_memory`),
     kept free of weights and streaming buffers there. ``strict_budget``: raise where the budgets
     cannot hold ``1 + prefetch`` offloaded units at a time, rather than fall back.
 
@@ -541,7 +541,7 @@ def infer_auto_device_map(
     as ``"10GiB"`` or ``"90%"``). Devices named but absent here are planned for all the same.
     ``working_memory`` (bytes or a size) is kept free on the device that runs the model, for
     the forward's activations and outputs, so that weights and working memory together stay
-    within its budget; :func:`~bigjob.engine.working_memory.estimate_working_memory` measures
+    within its budget; :func:`~bigjob.engine.plan.working_memory.estimate_working_memory` measures
     it for a batch.
     ``inventory``: the model's :func:`build_inventory` for these arguments, when the caller
     already has it (it is not built twice). A budget too small to bring offloaded units back

@@ -3,7 +3,7 @@
 Bringing an offloaded unit back needs room for ``1 + prefetch`` such units on the device it
 is brought to (the execution device, or CPU RAM staging disk reads for a GPU). Where a
 budget cannot hold that, the planner falls back, in this order, and records what it did on
-the :class:`~bigjob.engine.device_map.PlanSummary` (pure data; dispatch logs it once):
+the :class:`~bigjob.engine.plan.device_map.PlanSummary` (pure data; dispatch logs it once):
 
 1. units that do not fit ``1 + prefetch`` at a time are brought back one at a time
    (prefetch lowered to 0 for them: they are not fetched ahead, and nothing is fetched ahead
@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
-from bigjob.engine.devices import CPU, DISK, format_size, is_accelerator
+from bigjob.engine.plan.devices import CPU, DISK, format_size, is_accelerator
 from bigjob.errors import BudgetError
 
 __all__ = ["Relaxed", "fallback_messages", "relax", "relaxed_place", "through"]

@@ -20,8 +20,8 @@ from typing import Any
 
 from torch import nn
 
-from bigjob.engine.devices import UNLIMITED, device_order, format_size, normalize_device
-from bigjob.engine.sizes import Inventory, build_inventory
+from bigjob.engine.plan.devices import UNLIMITED, device_order, format_size, normalize_device
+from bigjob.engine.plan.sizes import Inventory, build_inventory
 from bigjob.errors import BudgetError, DeviceMapError
 
 __all__ = ["DeviceMap", "PlanSummary", "assign_tensors", "check_device_map"]
@@ -40,7 +40,7 @@ class PlanSummary:
     dtype: str | None = None
     total_bytes: int = 0
     working_memory: int = 0  # bytes kept free on main_device for the forward itself
-    # Where a budget could not hold 1 + prefetch units in flight (see bigjob.engine.budget_fallback):
+    # Where a budget could not hold 1 + prefetch units in flight (see bigjob.engine.plan.budget_fallback):
     solo_units: list[str] = field(default_factory=list)  # brought back one at a time (prefetch lowered to 0)
     over_budget: dict[str, int] = field(default_factory=dict)  # unit -> bytes, streamed though larger than the budget
     streaming_peak: dict[str, int] = field(default_factory=dict)  # device -> bytes expected in flight at once

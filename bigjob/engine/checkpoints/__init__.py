@@ -1,0 +1,1 @@
+"""Checkpoint formats: safetensors read and written by hand, torch files, indexes and key checks."""
