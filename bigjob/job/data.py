@@ -26,7 +26,7 @@ from bigjob.errors import DataError
 from bigjob.job.schema import DataConfig
 from bigjob.job.text import TokenizerRef, encode, parse_json_sample, read_prompts
 
-__all__ = ["Batch", "load_samples", "make_batches"]
+__all__ = ["Batch", "check_pad_id", "load_samples", "make_batches"]
 
 
 @dataclass(frozen=True)
@@ -43,30 +43,56 @@ class Batch:
         return int(self.attention_mask.sum())
 
 
+# Token ids become int64 tensors: a larger integer cannot be an id of any vocabulary.
+_ID_LIMIT = 2**63
+
+
+def _shown(value: int) -> str:
+    """An integer as a message shows it: a huge one by its first digits and its length."""
+    text = str(value)
+    return text if len(text) <= 24 else f"{text[:12]}... ({len(text)} digits)"
+
+
 def _check_ids(ids: list[int], vocab_size: int | None, where: str) -> None:
     if not ids:
         raise DataError(f"{where}: empty token sequence; every sample needs at least one token id")
-    if vocab_size is not None:
-        bad = [i for i in ids if not 0 <= i < vocab_size]
-        if bad:
-            raise DataError(f"{where}: token id {bad[0]} is outside the model's vocabulary [0, {vocab_size})")
+    limit = _ID_LIMIT if vocab_size is None else vocab_size
+    bad = [i for i in ids if not 0 <= i < limit]
+    if bad:
+        if vocab_size is None:
+            raise DataError(f"{where}: token id {_shown(bad[0])} is not a token id (ids are 0 <= id < 2**63)")
+        raise DataError(f"{where}: token id {_shown(bad[0])} is outside the model's vocabulary [0, {vocab_size})")
+
+
+def check_pad_id(pad_id: int, vocab_size: int | None) -> None:
+    """A DataError, before any batch runs, for a ``data.pad_id`` the model's embedding cannot look up.
+
+    >>> check_pad_id(0, 32)
+    >>> check_pad_id(9999, 32)
+    Traceback (most recent call last):
+    ...
+    bigjob.errors.DataError: data.pad_id=9999 is outside the model's vocabulary [0, 32); set data.pad_id to an id below 32
+    """
+    limit = _ID_LIMIT if vocab_size is None else vocab_size
+    if not 0 <= pad_id < limit:
+        span = f"the model's vocabulary [0, {vocab_size})" if vocab_size is not None else "the token ids (0 <= id < 2**63)"
+        fix = f"an id below {vocab_size}" if vocab_size is not None else "a token id of the model, such as 0"
+        raise DataError(f"data.pad_id={_shown(pad_id)} is outside {span}; set data.pad_id to {fix}")
 
 
 def _read_jsonl(path: Path, vocab_size: int | None, tokenizer: TokenizerRef | None = None) -> list[list[int]]:
     samples: list[list[int]] = []
     try:
-        handle = path.open("r", encoding="utf-8")
+        handle = path.open("rb")
     except OSError as err:
         raise DataError(f"cannot read data.path '{path}' ({err.strerror}); set data.path to a JSONL file of token-id lists") from None
     with handle:
-        for lineno, line in enumerate(handle, start=1):
+        for lineno, raw in enumerate(handle, start=1):
+            where = f"data.path '{path}' line {lineno}"
+            line = _decoded(raw, where)
             if not line.strip():
                 continue
-            where = f"data.path '{path}' line {lineno}"
-            try:
-                value = json.loads(line)
-            except ValueError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg}); each line must be a list of token ids or {{\"input_ids\": [...]}}") from None
+            value = _parsed(line, where)
             if isinstance(value, dict) and "input_ids" in value:
                 value = value["input_ids"]
             elif isinstance(value, (str, dict)):  # text, or {"text": ...}: encoded by the model's tokenizer
@@ -78,6 +104,25 @@ def _read_jsonl(path: Path, vocab_size: int | None, tokenizer: TokenizerRef | No
     if not samples:
         raise DataError(f"data.path '{path}' holds no samples; add one JSON list of token ids per line")
     return samples
+
+
+def _decoded(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); save data.path as UTF-8"
+        ) from None
+
+
+def _parsed(line: str, where: str) -> object:
+    try:
+        return json.loads(line)
+    except ValueError as err:  # JSONDecodeError, and int() refusing a number of too many digits
+        why = getattr(err, "msg", None) or str(err).split(";")[0]
+        raise DataError(f"{where}: not valid JSON ({why}); each line must be a list of token ids or {{\"input_ids\": [...]}}") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to be a sample; each line must be a list of token ids or {{\"input_ids\": [...]}}") from None
 
 
 def _read_text(path: Path, vocab_size: int | None, tokenizer: TokenizerRef | None) -> list[list[int]]:

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from bigjob.errors import BigJobError, BudgetError, CheckpointError, ConfigError, JobError, OffloadError
 from bigjob.job.cache import JobCache, default_cache_dir, gate_lock, make_private_dirs, use_lock
-from bigjob.job.data import load_samples, make_batches
+from bigjob.job.data import check_pad_id, load_samples, make_batches
 from bigjob.job.fingerprint import (
     OffloadInputs,
     PlanInputs,
@@ -57,6 +57,7 @@ from bigjob.job.report import DEVICE_MAP_NAME, JobReport, MemorySampler, atomic_
 from bigjob.job.schema import JobConfig, budget_overrides, rate_overrides, validate
 from bigjob.job.task_registry import build_task
 from bigjob.job.text import TokenizerRef, check_context
+from bigjob.models.context import model_context_length
 
 __all__ = ["KILL_AFTER_ENV", "build_empty_model", "job_identity", "resolve_budgets", "run_job"]
 
@@ -447,11 +448,9 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
     batches = []
     if cfg.mode == "run" or cfg.placement.working_memory == "auto":  # auto sizes the plan from the batches
         samples = load_samples(cfg.data, _vocab_size(model), tokenizer)
-        if model_dir is not None:
-            from bigjob.models.hf import context_length
-
-            reserve = cfg.task.max_new_tokens if cfg.task.name == "generate" else 0
-            check_context(samples, context_length(model.config), reserve)
+        reserve = cfg.task.max_new_tokens if cfg.task.name == "generate" else 0
+        check_context(samples, model_context_length(model), reserve, synthetic=cfg.data.source == "synthetic")
+        check_pad_id(cfg.data.pad_id, _vocab_size(model))
         batches = make_batches(samples, cfg.data.batch_size, cfg.data.pad_id)
     task = build_task(cfg.task, tokenizer)
     task.check(model)

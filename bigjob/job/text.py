@@ -125,12 +125,20 @@ def encode(sample: Sample, tokenizer: TokenizerRef | None, where: str) -> list[i
     return [int(i) for i in ids]
 
 
-def check_context(samples: list[list[int]], context: int | None, reserve: int = 0, reserve_key: str = "task.max_new_tokens") -> None:
-    """A DataError naming the first sample that, with ``reserve`` more positions, exceeds ``context``."""
+def check_context(
+    samples: list[list[int]], context: int | None, reserve: int = 0, reserve_key: str = "task.max_new_tokens", synthetic: bool = False
+) -> None:
+    """A DataError naming the first sample that, with ``reserve`` more positions, exceeds ``context``.
+
+    ``synthetic`` samples are made to ``data.seq_len`` tokens: that is the key to change.
+    """
     if context is None:
         return
     for index, ids in enumerate(samples):
         if len(ids) + reserve > context:
             extra = f", and with {reserve_key}={reserve} needs {len(ids) + reserve} positions," if reserve else ","
-            fix = f"shorten that prompt or lower {reserve_key}" if reserve else "shorten that sample (data.path) or use data.limit"
+            if synthetic:
+                fix = f"set data.seq_len to at most {context - reserve}" + (f" or lower {reserve_key}" if reserve else "")
+            else:
+                fix = f"shorten that prompt or lower {reserve_key}" if reserve else "shorten that sample (data.path) or use data.limit"
             raise DataError(f"sample {index} has {len(ids)} tokens{extra} more than the model's context of {context}; {fix}")
