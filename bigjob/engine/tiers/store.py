@@ -43,6 +43,7 @@ import torch
 
 from bigjob.engine.checkpoints.checkpoint import Checkpoint, open_checkpoint
 from bigjob.engine.checkpoints.safetensors_io import SafetensorsWriter, dtype_name, layout_key
+from bigjob.engine.tiers.checksums import file_checks, full_problem, quick_problem
 from bigjob.errors import BigJobError, OffloadError
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "before_offload_build",
     "offload_fingerprint",
     "offload_marker",
+    "offload_problems",
     "prepare_offload_folder",
 ]
 
@@ -161,14 +163,41 @@ def offload_marker(folder: str | os.PathLike[str]) -> dict | None:
     return marker if isinstance(marker, dict) else None
 
 
-def _complete(folder: Path, marker: dict) -> bool:
-    """Whether ``marker`` is of this format and every file it lists has the size it says."""
+def offload_problems(folder: str | os.PathLike[str], full: bool = False) -> list[str]:
+    """What is wrong with the offload folder ``folder``, one line a problem; empty when it is sound.
+
+    Every file the marker lists is checked against the checksums recorded when it was built
+    (:mod:`bigjob.engine.tiers.checksums`): by size, header and sampled pages, and with
+    ``full`` by every byte.
+
+    >>> import tempfile
+    >>> offload_problems(tempfile.mkdtemp())
+    ['its marker bigjob-offload.json is missing or unreadable']
+    """
+    folder = Path(folder)
+    marker = offload_marker(folder)
+    if marker is None:
+        return [f"its marker {MARKER} is missing or unreadable"]
     try:
         if marker.get("format") != OFFLOAD_FORMAT or not isinstance(marker.get("fingerprint"), str):
-            return False
-        return all((folder / name).stat().st_size == size for name, size in marker["files"].items())
-    except (OSError, KeyError, TypeError, AttributeError):
-        return False
+            return [f"its marker is not of format {OFFLOAD_FORMAT}"]
+        files, checks = dict(marker["files"]), marker.get("checks")
+        if not isinstance(checks, dict) or set(checks) != set(files):
+            return ["its marker records no checksums (built by an older bigjob)"]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return ["its marker is malformed"]
+    problem = full_problem if full else quick_problem
+    found = []
+    for name in sorted(files):
+        why = problem(folder / name, checks[name])
+        if why is not None:
+            found.append(f"{name}: {why}")
+    return found
+
+
+def _complete(folder: Path, marker: dict) -> bool:
+    """Whether ``folder`` passes the checks its marker records (size, header and sampled pages of every file)."""
+    return offload_marker(folder) == marker and not offload_problems(folder)
 
 
 def _marker_matches(folder: Path, fingerprint: str) -> bool:
@@ -235,7 +264,8 @@ def prepare_offload_folder(
             if _marker_matches(final, fingerprint):
                 log.info("reusing offload folder %s", final)
                 return OffloadFolder(final, fingerprint, True, open_checkpoint(final / INDEX))
-            log.warning("offload folder %s is incomplete or foreign; rebuilding it", final)
+            why = "; ".join(offload_problems(final)) or "its marker is for other tensors"
+            log.warning("offload folder %s is damaged or foreign (%s); rebuilding it from the checkpoint", final, why)
             _discard(root, final)
         found = _superset(root, source.identity(), entries)
         if found is not None:
@@ -286,7 +316,7 @@ def _build(folder: Path, source: Checkpoint, entries: Sequence[OffloadEntry], fi
         shards[-1].append(entry)
         size += nbytes
     weight_map: dict[str, str] = {}
-    files: dict[str, int] = {}
+    checks: dict[str, dict] = {}
     for number, shard in enumerate(shards, start=1):
         name = f"offload-{number:05d}-of-{len(shards):05d}.safetensors"
         path = folder / name
@@ -298,11 +328,13 @@ def _build(folder: Path, source: Checkpoint, entries: Sequence[OffloadEntry], fi
                 writer.write(entry.name, tensor)
                 del tensor
         weight_map.update({e.name: name for e in shard})
-        files[name] = path.stat().st_size
+        checks[name] = file_checks(path)
     _write_json(folder / INDEX, {"metadata": {"format": "bigjob-offload"}, "weight_map": weight_map})
-    files[INDEX] = (folder / INDEX).stat().st_size
-    # The source and entries let a later plan that needs a subset of them use this folder as it is.
-    marker = {"format": OFFLOAD_FORMAT, "fingerprint": fingerprint, "files": files,
+    checks[INDEX] = file_checks(folder / INDEX)
+    files = {name: check["size"] for name, check in checks.items()}
+    # The source and entries let a later plan that needs a subset of them use this folder as it is;
+    # the checks let every reuse find a folder damaged since (see bigjob.engine.tiers.checksums).
+    marker = {"format": OFFLOAD_FORMAT, "fingerprint": fingerprint, "files": files, "checks": checks,
               "source": source.identity(), "entries": _described(entries)}
     _write_json(folder / MARKER, marker)
 
