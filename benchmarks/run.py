@@ -493,7 +493,7 @@ def execution_policy(limits: dict[str, float], h2d: float, device_flops: float) 
     from bigjob.engine.plan.empty import init_empty_weights
     from bigjob.engine.run.execution import ExecutionRates, plan_execution, unit_cost
     from bigjob.engine.plan.planner import infer_auto_device_map
-    from bigjob.engine.plan.sizes import build_inventory
+    from bigjob.engine.plan.inventory import build_inventory
 
     with init_empty_weights():
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "architectures"}))

@@ -10,7 +10,7 @@ from torch import nn
 from bigjob.engine.plan.device_map import DeviceMap, PlanSummary, assign_tensors, check_device_map, summarize
 from bigjob.engine.plan.devices import UNLIMITED
 from bigjob.engine.plan.planner import infer_auto_device_map
-from bigjob.engine.plan.sizes import build_inventory
+from bigjob.engine.plan.inventory import build_inventory
 from bigjob.errors import ConfigError, DeviceMapError
 from models_for_planning import TinyLM, all_tensors
 

@@ -17,7 +17,7 @@ from bigjob.engine.plan.device_map import DeviceMap, assign_tensors
 from bigjob.engine.plan.devices import format_size, get_max_memory
 from bigjob.engine.plan.empty import init_empty_weights
 from bigjob.engine.plan.planner import STRATEGIES, _collapse, get_balanced_memory, infer_auto_device_map, plan, resolve_device_map
-from bigjob.engine.plan.sizes import Unit, build_inventory
+from bigjob.engine.plan.inventory import Unit, build_inventory
 from bigjob.errors import BudgetError, ConfigError, DeviceMapError
 from models_for_planning import (
     CLASS_NAMES,

@@ -31,7 +31,8 @@ from torch import nn
 from bigjob.engine.plan.device_map import DeviceMap, PlanSummary, assign_tensors, summarize
 from bigjob.engine.plan.budget_fallback import relaxed_place
 from bigjob.engine.plan.devices import CPU, DISK, UNLIMITED, device_order, format_size, get_max_memory, is_accelerator, normalize_device, parse_size
-from bigjob.engine.plan.sizes import Inventory, Unit, build_inventory, no_gc
+from bigjob.engine.plan.inventory import Inventory, Unit, build_inventory
+from bigjob.engine.plan.module_tree import no_gc
 from bigjob.errors import BudgetError, ConfigError
 
 __all__ = ["PLANNER_VERSION", "STRATEGIES", "get_balanced_memory", "infer_auto_device_map", "plan", "resolve_device_map"]

@@ -43,7 +43,8 @@ from bigjob.engine.plan.device_map import DeviceMap, assign_tensors
 from bigjob.engine.plan.devices import CPU, DISK, is_accelerator
 from bigjob.engine.tiers.pages import Range, populate
 from bigjob.engine.plan.planner import resolve_device_map
-from bigjob.engine.plan.sizes import Inventory, TensorRecord, build_inventory, resolve_dtype
+from bigjob.engine.plan.dtypes import resolve_dtype
+from bigjob.engine.plan.inventory import Inventory, TensorRecord, build_inventory
 from bigjob.engine.tiers.store import OffloadEntry, OffloadFolder, prepare_offload_folder
 from bigjob.errors import CheckpointError, ConfigError, DeviceError, OffloadError
 
