@@ -273,7 +273,7 @@ def test_estimate_equals_the_peak_cuda_allocates_for_the_same_forward() -> None:
 
 @pytest.mark.parametrize("device_map", ["cpu", {"": "cpu"}])
 def test_working_memory_with_a_map_bigjob_does_not_plan_is_refused(device_map) -> None:
-    from bigjob.engine.plan.planner import resolve_device_map
+    from bigjob.engine.plan.resolution import resolve_device_map
 
     with pytest.raises(ConfigError, match=r"working_memory=4096 only shapes a map bigjob plans.*device_map='auto'"):
         resolve_device_map(layers(), device_map, working_memory=4096)
