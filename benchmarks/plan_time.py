@@ -21,7 +21,8 @@ from torch import nn
 
 from bigjob import __version__
 from bigjob.engine.plan.empty import init_empty_weights
-from bigjob.engine.plan.planner import STRATEGIES, infer_auto_device_map
+from bigjob.engine.plan.planner import STRATEGIES
+from bigjob.engine.plan.resolution import infer_auto_device_map
 
 
 class Attention(nn.Module):

@@ -462,7 +462,7 @@ def planner_time(tensors: int, repeat: int) -> list[tuple[str, float]]:
     from plan_time import Block
 
     from bigjob.engine.plan.empty import init_empty_weights
-    from bigjob.engine.plan.planner import infer_auto_device_map
+    from bigjob.engine.plan.resolution import infer_auto_device_map
 
     with init_empty_weights():
         model = torch.nn.Sequential(*[Block(64) for _ in range(tensors // 16)])
@@ -492,8 +492,8 @@ def execution_policy(limits: dict[str, float], h2d: float, device_flops: float) 
     from bigjob.engine.plan.device_map import assign_tensors
     from bigjob.engine.plan.empty import init_empty_weights
     from bigjob.engine.run.execution import ExecutionRates, plan_execution, unit_cost
-    from bigjob.engine.plan.planner import infer_auto_device_map
-    from bigjob.engine.plan.sizes import build_inventory
+    from bigjob.engine.plan.inventory import build_inventory
+    from bigjob.engine.plan.resolution import infer_auto_device_map
 
     with init_empty_weights():
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "architectures"}))

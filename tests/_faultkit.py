@@ -139,12 +139,12 @@ def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 if phase == "plan":
-    from bigjob.engine.plan import planner
-    original = planner.infer_auto_device_map
+    from bigjob.engine.plan import resolution
+    original = resolution.infer_auto_device_map
     def planned(*args, **kwargs):
         original(*args, **kwargs)
         die()
-    planner.infer_auto_device_map = planned
+    resolution.infer_auto_device_map = planned
 elif phase == "offload":
     from bigjob.engine.checkpoints.safetensors_io import SafetensorsWriter
     original = SafetensorsWriter.write

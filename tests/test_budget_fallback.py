@@ -19,7 +19,7 @@ from torch import nn
 from bigjob.engine.plan.devices import format_size, parse_size
 from bigjob.engine.run.dispatch import get_dispatch_info, load_checkpoint_and_dispatch
 from bigjob.engine.plan.empty import init_empty_weights
-from bigjob.engine.plan.planner import infer_auto_device_map
+from bigjob.engine.plan.resolution import infer_auto_device_map
 from bigjob.engine.checkpoints.safetensors_io import write_file
 from bigjob.errors import BudgetError
 

@@ -9,8 +9,8 @@ from torch import nn
 
 from bigjob.engine.plan.device_map import DeviceMap, PlanSummary, assign_tensors, check_device_map, summarize
 from bigjob.engine.plan.devices import UNLIMITED
-from bigjob.engine.plan.planner import infer_auto_device_map
-from bigjob.engine.plan.sizes import build_inventory
+from bigjob.engine.plan.inventory import build_inventory
+from bigjob.engine.plan.resolution import infer_auto_device_map
 from bigjob.errors import ConfigError, DeviceMapError
 from models_for_planning import TinyLM, all_tensors
 
@@ -138,7 +138,7 @@ def test_describe_without_a_summary_counts_entries() -> None:
 
 
 def test_explicit_maps_round_trip_through_json_with_their_summary() -> None:
-    from bigjob.engine.plan.planner import resolve_device_map
+    from bigjob.engine.plan.resolution import resolve_device_map
 
     model = TinyLM(depth=2, tie=True)
     dm = resolve_device_map(model, {"embed": "cpu", "blocks": "disk", "norm": "cpu", "head": "cpu"})

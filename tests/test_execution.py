@@ -63,7 +63,7 @@ from bigjob.engine.run.hooks import (
 from bigjob.engine.run.local_units import AutoUnit, LocalUnit
 from bigjob.engine.tiers.pages import Range
 from bigjob.engine.plan.planner import plan
-from bigjob.engine.plan.sizes import build_inventory
+from bigjob.engine.plan.inventory import build_inventory
 from bigjob.errors import ConfigError
 from bigjob.job import schema
 from bigjob.job.runner import job_identity, run_job

@@ -16,8 +16,10 @@ from torch import nn
 from bigjob.engine.plan.device_map import DeviceMap, assign_tensors
 from bigjob.engine.plan.devices import format_size, get_max_memory
 from bigjob.engine.plan.empty import init_empty_weights
-from bigjob.engine.plan.planner import STRATEGIES, _collapse, get_balanced_memory, infer_auto_device_map, plan, resolve_device_map
-from bigjob.engine.plan.sizes import Unit, build_inventory
+from bigjob.engine.plan.balance import get_balanced_memory
+from bigjob.engine.plan.inventory import Unit, build_inventory
+from bigjob.engine.plan.planner import STRATEGIES, _collapse, plan
+from bigjob.engine.plan.resolution import infer_auto_device_map, resolve_device_map
 from bigjob.errors import BudgetError, ConfigError, DeviceMapError
 from models_for_planning import (
     CLASS_NAMES,
@@ -492,7 +494,7 @@ def test_bad_budgets_surface_from_the_planner() -> None:
 
 def test_no_split_class_matching_nothing_warns(caplog: pytest.LogCaptureFixture) -> None:
     model = TinyLM(depth=1)
-    with caplog.at_level(logging.WARNING, logger="bigjob.engine.plan.planner"):
+    with caplog.at_level(logging.WARNING, logger="bigjob.engine.plan.resolution"):
         infer_auto_device_map(model, {"cpu": 10**6}, no_split_module_classes=["Block", "LlamaDecoderLayer"])
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "'LlamaDecoderLayer'" in warnings[0]

@@ -10,7 +10,8 @@ from torch import nn
 
 from bigjob.engine.plan.device_map import check_device_map
 from bigjob.engine.plan.empty import init_empty_weights
-from bigjob.engine.plan.sizes import build_inventory, compute_module_sizes, resolve_dtype
+from bigjob.engine.plan.dtypes import resolve_dtype
+from bigjob.engine.plan.inventory import build_inventory, compute_module_sizes
 from bigjob.errors import ConfigError, DeviceMapError
 from models_for_planning import (
     CLASS_NAMES,

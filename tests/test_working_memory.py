@@ -11,7 +11,7 @@ from torch import nn
 from bigjob import estimate_working_memory, infer_auto_device_map, init_empty_weights, load_checkpoint_and_dispatch
 from bigjob.engine.plan.planner import plan
 from bigjob.engine.checkpoints.safetensors_io import write_file
-from bigjob.engine.plan.sizes import build_inventory
+from bigjob.engine.plan.inventory import build_inventory
 from bigjob.errors import BudgetError, ConfigError
 from models_for_planning import random_model, tree_specs
 
@@ -273,7 +273,7 @@ def test_estimate_equals_the_peak_cuda_allocates_for_the_same_forward() -> None:
 
 @pytest.mark.parametrize("device_map", ["cpu", {"": "cpu"}])
 def test_working_memory_with_a_map_bigjob_does_not_plan_is_refused(device_map) -> None:
-    from bigjob.engine.plan.planner import resolve_device_map
+    from bigjob.engine.plan.resolution import resolve_device_map
 
     with pytest.raises(ConfigError, match=r"working_memory=4096 only shapes a map bigjob plans.*device_map='auto'"):
         resolve_device_map(layers(), device_map, working_memory=4096)

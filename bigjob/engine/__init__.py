@@ -1,7 +1,7 @@
 """The big-model inference engine: a library on its own (it never imports Hydra or the job layer).
 
-Empty models (:mod:`.empty`), byte accounting (:mod:`.sizes`), budgets (:mod:`.devices`), structure facts (:mod:`.model_info`),
-the planner (:mod:`.planner`) and its :class:`DeviceMap`, checkpoint readers
+Empty models (:mod:`.empty`), byte accounting (:mod:`.plan.inventory`), budgets (:mod:`.devices`), structure facts (:mod:`.model_info`),
+the planner (:mod:`.plan.planner`, entered through :mod:`.plan.resolution`) and its :class:`DeviceMap`, checkpoint readers
 (:mod:`.checkpoint`), offload folders (:mod:`.store`), the loader (:mod:`.loading`) and
 the dispatcher with its hooks (:mod:`.dispatch`, :mod:`.hooks`, :mod:`.local_units`) and the
 execution policy of offloaded units (:mod:`.execution`, with the speeds it weighs in :mod:`.rates`),
@@ -25,8 +25,9 @@ from bigjob.engine.plan.empty import init_empty_weights, init_on_device
 from bigjob.engine.run.execution import ExecutionPlan, ExecutionRates, measure_rates, plan_execution
 from bigjob.engine.run.loading import load_checkpoint_in_model
 from bigjob.engine.plan.model_info import find_tied_parameters, get_max_layer_size
-from bigjob.engine.plan.planner import get_balanced_memory, infer_auto_device_map
-from bigjob.engine.plan.sizes import compute_module_sizes
+from bigjob.engine.plan.balance import get_balanced_memory
+from bigjob.engine.plan.inventory import compute_module_sizes
+from bigjob.engine.plan.resolution import infer_auto_device_map
 from bigjob.engine.plan.working_memory import estimate_working_memory
 
 __all__ = [

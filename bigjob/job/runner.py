@@ -305,7 +305,7 @@ def _planned_map(
 ) -> tuple[Any, bool | None]:
     """Step 3: ``(device map, plan cache hit)``, computed at most once per key across processes."""
     from bigjob.engine.plan.device_map import DeviceMap
-    from bigjob.engine.plan.planner import infer_auto_device_map
+    from bigjob.engine.plan.resolution import infer_auto_device_map
 
     def compute() -> dict[str, Any]:
         try:

@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from bigjob.engine.plan.devices import UNLIMITED, device_order, format_size, normalize_device
-from bigjob.engine.plan.sizes import Inventory, build_inventory
+from bigjob.engine.plan.inventory import Inventory, build_inventory
 from bigjob.errors import BudgetError, DeviceMapError
 
 __all__ = ["DeviceMap", "PlanSummary", "assign_tensors", "check_device_map"]

@@ -30,6 +30,7 @@ __all__ = [
     "format_size",
     "get_max_memory",
     "is_accelerator",
+    "main_device",
     "normalize_device",
     "parse_size",
 ]
@@ -158,6 +159,18 @@ def device_order(device: str) -> tuple[int, int]:
     if device.startswith("cuda:"):
         return (0, int(device.split(":", 1)[1]))
     return ({"mps": 1, CPU: 2, DISK: 3}.get(device, 4), 0)
+
+
+def main_device(budgets: Mapping[str, int]) -> str:
+    """The device that runs the model under ``budgets`` (fastest first): the first accelerator with room, else CPU.
+
+    >>> main_device({"cuda:0": 0, "cuda:1": 10, "cpu": 5}), main_device({"cpu": 5, "disk": 10})
+    ('cuda:1', 'cpu')
+    """
+    for device, size in budgets.items():
+        if is_accelerator(device) and size > 0:
+            return device
+    return CPU
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Facts about a model's structure that users of the big-model-inference tutorial ask for by name.
 
-Thin, pure functions over ``named_parameters`` and :func:`~bigjob.engine.plan.sizes.compute_module_sizes`:
+Thin, pure functions over ``named_parameters`` and :func:`~bigjob.engine.plan.inventory.compute_module_sizes`:
 which parameters are one tensor under several names, and how big the largest placement unit is.
 
 >>> from torch import nn
@@ -47,11 +47,11 @@ def get_max_layer_size(
 
     A layer is a module without children, or one whose class is in
     ``no_split_module_classes``; other modules are searched through. ``module_sizes`` is
-    :func:`~bigjob.engine.plan.sizes.compute_module_sizes` of the model that ``modules`` come from
+    :func:`~bigjob.engine.plan.inventory.compute_module_sizes` of the model that ``modules`` come from
     (names are full prefixes, as in ``model.named_children()`` of the root).
 
     >>> from torch import nn
-    >>> from bigjob.engine.plan.sizes import compute_module_sizes
+    >>> from bigjob.engine.plan.inventory import compute_module_sizes
     >>> model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(8, 8)))  # 80 and 288 bytes
     >>> get_max_layer_size(list(model.named_children()), compute_module_sizes(model))
     (288, ['1.0'])

@@ -6,7 +6,7 @@ device next to the weights. :func:`estimate_working_memory` runs the model's for
 on fake tensors (PyTorch's ``FakeTensorMode``: every operation computes shapes and dtypes,
 nothing is allocated) and follows each tensor the forward creates from its first to its
 last reference. The peak of the bytes alive at once is the figure the planner can keep
-free (``working_memory=`` of :func:`~bigjob.engine.plan.planner.infer_auto_device_map`). Fake
+free (``working_memory=`` of :func:`~bigjob.engine.plan.resolution.infer_auto_device_map`). Fake
 tensors rather than ``meta`` ones, because libraries take care that their models trace
 under them: on ``meta``, Transformers' value checks on the attention mask call ``.item()``.
 

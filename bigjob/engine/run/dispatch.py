@@ -44,8 +44,8 @@ from bigjob.engine.run.loading import LoadResult, check_devices, load_checkpoint
 from bigjob.engine.tiers.folios import file_mappings
 from bigjob.engine.tiers.pages import Range, merge, prefer_huge, release, trim_heap
 from bigjob.engine.tiers.sources import Sources
-from bigjob.engine.plan.planner import resolve_device_map
-from bigjob.engine.plan.sizes import build_inventory
+from bigjob.engine.plan.inventory import build_inventory
+from bigjob.engine.plan.resolution import resolve_device_map
 from bigjob.engine.tiers.store import OffloadEntry, prepare_offload_folder
 from bigjob.errors import ConfigError, OffloadError
 

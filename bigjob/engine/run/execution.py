@@ -58,7 +58,7 @@ from bigjob.engine.plan.devices import (
     normalize_device,
 )
 from bigjob.engine.run.rates import ExecutionRates, measure_rates
-from bigjob.engine.plan.sizes import Inventory
+from bigjob.engine.plan.inventory import Inventory
 from bigjob.errors import ConfigError
 
 __all__ = [
@@ -156,7 +156,7 @@ def unit_cost(inventory: Inventory, tensor_names: list[str]) -> UnitCost:
     """The :class:`UnitCost` of the tensors ``tensor_names`` (first names) of ``inventory``.
 
     >>> from torch import nn
-    >>> from bigjob.engine.plan.sizes import build_inventory
+    >>> from bigjob.engine.plan.inventory import build_inventory
     >>> inv = build_inventory(nn.Sequential(nn.Embedding(100, 8), nn.Linear(8, 16)))
     >>> unit_cost(inv, ["1.weight", "1.bias"])  # 2 * 16 * 8 FLOPs per token, 8 fp32 inputs per token
     UnitCost(nbytes=576, flops_per_token=256, hidden_bytes=32)
@@ -302,7 +302,7 @@ def plan_execution(
     CPU). On a CPU execution device every offloaded unit runs locally, whatever the policy.
 
     >>> from torch import nn
-    >>> from bigjob.engine.plan.sizes import build_inventory
+    >>> from bigjob.engine.plan.inventory import build_inventory
     >>> inv = build_inventory(nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 1024)))
     >>> rates = ExecutionRates(10e9, 1e11, 1e13)
     >>> plan = plan_execution(inv, {"0": "cuda:0", "1": "cpu"}, "cuda:0", "auto", rates)

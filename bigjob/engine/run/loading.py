@@ -42,8 +42,9 @@ from bigjob.engine.checkpoints.checkpoint import Checkpoint, KeyReport, compare_
 from bigjob.engine.plan.device_map import DeviceMap, assign_tensors
 from bigjob.engine.plan.devices import CPU, DISK, is_accelerator
 from bigjob.engine.tiers.pages import Range, populate
-from bigjob.engine.plan.planner import resolve_device_map
-from bigjob.engine.plan.sizes import Inventory, TensorRecord, build_inventory, resolve_dtype
+from bigjob.engine.plan.dtypes import resolve_dtype
+from bigjob.engine.plan.inventory import Inventory, TensorRecord, build_inventory
+from bigjob.engine.plan.resolution import resolve_device_map
 from bigjob.engine.tiers.store import OffloadEntry, OffloadFolder, prepare_offload_folder
 from bigjob.errors import CheckpointError, ConfigError, DeviceError, OffloadError
 
@@ -297,7 +298,7 @@ def load_checkpoint_in_model(
     to an offload folder under ``offload_folder`` (required then). ``prefetch`` is the depth the
     model will be dispatched with: a planned map keeps room for that many units in flight, and
     ``working_memory`` bytes free for the forward, falling back where the budget is smaller unless
-    ``strict_budget`` (see :func:`~bigjob.engine.plan.planner.infer_auto_device_map`).
+    ``strict_budget`` (see :func:`~bigjob.engine.plan.resolution.infer_auto_device_map`).
     """
     started = time.perf_counter()
     args = (device_map, dtype, offload_folder, strict, special_dtypes, max_memory, no_split_module_classes, offload_buffers)
