@@ -8,11 +8,16 @@ cache rows are unchanged; no run folder claims to be complete.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
-from _jobkit import TINY
+from _faultkit import JOB, cli_inprocess, file_digests
+from _jobkit import TINY, compose_config
 from test_bad_inputs import Case, check_case, seeded, text_file, workspace  # noqa: F401 - the fixtures are used by name
 
-from bigjob.errors import DataError
+from bigjob.errors import DataError, JobError
+from bigjob.job.runner import run_job
 
 JSONL = ("data=jsonl", "data.path={w}/in.jsonl")
 VOCAB = TINY["vocab_size"]
@@ -46,3 +51,48 @@ DATA_CASES: dict[str, Case] = {
 @pytest.mark.parametrize("name", list(DATA_CASES))
 def test_bad_data(workspace, name):  # noqa: F811 - the fixture
     check_case(workspace, DATA_CASES[name])
+
+
+# --------------------------------------------------------------------------- a damaged run folder
+
+
+def _progress(field: str, value: object):  # type: ignore[no-untyped-def]
+    def damage(run: Path) -> None:
+        marker = json.loads((run / "progress.json").read_text())
+        marker[field] = value
+        (run / "progress.json").write_text(json.dumps(marker))
+
+    return damage
+
+
+def _predictions_a_folder(run: Path) -> None:
+    (run / "predictions.jsonl").unlink()
+    (run / "predictions.jsonl").mkdir()
+
+
+@pytest.mark.parametrize(
+    "damage,needles",
+    [
+        (_progress("predictions_bytes", None), ("predictions_bytes=None", "delete it", "hydra.run.dir")),
+        (_progress("batch_seconds", "abc"), ("batch_seconds='abc'", "delete it", "hydra.run.dir")),
+        (_predictions_a_folder, ("predictions.jsonl is not a file", "remove it", "hydra.run.dir")),
+    ],
+    ids=["bytes null", "seconds abc", "predictions a folder"],
+)
+def test_a_damaged_run_folder_is_one_line_and_left_as_it_was(workspace, damage, needles):  # noqa: F811 - the fixture
+    w = workspace
+    run = w / "runs" / "broken"
+    job = [*JOB, f"cache.dir={w / 'own-cache'}"]
+    assert run_job(compose_config(job), run).status == "completed"
+    record = json.loads((run / "metrics.json").read_text())
+    record["status"] = "running"  # an interrupted run: the rerun resumes from its progress marker
+    (run / "metrics.json").write_text(json.dumps(record))
+    damage(run)
+    before = {k: v for k, v in file_digests(run, skip=()).items() if not k.startswith((".hydra", "bigjob.log", "metrics.json"))}
+    with pytest.raises(JobError) as info:
+        run_job(compose_config(job), run)
+    assert "\n" not in str(info.value) and all(n in str(info.value) for n in needles), str(info.value)
+    code, _, stderr = cli_inprocess([*job, f"hydra.run.dir={run}"])
+    assert code == 1 and len(stderr.splitlines()) == 1 and all(n in stderr for n in needles), stderr
+    after = {k: v for k, v in file_digests(run, skip=()).items() if not k.startswith((".hydra", "bigjob.log", "metrics.json"))}
+    assert after == before and (run / "predictions.jsonl").exists()
