@@ -36,11 +36,13 @@ from bigjob.engine.plan.device_map import DeviceMap, assign_tensors
 from bigjob.engine.tiers.direct import BufferPool, DirectReads, Files, Layout
 from bigjob.engine.plan.devices import CPU, DISK, is_accelerator, normalize_device
 from bigjob.engine.run.execution import ExecutionPlan, ExecutionRates, measure_rates, needs_rates, plan_execution, resolve_policy
-from bigjob.engine.run.hooks import (
-    DeviceSlots, HookHandle, MoveInputs, PagedUnit, Prefetcher, RootHook, Schedule, StagingPool, StreamedUnit, TensorSlot,
-)
+from bigjob.engine.run.hooks import HookHandle, MoveInputs, RootHook, TensorSlot
 from bigjob.engine.run.local_units import AutoUnit, LocalUnit
 from bigjob.engine.run.loading import LoadResult, check_devices, load_checkpoint_in_model, set_tensor
+from bigjob.engine.run.paged_units import PagedUnit
+from bigjob.engine.run.prefetcher import Prefetcher, Schedule
+from bigjob.engine.run.stream_buffers import DeviceSlots, StagingPool
+from bigjob.engine.run.streamed_units import StreamedUnit
 from bigjob.engine.tiers.folios import file_mappings
 from bigjob.engine.tiers.pages import Range, merge, prefer_huge, release, trim_heap
 from bigjob.engine.tiers.sources import Sources
