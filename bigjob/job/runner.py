@@ -720,10 +720,8 @@ def _load(
 
 def _engine_dispatch() -> tuple[Any, Any]:
     """The engine's ``(load_checkpoint_and_dispatch, get_dispatch_info)``."""
-    try:
-        from bigjob.engine.run.dispatch import get_dispatch_info, load_checkpoint_and_dispatch
-    except ImportError:  # the names the job system was first written against
-        from bigjob.engine.run.loading import get_dispatch_info, load_checkpoint_and_dispatch  # type: ignore[attr-defined,no-redef]
+    from bigjob.engine.run.dispatch_info import get_dispatch_info
+    from bigjob.engine.run.entry_points import load_checkpoint_and_dispatch
     return load_checkpoint_and_dispatch, get_dispatch_info
 
 

@@ -44,10 +44,11 @@ from bigjob.engine.plan.devices import CPU, DISK, is_accelerator
 from bigjob.engine.tiers.pages import Range, populate
 from bigjob.engine.plan.planner import resolve_device_map
 from bigjob.engine.plan.sizes import Inventory, TensorRecord, build_inventory, resolve_dtype
+from bigjob.engine.run.module_tensors import set_tensor
 from bigjob.engine.tiers.store import OffloadEntry, OffloadFolder, prepare_offload_folder
 from bigjob.errors import CheckpointError, ConfigError, DeviceError, OffloadError
 
-__all__ = ["LoadResult", "check_checkpoint", "check_devices", "checkpoint_dtype", "load_checkpoint_in_model", "set_tensor"]
+__all__ = ["LoadResult", "check_checkpoint", "check_devices", "checkpoint_dtype", "load_checkpoint_in_model"]
 
 log = logging.getLogger(__name__)
 
@@ -113,27 +114,6 @@ def check_devices(devices: Iterable[str]) -> None:
 
 def _module_index(model: nn.Module) -> dict[str, nn.Module]:
     return dict(model.named_modules(remove_duplicate=False))
-
-
-def set_tensor(modules: Mapping[str, nn.Module], name: str, value: torch.Tensor) -> torch.Tensor:
-    """Put ``value`` under tensor ``name`` (a parameter keeps its class and ``requires_grad``); return what was set."""
-    owner, _, local = name.rpartition(".")
-    module = modules[owner]
-    if local in module._parameters:
-        old = module._parameters[local]
-        if isinstance(value, nn.Parameter):
-            new = value
-        else:
-            requires_grad = bool(old is not None and old.requires_grad) and value.is_floating_point()
-            cls = type(old) if old is not None else nn.Parameter
-            try:
-                new = cls(value, requires_grad=requires_grad)
-            except TypeError:
-                new = nn.Parameter(value, requires_grad=requires_grad)
-        module._parameters[local] = new
-        return new
-    module._buffers[local] = value
-    return value
 
 
 def _check_keys(inventory: Inventory, checkpoint: Checkpoint, strict: bool) -> tuple[KeyReport, dict[str, str]]:

@@ -14,7 +14,7 @@ Outputs go back to the execution device whatever the inputs' device was: the nex
 runs there. Objects the hooks do not look into (e.g. a Transformers ``Cache``) keep their
 tensors where the layer that wrote them computed: with ``auto``, a layer that switched mode
 between the calls of one generation would meet its cached keys on the other device, so a
-generation pins one decision for all its steps (:func:`~.dispatch.execution_tokens`).
+generation pins one decision for all its steps (:func:`~.dispatch_info.execution_tokens`).
 """
 
 from __future__ import annotations

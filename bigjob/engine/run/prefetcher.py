@@ -107,7 +107,7 @@ class Schedule:
         self.prefetcher = prefetcher
         self.units: list[Any] = []
         self.tokens: int | None = None  # of the current root forward; set before its first prefetch
-        self.pinned: int | None = None  # set by dispatch.execution_tokens: the count every forward uses
+        self.pinned: int | None = None  # set by dispatch_info.execution_tokens: the count every forward uses
         self.readahead = True  # announce a unit's pages before mapping them; off once they asked for huge folios
         self.pool: BufferPool | None = None  # read buffers of units that read directly (bigjob.engine.tiers.direct)
         self.files: Files | None = None  # their open checkpoint files: closed when the hooks are removed
