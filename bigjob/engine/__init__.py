@@ -2,7 +2,7 @@
 
 Empty models (:mod:`.empty`), byte accounting (:mod:`.sizes`), budgets (:mod:`.devices`), structure facts (:mod:`.model_info`),
 the planner (:mod:`.planner`) and its :class:`DeviceMap`, checkpoint readers
-(:mod:`.checkpoint`), offload folders (:mod:`.store`), the loader (:mod:`.loading`) and
+(:mod:`.checkpoint`), offload folders (:mod:`.store`), the loader (:mod:`.loading`, with its key checks in :mod:`.key_checks`) and
 the dispatcher (:mod:`.dispatch`, its entry points in :mod:`.entry_points`, what it leaves on a model in
 :mod:`.dispatch_info`) with its hooks (:mod:`.hooks`, :mod:`.paged_units`, :mod:`.streamed_units` and their
 :mod:`.stream_buffers`, :mod:`.local_units`, the :mod:`.prefetcher`) and the

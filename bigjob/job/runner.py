@@ -263,7 +263,7 @@ def _checkpoint_identity(
 ) -> dict[str, Any]:
     """The checkpoint's identity; with ``model``, first checks that its tensors fit the model (headers only)."""
     from bigjob.engine.checkpoints.checkpoint import open_checkpoint
-    from bigjob.engine.run.loading import check_checkpoint
+    from bigjob.engine.run.key_checks import check_checkpoint
 
     try:
         with open_checkpoint(path) as checkpoint:

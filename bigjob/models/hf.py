@@ -322,7 +322,7 @@ def _quiet_about(names: set[str]) -> Iterator[None]:
             message = record.getMessage()
             return not ("unexpected" in message and all(name in message for name in names))
 
-    engine_log = logging.getLogger("bigjob.engine.run.loading")
+    engine_log = logging.getLogger("bigjob.engine.run.key_checks")
     drop = _Filter()
     if names:
         engine_log.addFilter(drop)
