@@ -154,7 +154,7 @@ elif phase == "offload":
     SafetensorsWriter.write = write
 elif phase == "load":
     from bigjob.engine.run import loading
-    original = loading.set_tensor
+    original = loading.set_tensor  # (defined in run.module_tensors; the loader looks it up here, under its own name)
     calls = []
     def set_tensor(*args):
         calls.append(1)

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from bigjob.engine.plan.devices import format_size, parse_size
-from bigjob.engine.run.dispatch import get_dispatch_info, load_checkpoint_and_dispatch
+from bigjob.engine.run.dispatch_info import get_dispatch_info
+from bigjob.engine.run.entry_points import load_checkpoint_and_dispatch
 from bigjob.engine.plan.empty import init_empty_weights
 from bigjob.engine.plan.resolution import infer_auto_device_map
 from bigjob.engine.checkpoints.safetensors_io import write_file

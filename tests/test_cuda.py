@@ -20,7 +20,10 @@ from tiny_transformer import make_reference
 from torch import nn
 
 from bigjob import cpu_offload, disk_offload, get_dispatch_info, load_checkpoint_and_dispatch, remove_dispatch
-from bigjob.engine.run.hooks import HookHandle, MoveInputs, Prefetcher, Schedule, StagingPool, StreamedUnit, TensorSlot
+from bigjob.engine.run.hooks import HookHandle, MoveInputs, TensorSlot
+from bigjob.engine.run.prefetcher import Prefetcher, Schedule
+from bigjob.engine.run.stream_buffers import StagingPool
+from bigjob.engine.run.streamed_units import StreamedUnit
 from bigjob.errors import DeviceError
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -502,7 +505,7 @@ def test_pinned_homes_take_the_bytes_they_hold() -> None:
 
 
 def test_device_slots_hand_out_each_buffer_once_until_released() -> None:
-    from bigjob.engine.run.hooks import DeviceSlots
+    from bigjob.engine.run.stream_buffers import DeviceSlots
 
     slots = DeviceSlots(torch.device("cpu"), size=1000, count=2)
     a, buffer_a, wait_a = slots.acquire(600)

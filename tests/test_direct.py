@@ -19,7 +19,7 @@ from tiny_transformer import TinyLM
 
 from bigjob import dispatch_model, get_dispatch_info, load_checkpoint_and_dispatch
 from bigjob.engine.tiers.direct import ALIGN, GAP, BufferPool, DirectReads, Files, Layout, cached_fraction
-from bigjob.engine.run.hooks import PagedUnit
+from bigjob.engine.run.paged_units import PagedUnit
 from bigjob.engine.tiers.pages import PAGE, Range, resident
 from bigjob.errors import CheckpointError, ConfigError
 

@@ -41,7 +41,7 @@ from bigjob import (
     load_checkpoint_and_dispatch,
     remove_dispatch,
 )
-from bigjob.engine.run import hooks
+from bigjob.engine.run import paged_units
 from bigjob.engine.run.hooks import first_device, move_to
 from bigjob.engine.tiers.pages import PAGE
 from bigjob.engine.checkpoints.safetensors_io import write_file
@@ -250,7 +250,7 @@ def test_pages_are_populated_ahead_in_the_background(
     sharded: Path, reference: nn.Module, monkeypatch: pytest.MonkeyPatch, depth: int
 ) -> None:
     calls: list[tuple[str, int]] = []
-    real = hooks.populate
+    real = paged_units.populate
 
     def populate(ranges, readahead=True):  # type: ignore[no-untyped-def]
         ranges = list(ranges)
@@ -258,15 +258,15 @@ def test_pages_are_populated_ahead_in_the_background(
         real(ranges, readahead)
 
     touches: list[tuple[str, int]] = []
-    real_touch = hooks.touch
+    real_touch = paged_units.touch
 
     def touch(ranges):  # type: ignore[no-untyped-def]
         ranges = list(ranges)
         touches.append((threading.current_thread().name, sum(r.length for r in ranges)))
         real_touch(ranges)
 
-    monkeypatch.setattr(hooks, "populate", populate)
-    monkeypatch.setattr(hooks, "touch", touch)
+    monkeypatch.setattr(paged_units, "populate", populate)
+    monkeypatch.setattr(paged_units, "touch", touch)
     model = load_checkpoint_and_dispatch(
         empty_model(), sharded, device_map="disk", no_split_module_classes=["Block"], prefetch=depth
     )

@@ -38,7 +38,7 @@ from bigjob import (
     load_checkpoint_and_dispatch,
 )
 from bigjob.engine.run import dispatch as dispatch_module
-from bigjob.engine.run import hooks, local_units
+from bigjob.engine.run import local_units, prefetcher
 from bigjob.engine.plan.devices import UNLIMITED
 from bigjob.engine.run.execution import (
     ANY,
@@ -51,15 +51,9 @@ from bigjob.engine.run.execution import (
     resolve_policy,
     unit_cost,
 )
-from bigjob.engine.run.hooks import (
-    HookHandle,
-    Prefetcher,
-    RootHook,
-    Schedule,
-    StreamedUnit,
-    TensorSlot,
-    count_tokens,
-)
+from bigjob.engine.run.hooks import HookHandle, RootHook, TensorSlot, count_tokens
+from bigjob.engine.run.prefetcher import Prefetcher, Schedule
+from bigjob.engine.run.streamed_units import StreamedUnit
 from bigjob.engine.run.local_units import AutoUnit, LocalUnit
 from bigjob.engine.tiers.pages import Range
 from bigjob.engine.plan.planner import plan
@@ -464,7 +458,7 @@ def test_a_stale_prefetch_in_the_other_mode_is_dropped() -> None:
 def test_local_units_page_their_files_in_ahead_and_out_after(depth: int, monkeypatch: pytest.MonkeyPatch) -> None:
     events: list[tuple[str, str]] = []
     monkeypatch.setattr(local_units, "populate", lambda ranges, readahead=True: events.append(("populate", ranges[0].start)))
-    monkeypatch.setattr(hooks, "release", lambda ranges: events.append(("release", ranges[0].start)))  # deferred by the schedule
+    monkeypatch.setattr(prefetcher, "release", lambda ranges: events.append(("release", ranges[0].start)))  # deferred by the schedule
     model = Two().eval()
     schedule = Schedule(Prefetcher(depth))
     units = [LocalUnit(n, [Range(i * 4096, 4096)], torch.device("cpu"), schedule) for i, n in enumerate("ab")]

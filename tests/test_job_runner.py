@@ -316,11 +316,11 @@ def test_working_memory_auto_is_estimated_once_per_forward_and_cached(tmp_path, 
 
 
 def test_dispatch_streams_the_units_the_plan_was_made_of(tmp_path, monkeypatch):
-    from bigjob.engine.run import hooks
+    from bigjob.engine.run import paged_units
 
     streamed = []
-    real = hooks.PagedUnit.pre_forward
-    monkeypatch.setattr(hooks.PagedUnit, "pre_forward", lambda self, *a: streamed.append(self.name) or real(self, *a))
+    real = paged_units.PagedUnit.pre_forward
+    monkeypatch.setattr(paged_units.PagedUnit, "pre_forward", lambda self, *a: streamed.append(self.name) or real(self, *a))
     report = run_job(config(tmp_path), tmp_path / "run")
     device_map = json.loads((tmp_path / "run" / "device_map.json").read_text())["device_map"]
     on_disk = {name for name, device in device_map.items() if device == "disk"}

@@ -1,9 +1,11 @@
 """The big-model inference engine: a library on its own (it never imports Hydra or the job layer).
 
-Empty models (:mod:`.empty`), byte accounting (:mod:`.plan.inventory`), budgets (:mod:`.devices`), structure facts (:mod:`.model_info`),
-the planner (:mod:`.plan.planner`, entered through :mod:`.plan.resolution`) and its :class:`DeviceMap`, checkpoint readers
-(:mod:`.checkpoint`), offload folders (:mod:`.store`), the loader (:mod:`.loading`) and
-the dispatcher with its hooks (:mod:`.dispatch`, :mod:`.hooks`, :mod:`.local_units`) and the
+Empty models (:mod:`.empty`), byte accounting (:mod:`.sizes`), budgets (:mod:`.devices`), structure facts (:mod:`.model_info`),
+the planner (:mod:`.planner`) and its :class:`DeviceMap`, checkpoint readers
+(:mod:`.checkpoint`), offload folders (:mod:`.store`), the loader (:mod:`.loading`, with its key checks in :mod:`.key_checks`) and
+the dispatcher (:mod:`.dispatch`, its entry points in :mod:`.entry_points`, what it leaves on a model in
+:mod:`.dispatch_info`) with its hooks (:mod:`.hooks`, :mod:`.paged_units`, :mod:`.streamed_units` and their
+:mod:`.stream_buffers`, :mod:`.local_units`, the :mod:`.prefetcher`) and the
 execution policy of offloaded units (:mod:`.execution`, with the speeds it weighs in :mod:`.rates`),
 and the forward's own memory (:mod:`.working_memory`).
 """
@@ -11,23 +13,15 @@ and the forward's own memory (:mod:`.working_memory`).
 from bigjob.engine.checkpoints.checkpoint import Checkpoint, open_checkpoint
 from bigjob.engine.plan.device_map import DeviceMap, PlanSummary, check_device_map
 from bigjob.engine.plan.devices import get_max_memory, parse_size
-from bigjob.engine.run.dispatch import (
-    DispatchInfo,
-    cpu_offload,
-    disk_offload,
-    dispatch_model,
-    execution_tokens,
-    get_dispatch_info,
-    load_checkpoint_and_dispatch,
-    remove_dispatch,
-)
+from bigjob.engine.run.dispatch_info import DispatchInfo, execution_tokens, get_dispatch_info, remove_dispatch
+from bigjob.engine.run.entry_points import cpu_offload, disk_offload, dispatch_model, load_checkpoint_and_dispatch
 from bigjob.engine.plan.empty import init_empty_weights, init_on_device
 from bigjob.engine.run.execution import ExecutionPlan, ExecutionRates, measure_rates, plan_execution
 from bigjob.engine.run.loading import load_checkpoint_in_model
 from bigjob.engine.plan.model_info import find_tied_parameters, get_max_layer_size
 from bigjob.engine.plan.balance import get_balanced_memory
-from bigjob.engine.plan.inventory import compute_module_sizes
 from bigjob.engine.plan.resolution import infer_auto_device_map
+from bigjob.engine.plan.inventory import compute_module_sizes
 from bigjob.engine.plan.working_memory import estimate_working_memory
 
 __all__ = [

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bigjob.engine.run.dispatch import execution_tokens
+from bigjob.engine.run.dispatch_info import execution_tokens
 from bigjob.errors import JobError
 from bigjob.job.data import Batch
 from bigjob.job.schema import TaskConfig

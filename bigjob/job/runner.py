@@ -264,7 +264,7 @@ def _checkpoint_identity(
 ) -> dict[str, Any]:
     """The checkpoint's identity; with ``model``, first checks that its tensors fit the model (headers only)."""
     from bigjob.engine.checkpoints.checkpoint import open_checkpoint
-    from bigjob.engine.run.loading import check_checkpoint
+    from bigjob.engine.run.key_checks import check_checkpoint
 
     try:
         with open_checkpoint(path) as checkpoint:
@@ -719,10 +719,8 @@ def _load(
 
 def _engine_dispatch() -> tuple[Any, Any]:
     """The engine's ``(load_checkpoint_and_dispatch, get_dispatch_info)``."""
-    try:
-        from bigjob.engine.run.dispatch import get_dispatch_info, load_checkpoint_and_dispatch
-    except ImportError:  # the names the job system was first written against
-        from bigjob.engine.run.loading import get_dispatch_info, load_checkpoint_and_dispatch  # type: ignore[attr-defined,no-redef]
+    from bigjob.engine.run.dispatch_info import get_dispatch_info
+    from bigjob.engine.run.entry_points import load_checkpoint_and_dispatch
     return load_checkpoint_and_dispatch, get_dispatch_info
 
 

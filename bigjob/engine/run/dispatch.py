@@ -1,162 +1,56 @@
-"""Dispatch: attach the hooks that run a loaded model across GPUs, CPU RAM and disk.
+"""Dispatch: attach the hooks that run a loaded model across GPUs, CPU RAM and disk, following where its weights went.
 
-:func:`load_checkpoint_and_dispatch` is the one-call path of the big-model tutorial::
-
-    with init_empty_weights():
-        model = MyModel(...)
-    model = load_checkpoint_and_dispatch(model, checkpoint=path, device_map="auto")
-
-The returned model is the same object, with hooks; :func:`remove_dispatch` takes them off
-again, and :func:`get_dispatch_info` says where the weights went and what loading cost.
+:func:`dispatch_loaded` takes a model that :func:`~bigjob.engine.run.loading.load_checkpoint_in_model`
+filled and the :class:`~bigjob.engine.run.loading.LoadResult` saying where each tensor went,
+and builds the :class:`~bigjob.engine.run.prefetcher.Schedule` of its offloaded units and the
+hook of each: paged (:mod:`.paged_units`), streamed (:mod:`.streamed_units`) or run on the CPU
+(:mod:`.local_units`), after the root hook (:mod:`.hooks`). What it made is recorded on the
+model as a :class:`~bigjob.engine.run.dispatch_info.DispatchInfo`. The one-call entry points
+(:func:`~bigjob.engine.run.entry_points.load_checkpoint_and_dispatch` and the others) are in
+:mod:`.entry_points`.
 
 On an accelerator, offloaded units stream their weights to it by default; ``execution=``
 (``"local"``, ``"auto"`` or a policy per tier) runs some on the CPU instead, following an
-:class:`~bigjob.engine.run.execution.ExecutionPlan` recorded on the :class:`DispatchInfo`.
+:class:`~bigjob.engine.run.execution.ExecutionPlan` recorded on the ``DispatchInfo``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
-import os
-import time
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from bigjob.engine.plan.budget_fallback import fallback_messages
-from bigjob.engine.checkpoints.checkpoint import Checkpoint
-from bigjob.engine.plan.device_map import DeviceMap, assign_tensors
-from bigjob.engine.tiers.direct import BufferPool, DirectReads, Files, Layout
 from bigjob.engine.plan.devices import CPU, DISK, is_accelerator, normalize_device
-from bigjob.engine.run.execution import ExecutionPlan, ExecutionRates, measure_rates, needs_rates, plan_execution, resolve_policy
-from bigjob.engine.run.hooks import (
-    DeviceSlots, HookHandle, MoveInputs, PagedUnit, Prefetcher, RootHook, Schedule, StagingPool, StreamedUnit, TensorSlot,
-)
+from bigjob.engine.run.dispatch_info import DispatchInfo, remove_dispatch, set_dispatch_info
+from bigjob.engine.run.execution import ExecutionRates, measure_rates, needs_rates, plan_execution, resolve_policy
+from bigjob.engine.run.hooks import HookHandle, MoveInputs, RootHook, TensorSlot
+from bigjob.engine.run.loading import LoadResult, check_devices
 from bigjob.engine.run.local_units import AutoUnit, LocalUnit
-from bigjob.engine.run.loading import LoadResult, check_devices, load_checkpoint_in_model, set_tensor
+from bigjob.engine.run.module_tensors import get_tensor, place_tensor
+from bigjob.engine.run.paged_units import PagedUnit
+from bigjob.engine.run.prefetcher import Prefetcher, Schedule
+from bigjob.engine.run.stream_buffers import DeviceSlots, StagingPool
+from bigjob.engine.run.streamed_units import StreamedUnit
+from bigjob.engine.tiers.direct import BufferPool, DirectReads, Files, Layout
 from bigjob.engine.tiers.folios import file_mappings
 from bigjob.engine.tiers.pages import Range, merge, prefer_huge, release, trim_heap
 from bigjob.engine.tiers.sources import Sources
-from bigjob.engine.plan.inventory import build_inventory
-from bigjob.engine.plan.resolution import resolve_device_map
-from bigjob.engine.tiers.store import OffloadEntry, prepare_offload_folder
-from bigjob.errors import ConfigError, OffloadError
+from bigjob.errors import ConfigError
 
-__all__ = [
-    "DispatchInfo", "cpu_offload", "disk_offload", "dispatch_model", "execution_tokens", "get_dispatch_info",
-    "load_checkpoint_and_dispatch", "remove_dispatch",
-]
+__all__ = ["DISK_READS", "DiskReads", "Execution", "Rates", "check_execution", "dispatch_loaded"]
 
 log = logging.getLogger(__name__)
-
-_ATTR = "_bigjob_dispatch"
 
 
 Execution = str | Mapping[str, str]  # "stream" | "local" | "auto", or one of them per tier {"cpu": ..., "disk": ...}
 Rates = ExecutionRates | Mapping[str, str | int | float]
 DiskReads = str  # "auto" | "mapped" | "direct": how disk-tier units executed on the CPU get their bytes
 DISK_READS = ("auto", "mapped", "direct")
-
-
-@dataclass
-class DispatchInfo:
-    """What a dispatched model is: its map, execution device, bytes per tier and load figures.
-
-    ``streamed_units`` always stream to the accelerator, ``local_units`` always run on the
-    CPU there, ``auto_units`` choose per forward (see :attr:`execution`); ``paged_units`` are
-    disk-tier units of a model executing on the CPU. ``sources`` are the files its weights are
-    views of, checked before every forward for a change in place (see :mod:`bigjob.engine.tiers.sources`).
-    """
-
-    device_map: DeviceMap
-    main_device: str
-    bytes_per_tier: dict[str, int]
-    load_seconds: float
-    offload_folder: str | None
-    offload_reused: bool | None
-    prefetch: int
-    streamed_units: int
-    paged_units: int
-    local_units: int = 0
-    auto_units: int = 0
-    execution: ExecutionPlan | None = field(default=None, repr=False)
-    handles: list[HookHandle] = field(default_factory=list, repr=False)
-    prefetcher: Prefetcher | None = field(default=None, repr=False)
-    schedule: Schedule | None = field(default=None, repr=False)
-    sources: Sources | None = field(default=None, repr=False)  # the files the weights are mapped from
-
-    def detach(self) -> None:
-        """Remove every hook and stop the prefetch thread; the weights stay where they are."""
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-        if self.prefetcher is not None:
-            self.prefetcher.close()
-            self.prefetcher = None
-        if self.schedule is not None:
-            if self.schedule.files is not None:  # descriptors of direct reads: not left to the garbage collector
-                self.schedule.files.close()
-            if self.schedule.pool is not None:
-                self.schedule.pool.trim()
-            # Units and schedule refer to each other, and units hold the model's tensor slots: without
-            # this the model (and the checkpoint files its views keep open) would wait for the cyclic GC.
-            self.schedule.units.clear()
-
-
-def get_dispatch_info(model: nn.Module) -> DispatchInfo | None:
-    """The :class:`DispatchInfo` of a dispatched model, or ``None``."""
-    return getattr(model, _ATTR, None)
-
-
-@contextmanager
-def execution_tokens(model: nn.Module, tokens: int | None) -> Iterator[None]:
-    """Decide ``auto`` units once for every forward inside the block, as if each had ``tokens`` tokens.
-
-    A generation calls the model once for the prompt and once per new token. Deciding per
-    forward would run a layer's prompt on the accelerator and its decoding on the CPU, away
-    from its KV cache. Pinning one count for the whole generation keeps each layer on one
-    device throughout; the average tokens per forward is the count that minimises the total
-    under the cost model (linear in tokens for local runs, a fixed copy per forward for
-    streamed ones). ``None`` counts each forward's own tokens again; nested blocks restore
-    the outer count. No effect on a model that is not dispatched or has no ``auto`` units.
-
-    >>> import torch
-    >>> from torch import nn
-    >>> model = cpu_offload(nn.Linear(4, 4))
-    >>> with execution_tokens(model, 1):
-    ...     _ = model(torch.randn(8, 4))
-    ...     get_dispatch_info(model).schedule.tokens
-    1
-    >>> _ = model(torch.randn(8, 4)); get_dispatch_info(model).schedule.tokens
-    8
-    """
-    info = get_dispatch_info(model)
-    schedule = info.schedule if info is not None else None
-    if schedule is None:
-        yield
-        return
-    outer, schedule.pinned = schedule.pinned, tokens
-    try:
-        yield
-    finally:
-        schedule.pinned = outer
-
-
-def remove_dispatch(model: nn.Module) -> nn.Module:
-    """Take bigjob's hooks off ``model`` and return it as a plain module."""
-    info = get_dispatch_info(model)
-    if info is not None:
-        info.detach()
-        model.__dict__.pop(_ATTR, None)
-        model.__dict__.pop("hf_device_map", None)
-    return model
 
 
 def dispatch_loaded(
@@ -168,7 +62,7 @@ def dispatch_loaded(
     execution_rates: Rates | None = None,
     disk_reads: DiskReads = "auto",
 ) -> nn.Module:
-    """Attach hooks to a model that :func:`load_checkpoint_in_model` filled, following its placement.
+    """Attach hooks to a model that :func:`~bigjob.engine.run.loading.load_checkpoint_in_model` filled, following its placement.
 
     ``execution`` says how offloaded units run when the execution device is an accelerator
     (see :mod:`bigjob.engine.run.execution`): ``"stream"`` their weights there, run them
@@ -182,7 +76,7 @@ def dispatch_loaded(
     past the page cache (``O_DIRECT``), and ``"auto"`` maps them while the page cache keeps
     them and reads directly once it is seen to drop them (see :mod:`bigjob.engine.tiers.direct`).
     """
-    _check_execution(execution, execution_rates, disk_reads)
+    check_execution(execution, execution_rates, disk_reads)
     remove_dispatch(model)
     inventory = result.inventory
     assert inventory is not None
@@ -236,7 +130,7 @@ def dispatch_loaded(
             # on the CPU its home (RAM or a file view) already serves.
             if is_accelerator(main):
                 for name in owned:
-                    _place(modules, name, main_dev)
+                    place_tensor(modules, name, main_dev)
             continue
         offloaded = [n for n in owned if tiers[n] == DISK or (tiers[n] == CPU and is_accelerator(main))]
         if not offloaded:
@@ -261,7 +155,7 @@ def dispatch_loaded(
                 slots = [_slot(modules, n) for n in offloaded if n not in tied]
                 for n in offloaded:
                     if n in tied:
-                        _place(modules, n, main_dev)  # tied tensors: brought once and kept on the device
+                        place_tensor(modules, n, main_dev)  # tied tensors: brought once and kept on the device
                 unit_staging = staging if any(tiers[n] == DISK for n in offloaded) else None
                 hook = StreamedUnit(unit.name, slots, main_dev, schedule, unit_staging, ranges if unit_staging is not None else None)
                 if unit_staging is None and ranges:
@@ -323,18 +217,26 @@ def dispatch_loaded(
     )
     if plan.decisions and is_accelerator(main):
         log.debug("execution plan on %s:\n%s", main, plan.describe())
-    object.__setattr__(model, _ATTR, info)
+    set_dispatch_info(model, info)
     object.__setattr__(model, "hf_device_map", result.device_map.to_hf())  # what Accelerate users read
     weakref.finalize(model, prefetcher.close)
     return model
 
 
-def _tensor(modules: Mapping[str, nn.Module], name: str) -> tuple[nn.Module, str, bool, torch.Tensor]:
-    owner, _, local = name.rpartition(".")
-    module = modules[owner]
-    if local in module._parameters:
-        return module, local, True, module._parameters[local]
-    return module, local, False, module._buffers[local]
+def check_execution(execution: Execution, execution_rates: Rates | None, disk_reads: DiskReads = "auto") -> None:
+    """Refuse a bad policy, bad rates or a bad ``disk_reads`` before any weight is read (a :class:`~bigjob.errors.ConfigError`).
+
+    >>> check_execution("auto", None, "mapped")
+    >>> check_execution("stream", None, "fast")
+    Traceback (most recent call last):
+    ...
+    bigjob.errors.ConfigError: disk_reads must be one of 'auto', 'mapped', 'direct'; got 'fast'
+    """
+    if disk_reads not in DISK_READS:
+        raise ConfigError(f"disk_reads must be one of {', '.join(map(repr, DISK_READS))}; got {disk_reads!r}")
+    resolve_policy(execution)
+    if execution_rates is not None:
+        ExecutionRates.from_mapping(execution_rates)
 
 
 def _attach_direct_reads(units: list[PagedUnit], mode: DiskReads, schedule: Schedule) -> None:
@@ -370,252 +272,10 @@ def _attach_direct_reads(units: list[PagedUnit], mode: DiskReads, schedule: Sche
 
 
 def _slot(modules: Mapping[str, nn.Module], name: str) -> TensorSlot:
-    module, local, is_param, tensor = _tensor(modules, name)
+    module, local, is_param, tensor = get_tensor(modules, name)
     return TensorSlot(module, local, is_param, tensor.data if is_param else tensor)
 
 
 def _range(modules: Mapping[str, nn.Module], name: str) -> Range:
-    _, _, _, tensor = _tensor(modules, name)
+    _, _, _, tensor = get_tensor(modules, name)
     return Range(tensor.data_ptr(), tensor.numel() * tensor.element_size())
-
-
-def _place(modules: Mapping[str, nn.Module], name: str, device: torch.device) -> None:
-    module, local, is_param, tensor = _tensor(modules, name)
-    if tensor.device == device:
-        return
-    moved = tensor.data.to(device) if is_param else tensor.to(device)
-    if is_param:
-        param = nn.Parameter(moved, requires_grad=tensor.requires_grad)
-        # Keep ties: every module holding this same Parameter gets the moved one.
-        for other in modules.values():
-            for key, value in other._parameters.items():
-                if value is tensor:
-                    other._parameters[key] = param
-    else:
-        module._buffers[local] = moved
-
-
-def load_checkpoint_and_dispatch(
-    model: nn.Module,
-    checkpoint: str | os.PathLike[str] | Checkpoint,
-    device_map: str | Mapping[str, str | int] | DeviceMap | None = "auto",
-    max_memory: Mapping[str | int, str | int] | None = None,
-    no_split_module_classes: Iterable[str] | None = None,
-    dtype: torch.dtype | str | None = None,
-    offload_folder: str | os.PathLike[str] | None = None,
-    offload_buffers: bool = False,
-    prefetch: int = 1,
-    strict: bool = True,
-    special_dtypes: Mapping[str, torch.dtype | str] | None = None,
-    execution: Execution = "stream",
-    execution_rates: Rates | None = None,
-    disk_reads: DiskReads = "auto",
-    working_memory: int | str = 0,
-    *,
-    strict_budget: bool = False,
-) -> nn.Module:
-    """Load ``checkpoint`` into the (empty) ``model`` following ``device_map`` and attach the hooks that run it.
-
-    ``device_map`` is a strategy (``"auto"``, ``"balanced"``, ``"balanced_low_0"``,
-    ``"sequential"``), a device (``"cpu"``, ``"cuda:0"``, ``"disk"``) or an explicit map.
-    Outputs equal the same model loaded in RAM, wherever its weights live.
-    ``working_memory``: bytes a planned map keeps free on the device that runs the model, for
-    the forward itself (:func:`~bigjob.engine.plan.working_memory.estimate_working_memory` gives it
-    for a batch), so that weights and forward stay within ``max_memory`` together.
-    ``execution``/``execution_rates``: how offloaded units run on an accelerator (see
-    :func:`dispatch_loaded`); they do not change where the weights go. A ``max_memory`` too small
-    to bring offloaded units back ``1 + prefetch`` at a time lowers prefetch for them (logged at
-    INFO once), then streams units larger than it anyway (warned once, with the expected peak);
-    ``strict_budget=True`` raises :class:`~bigjob.errors.BudgetError` instead.
-
-    >>> import tempfile, torch
-    >>> from torch import nn
-    >>> from bigjob.engine.plan.empty import init_empty_weights
-    >>> from bigjob.engine.checkpoints.safetensors_io import write_file
-    >>> reference = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
-    >>> path = Path(tempfile.mkdtemp()) / "model.safetensors"
-    >>> write_file(path, reference.state_dict())
-    >>> with init_empty_weights():
-    ...     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
-    >>> model = load_checkpoint_and_dispatch(model, path, device_map={"0": "cpu", "2": "disk"}, execution="auto")
-    >>> x = torch.randn(4, 8)
-    >>> torch.equal(model(x), reference(x))
-    True
-    >>> get_dispatch_info(model).execution.choose("2", 4)  # executing on the CPU: disk-tier units run there
-    'local'
-    """
-    _check_execution(execution, execution_rates, disk_reads)
-    result = load_checkpoint_in_model(
-        model,
-        checkpoint,
-        device_map=device_map,
-        dtype=dtype,
-        offload_folder=offload_folder,
-        strict=strict,
-        special_dtypes=special_dtypes,
-        max_memory=max_memory,
-        no_split_module_classes=no_split_module_classes,
-        offload_buffers=offload_buffers,
-        prefetch=prefetch,
-        working_memory=working_memory,
-        strict_budget=strict_budget,
-    )
-    return dispatch_loaded(model, result, prefetch=prefetch, execution=execution, execution_rates=execution_rates, disk_reads=disk_reads)
-
-
-def _check_execution(execution: Execution, execution_rates: Rates | None, disk_reads: DiskReads = "auto") -> None:
-    """Refuse a bad policy, bad rates or a bad ``disk_reads`` before any weight is read."""
-    if disk_reads not in DISK_READS:
-        raise ConfigError(f"disk_reads must be one of {', '.join(map(repr, DISK_READS))}; got {disk_reads!r}")
-    resolve_policy(execution)
-    if execution_rates is not None:
-        ExecutionRates.from_mapping(execution_rates)
-
-
-def dispatch_model(
-    model: nn.Module,
-    device_map: Mapping[str, str | int] | DeviceMap,
-    main_device: str | None = None,
-    offload_folder: str | os.PathLike[str] | None = None,
-    offload_buffers: bool = False,
-    prefetch: int = 1,
-    execution: Execution = "stream",
-    execution_rates: Rates | None = None,
-    disk_reads: DiskReads = "auto",
-) -> nn.Module:
-    """Dispatch a model whose weights are already materialised (e.g. loaded in RAM) following ``device_map``.
-
-    Weights mapped to ``"disk"`` are written once to an offload folder under
-    ``offload_folder`` (as safetensors) and served from there. ``execution`` and
-    ``execution_rates`` are as for :func:`dispatch_loaded`.
-
-    >>> import tempfile, torch
-    >>> from torch import nn
-    >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
-    >>> x = torch.randn(2, 4); expected = model(x)
-    >>> model = dispatch_model(model, {"0": "cpu", "1": "disk"}, offload_folder=tempfile.mkdtemp())
-    >>> torch.equal(model(x), expected)
-    True
-    """
-    remove_dispatch(model)
-    _check_execution(execution, execution_rates, disk_reads)
-    started = time.perf_counter()
-    resolved = resolve_device_map(model, device_map)
-    inventory = build_inventory(model)
-    tiers = assign_tensors(inventory, resolved)
-    main = normalize_device(main_device) if main_device else (resolved.summary.main_device if resolved.summary else CPU)
-    check_devices([main, *resolved.devices])  # before any tensor moves
-    modules = dict(model.named_modules(remove_duplicate=False))
-    entries: list[OffloadEntry] = []
-    values: dict[str, torch.Tensor] = {}
-    for record in inventory.tensors.values():
-        tier = tiers[record.name]
-        if tier == DISK and (offload_buffers or not record.is_buffer):
-            _, _, _, tensor = _tensor(modules, record.name)
-            values[record.name] = tensor.detach()
-            entries.append(OffloadEntry(record.name, record.name, tensor.dtype, tuple(tensor.shape)))
-    offload = None
-    if entries:
-        if offload_folder is None:
-            raise OffloadError("device_map puts weights on 'disk'; pass offload_folder to dispatch_model")
-        offload = prepare_offload_folder(offload_folder, _TensorSource(values), entries)
-    placement: dict[str, str] = {}
-    bytes_per_tier: dict[str, int] = {}
-    for record in inventory.tensors.values():
-        tier = tiers[record.name]
-        if record.name in values:
-            first = set_tensor(modules, record.name, offload.checkpoint.view(record.name))  # type: ignore[union-attr]
-            for alias in record.aliases:
-                set_tensor(modules, alias, first)
-        else:
-            home = tier if tier != DISK else (CPU if is_accelerator(main) else main)
-            _place(modules, record.name, torch.device(home))
-            tier = home
-        placement[record.name] = tier
-        bytes_per_tier[tier] = bytes_per_tier.get(tier, 0) + record.nbytes
-    result = LoadResult(resolved, main, placement, bytes_per_tier, time.perf_counter() - started, offload, set(), inventory)
-    return dispatch_loaded(
-        model, result, prefetch=prefetch, main_device=main, execution=execution, execution_rates=execution_rates, disk_reads=disk_reads
-    )
-
-
-class _TensorSource:
-    """In-memory tensors as an offload source; identified by a hash of their content."""
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        self.tensors = tensors
-
-    def identity(self, content_hash: bool = True) -> dict[str, str]:
-        digest = hashlib.sha256()
-        for name in sorted(self.tensors):
-            tensor = self.tensors[name].contiguous().cpu()
-            digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
-            digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-        return {"format": "tensors", "sha256": digest.hexdigest()}
-
-    def load(self, name: str, dtype: torch.dtype | None = None, device: str = "cpu") -> torch.Tensor:
-        tensor = self.tensors[name]
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        return tensor.to(device).contiguous()
-
-
-def cpu_offload(
-    model: nn.Module,
-    execution_device: str | torch.device | None = None,
-    prefetch: int = 1,
-    execution: Execution = "stream",
-    execution_rates: Rates | None = None,
-    disk_reads: DiskReads = "auto",
-) -> nn.Module:
-    """Keep every weight in CPU RAM and run each module on ``execution_device``, streaming its weights
-    (or, with ``execution="local"``/``"auto"``, running some modules on the CPU: see :func:`dispatch_loaded`).
-
-    >>> import torch
-    >>> from torch import nn
-    >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-    >>> x = torch.randn(3, 4); expected = model(x)
-    >>> torch.equal(cpu_offload(model, "cpu", execution="local")(x), expected)
-    True
-    """
-    device = normalize_device(execution_device or ("cuda:0" if torch.cuda.is_available() else CPU))
-    return dispatch_model(
-        model, {"": CPU}, main_device=device, prefetch=prefetch, execution=execution, execution_rates=execution_rates,
-        disk_reads=disk_reads,
-    )
-
-
-def disk_offload(
-    model: nn.Module,
-    offload_folder: str | os.PathLike[str],
-    execution_device: str | torch.device | None = None,
-    prefetch: int = 1,
-    execution: Execution = "stream",
-    execution_rates: Rates | None = None,
-    disk_reads: DiskReads = "auto",
-    offload_buffers: bool = False,
-) -> nn.Module:
-    """Keep every weight (and, with ``offload_buffers``, every buffer) on disk (an offload folder) and run each module on ``execution_device``.
-
-    With ``execution="local"`` or ``"auto"`` on an accelerator, modules may run on the CPU
-    from the mapped files instead of being copied (see :func:`dispatch_loaded`).
-
-    >>> import tempfile, torch
-    >>> from torch import nn
-    >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-    >>> x = torch.randn(3, 4); expected = model(x)
-    >>> torch.equal(disk_offload(model, tempfile.mkdtemp(), "cpu", execution="auto")(x), expected)
-    True
-    """
-    device = normalize_device(execution_device or ("cuda:0" if torch.cuda.is_available() else CPU))
-    return dispatch_model(
-        model,
-        {"": DISK},
-        main_device=device,
-        offload_folder=offload_folder,
-        offload_buffers=offload_buffers,
-        prefetch=prefetch,
-        execution=execution,
-        execution_rates=execution_rates,
-        disk_reads=disk_reads,
-    )

@@ -7,10 +7,8 @@
   nothing is copied or written). Otherwise the tensor is converted once into an offload
   folder (see :mod:`bigjob.engine.tiers.store`) and viewed from there.
 
-Every problem with the keys is found before anything is loaded and reported at once:
-missing keys (an error: nothing is left silently on ``meta``), shape and dtype-kind
-mismatches (errors), unexpected keys (a warning, an error with ``strict=True``), and a
-prefix such as ``model.`` that explains a mismatch.
+Every problem with the keys is found before anything is loaded and reported at once
+(:mod:`bigjob.engine.run.key_checks`).
 
 >>> import tempfile, torch
 >>> from torch import nn
@@ -27,8 +25,6 @@ prefix such as ``model.`` that explains a mismatch.
 
 from __future__ import annotations
 
-import fnmatch
-import logging
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -38,19 +34,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bigjob.engine.checkpoints.checkpoint import Checkpoint, KeyReport, compare_keys, open_checkpoint, resolve_name
+from bigjob.engine.checkpoints.checkpoint import Checkpoint, open_checkpoint
 from bigjob.engine.plan.device_map import DeviceMap, assign_tensors
 from bigjob.engine.plan.devices import CPU, DISK, is_accelerator
-from bigjob.engine.tiers.pages import Range, populate
+from bigjob.engine.plan.resolution import resolve_device_map
 from bigjob.engine.plan.dtypes import resolve_dtype
 from bigjob.engine.plan.inventory import Inventory, TensorRecord, build_inventory
-from bigjob.engine.plan.resolution import resolve_device_map
+from bigjob.engine.run.key_checks import check_keys, check_unsaved_buffers, checkpoint_dtype, stored_dtypes
+from bigjob.engine.run.module_tensors import set_tensor
+from bigjob.engine.tiers.pages import Range, populate
 from bigjob.engine.tiers.store import OffloadEntry, OffloadFolder, prepare_offload_folder
 from bigjob.errors import CheckpointError, ConfigError, DeviceError, OffloadError
 
-__all__ = ["LoadResult", "check_checkpoint", "check_devices", "checkpoint_dtype", "load_checkpoint_in_model", "set_tensor"]
-
-log = logging.getLogger(__name__)
+__all__ = ["LoadResult", "check_devices", "load_checkpoint_in_model"]
 
 
 @dataclass
@@ -76,18 +72,6 @@ class LoadResult:
     def offload_reused(self) -> bool | None:
         return self.offload.reused if self.offload else None
 
-
-def checkpoint_dtype(checkpoint: Checkpoint) -> torch.dtype | None:
-    """The floating dtype holding most of the checkpoint's bytes (its "own" dtype), or ``None``."""
-    totals: dict[torch.dtype, int] = {}
-    for name in checkpoint.keys():
-        meta = checkpoint.meta(name)
-        if meta.dtype.is_floating_point:
-            count = 1
-            for dim in meta.shape:
-                count *= dim
-            totals[meta.dtype] = totals.get(meta.dtype, 0) + count * meta.dtype.itemsize
-    return max(totals, key=lambda d: totals[d]) if totals else None
 
 
 def check_devices(devices: Iterable[str]) -> None:
@@ -115,164 +99,6 @@ def check_devices(devices: Iterable[str]) -> None:
 def _module_index(model: nn.Module) -> dict[str, nn.Module]:
     return dict(model.named_modules(remove_duplicate=False))
 
-
-def set_tensor(modules: Mapping[str, nn.Module], name: str, value: torch.Tensor) -> torch.Tensor:
-    """Put ``value`` under tensor ``name`` (a parameter keeps its class and ``requires_grad``); return what was set."""
-    owner, _, local = name.rpartition(".")
-    module = modules[owner]
-    if local in module._parameters:
-        old = module._parameters[local]
-        if isinstance(value, nn.Parameter):
-            new = value
-        else:
-            requires_grad = bool(old is not None and old.requires_grad) and value.is_floating_point()
-            cls = type(old) if old is not None else nn.Parameter
-            try:
-                new = cls(value, requires_grad=requires_grad)
-            except TypeError:
-                new = nn.Parameter(value, requires_grad=requires_grad)
-        module._parameters[local] = new
-        return new
-    module._buffers[local] = value
-    return value
-
-
-def _check_keys(inventory: Inventory, checkpoint: Checkpoint, strict: bool) -> tuple[KeyReport, dict[str, str]]:
-    """Match every persistent tensor to a checkpoint key; raise with every problem found at once."""
-    expected: dict[str, tuple[int, ...]] = {}
-    for record in inventory.tensors.values():
-        if record.persistent:
-            for name in (record.name, *record.aliases):
-                expected[name] = tuple(record.shape)
-    report = compare_keys(expected, checkpoint)
-    missing = set(report.missing)
-    source: dict[str, str] = {}
-    really_missing: list[str] = []
-    for record in inventory.tensors.values():
-        if not record.persistent:
-            continue
-        names = (record.name, *record.aliases)
-        present = [n for n in names if n not in missing]
-        if present:
-            source[record.name] = resolve_name(report, present[0])
-        else:
-            really_missing.append(record.name)
-    # A tied tensor found under one of its names is not missing under the others.
-    tied_found = {n for r in inventory.tensors.values() if r.name in source for n in r.aliases}
-    unexpected = [n for n in report.unexpected if n not in tied_found]
-    problems: list[str] = []
-    if report.prefix is not None:
-        log.info(
-            "checkpoint keys and model keys differ by the prefix %r (%s side); mapping them",
-            report.prefix,
-            report.prefix_mode,
-        )
-    if really_missing:
-        problems.append(_listing("missing from the checkpoint", really_missing))
-    mismatched = report.mismatched
-    if mismatched:
-        problems.append(
-            _listing(
-                "with mismatched shapes (model vs checkpoint)",
-                [f"{name} {list(model)} vs {list(ckpt)}" for name, model, ckpt in mismatched],
-            )
-        )
-    kinds = []
-    for name, key in source.items():
-        record = inventory.tensors[name]
-        stored = checkpoint.meta(key).dtype
-        if record.dtype.is_floating_point != stored.is_floating_point or (
-            not record.dtype.is_floating_point and record.dtype != stored
-        ):
-            kinds.append(f"{name} model {record.dtype} vs checkpoint {stored}")
-    if kinds:
-        problems.append(_listing("with dtypes the model cannot take", kinds))
-    if unexpected and strict:
-        problems.append(_listing("unexpected in the checkpoint (strict=True)", unexpected))
-    if problems:
-        hint = ""
-        if report.prefix is not None:
-            hint = f" (checkpoint and model keys differ by the prefix {report.prefix!r}, already applied)"
-        raise CheckpointError(
-            f"checkpoint '{checkpoint.root}' does not match the model{hint}: " + "; ".join(problems) + "; "
-            "pass the checkpoint of this model as `checkpoint`, or strict=False to ignore unexpected keys"
-        )
-    if unexpected:
-        log.warning("%s", _listing("unexpected keys in the checkpoint, ignored", unexpected))
-    return report, source
-
-
-def _stored_dtypes(
-    inventory: Inventory,
-    ckpt: Checkpoint,
-    source: Mapping[str, str],
-    target: torch.dtype | None,
-    special_dtypes: Mapping[str, torch.dtype | str] | None,
-) -> dict[str, torch.dtype]:
-    """Floating tensors stored in another floating dtype than ``target`` (and not chosen by ``special_dtypes``)."""
-    keys = list(special_dtypes or ())
-    out: dict[str, torch.dtype] = {}
-    for record in inventory.tensors.values():
-        key = source.get(record.name)
-        if key is None or not record.dtype.is_floating_point:
-            continue
-        stored = ckpt.meta(key).dtype
-        if stored == target or not stored.is_floating_point:
-            continue
-        if not any(_selected(name, keys) for name in (record.name, *record.aliases)):
-            out[record.name] = stored
-    return out
-
-
-def _selected(name: str, keys: list[str]) -> bool:
-    """Whether a ``special_dtypes`` key (a module or tensor name, or a glob) applies to tensor ``name``."""
-    prefix = name
-    while True:
-        if any(prefix == key or fnmatch.fnmatchcase(prefix, key) for key in keys):
-            return True
-        if not prefix:
-            return False
-        prefix = prefix.rpartition(".")[0]
-
-
-def _check_unsaved_buffers(inventory: Inventory, source: Mapping[str, str], modules: Mapping[str, nn.Module]) -> None:
-    """Non-persistent buffers come from the model itself: fail before loading anything if it has no value for one."""
-    unset = []
-    for record in inventory.tensors.values():
-        if record.name in source:
-            continue
-        owner, _, local = record.name.rpartition(".")
-        current = modules[owner]._buffers.get(local)
-        if current is None or current.is_meta:
-            unset.append(record.name)
-    if unset:
-        raise CheckpointError(
-            f"{_listing('buffers that checkpoints do not save and the model holds no value for', unset)} "
-            "(built with include_buffers=True?); build the model with init_empty_weights(include_buffers=False)"
-        )
-
-
-def _listing(title: str, items: list[str], limit: int = 20) -> str:
-    more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
-    return f"{len(items)} {title}: {', '.join(items[:limit])}{more}"
-
-
-def check_checkpoint(
-    model: nn.Module,
-    checkpoint: Checkpoint,
-    dtype: torch.dtype | str | None = None,
-    special_dtypes: Mapping[str, torch.dtype | str] | None = None,
-    strict: bool = False,
-) -> None:
-    """Raise the :class:`CheckpointError` that loading ``checkpoint`` into ``model`` would raise about its keys.
-
-    The same checks as :func:`load_checkpoint_in_model` (missing keys, shapes, dtypes the model
-    cannot take, unexpected keys with ``strict``), from the checkpoint's headers alone: a job
-    runs them before it plans, caches or loads anything.
-    """
-    target = resolve_dtype(dtype)
-    inventory = build_inventory(model, target if target is not None else checkpoint_dtype(checkpoint), special_dtypes)
-    _check_keys(inventory, checkpoint, strict)
 
 
 def load_checkpoint_in_model(
@@ -332,10 +158,10 @@ def _load(
     if keep_stored:
         target = checkpoint_dtype(ckpt)
     inventory = build_inventory(model, target, special_dtypes, no_split_module_classes)
-    report, source = _check_keys(inventory, ckpt, strict)
+    report, source = check_keys(inventory, ckpt, strict)
     if keep_stored:
         # "The checkpoint's own dtype" is per tensor: a mostly-fp16 checkpoint with fp32 norms keeps them fp32.
-        stored = _stored_dtypes(inventory, ckpt, source, target, special_dtypes)
+        stored = stored_dtypes(inventory, ckpt, source, target, special_dtypes)
         if stored:
             special_dtypes = {**stored, **(special_dtypes or {})}
             inventory = build_inventory(model, target, special_dtypes, no_split_module_classes)
@@ -355,7 +181,7 @@ def _load(
     main = resolved.summary.main_device if resolved.summary else _main_of(resolved)
     check_devices([main, *resolved.devices])
     modules = _module_index(model)
-    _check_unsaved_buffers(inventory, source, modules)
+    check_unsaved_buffers(inventory, source, modules)
 
     # Disk-tier and CPU-tier tensors are views of the checkpoint's own
     # pages wherever the stored dtype is the target one: nothing is copied, and CPU-tier bytes are in

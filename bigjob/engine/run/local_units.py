@@ -2,11 +2,11 @@
 
 * :class:`LocalUnit` (execution policy ``local``): the unit's tensor arguments are moved to
   the CPU, it computes there on its home weights (CPU RAM, or zero-copy views of files whose
-  pages are mapped in ahead of use and released after, as :class:`~.hooks.PagedUnit` does),
+  pages are mapped in ahead of use and released after, as :class:`~.paged_units.PagedUnit` does),
   and its outputs are moved back to the execution device. Its weights never reach the device.
-* :class:`AutoUnit` (policy ``auto``): a :class:`~.hooks.StreamedUnit` and a
+* :class:`AutoUnit` (policy ``auto``): a :class:`~.streamed_units.StreamedUnit` and a
   :class:`LocalUnit` over the same weights; each forward runs one of them, chosen from the
-  token count :class:`~.hooks.RootHook` put on the :class:`~.hooks.Schedule` (local at or
+  token count :class:`~.hooks.RootHook` put on the :class:`~.prefetcher.Schedule` (local at or
   below the unit's threshold). The prefetcher prepares the unit in the mode it will run in,
   so a unit that runs locally costs no copy to the device.
 
@@ -14,7 +14,7 @@ Outputs go back to the execution device whatever the inputs' device was: the nex
 runs there. Objects the hooks do not look into (e.g. a Transformers ``Cache``) keep their
 tensors where the layer that wrote them computed: with ``auto``, a layer that switched mode
 between the calls of one generation would meet its cached keys on the other device, so a
-generation pins one decision for all its steps (:func:`~.dispatch.execution_tokens`).
+generation pins one decision for all its steps (:func:`~.dispatch_info.execution_tokens`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from bigjob.engine.run.hooks import Schedule, StreamedUnit, move_to
+from bigjob.engine.run.hooks import move_to
+from bigjob.engine.run.prefetcher import Schedule
+from bigjob.engine.run.streamed_units import StreamedUnit
 from bigjob.engine.tiers.pages import Range, populate
 
 __all__ = ["AutoUnit", "LocalUnit"]

@@ -24,7 +24,7 @@ dropped unit tries the cache again on every ``retry``-th direct forward.
 
 A buffer goes back to the pool after its unit's forward, to be refilled by a later unit. An
 output that views the unit's weights (a module returning a slice of a table) keeps its buffer
-out of the pool instead (:class:`~bigjob.engine.run.hooks.PagedUnit` checks the output's storages).
+out of the pool instead (:class:`~bigjob.engine.run.paged_units.PagedUnit` checks the output's storages).
 A view kept anywhere else past the forward (module state, a global) is not seen: such a model
 should use ``disk_reads="mapped"``.
 

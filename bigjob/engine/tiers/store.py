@@ -91,7 +91,7 @@ def before_offload_build(callback: Callable[[int], None]) -> Iterator[None]:
 
     ``nbytes`` is what the folder's tensors will take on disk. The callback may make room (a
     job cache removes least recently used folders) or raise to refuse; a folder that is
-    reused calls nothing. Loading through :func:`~bigjob.engine.run.dispatch.load_checkpoint_and_dispatch`
+    reused calls nothing. Loading through :func:`~bigjob.engine.run.entry_points.load_checkpoint_and_dispatch`
     in the block covers the folders it builds.
 
     >>> import tempfile, torch
