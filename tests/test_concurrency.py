@@ -11,8 +11,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+import pytest
 import torch
 from _faultkit import JOB, leftovers, marker_holds, metrics, offload_folders
 from _jobkit import TINY, cli_env, compose_config, read_jsonl, reference_model
@@ -140,3 +142,53 @@ def test_jobs_pruning_each_other_at_once_never_lose_a_folder_they_use(tmp_path):
     remaining = offload_folders(tmp_path / "cache")
     assert 1 <= len(remaining) <= 2 and all(marker_holds(f) for f in remaining)
     assert leftovers(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- threads sharing one dispatched model
+
+
+class EightLinears(torch.nn.Sequential):
+    def __init__(self) -> None:
+        super().__init__(*[torch.nn.Linear(64, 64) for _ in range(8)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["checkpoint files", "fp16 offload folder"])
+@pytest.mark.parametrize("disk_reads", ["mapped", "direct", "auto"])
+def test_threads_calling_one_dispatched_model_at_once_each_get_the_in_ram_output(tmp_path, disk_reads, dtype):
+    from bigjob import init_empty_weights, load_checkpoint_and_dispatch
+    from bigjob.engine.checkpoints.safetensors_io import write_file
+
+    torch.manual_seed(0)
+    reference = EightLinears().to(dtype)
+    write_file(tmp_path / "model.safetensors", {k: v.float().contiguous() for k, v in reference.state_dict().items()})
+    with init_empty_weights():
+        empty = EightLinears()
+    model = load_checkpoint_and_dispatch(
+        empty, tmp_path / "model.safetensors", max_memory={"cpu": "60KiB"}, disk_reads=disk_reads, dtype=dtype,
+        offload_folder=tmp_path / "offload",
+    )
+    assert "disk" in model.hf_device_map.values()  # the case that went wrong: part of the model read from disk
+    inputs = [torch.randn(3, 64, generator=torch.Generator().manual_seed(i)).to(dtype) for i in range(8)]
+    with torch.no_grad():
+        expected = [reference(x) for x in inputs]
+    wrong, errors = [], []
+
+    def forwards(thread: int) -> None:
+        for i in range(50):
+            k = (thread + i) % len(inputs)
+            try:
+                with torch.no_grad():
+                    out = model(inputs[k])
+                if not torch.equal(out, expected[k]):
+                    wrong.append((thread, i))
+            except Exception as err:  # noqa: BLE001 - every failure is counted, none may happen
+                errors.append(repr(err))
+
+    threads = [threading.Thread(target=forwards, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert (len(wrong), errors[:3]) == (0, [])
+    with torch.no_grad():  # and the model is sound afterwards
+        assert all(torch.equal(model(x), e) for x, e in zip(inputs, expected))

@@ -144,7 +144,11 @@ class MoveInputs:
 
 
 class RootHook:
-    """Inputs to the execution device, prefetch primed, outputs back where the inputs were."""
+    """Inputs to the execution device, prefetch primed, outputs back where the inputs were.
+
+    Forwards of one dispatched model are serialized: threads calling ``model(x)`` at once
+    take turns, each getting the output it would get alone.
+    """
 
     def __init__(self, device: torch.device, schedule: Schedule, tied_ranges: list[Range], streamed: list[Range] | None = None,
                  sources: Sources | None = None) -> None:
@@ -153,27 +157,45 @@ class RootHook:
         self.sources = sources  # files the weights are mapped from: checked for in-place changes before each forward
         self.tied_ranges = merge(tied_ranges)
         self._origin = threading.local()
+        self._lock = threading.RLock()
         # File pages every forward maps and unmaps (tied ones included): checked once, after the
         # first forward, for small page-cache folios (see bigjob.engine.tiers.folios).
         self._unchecked = list(streamed or [])
 
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        origin = first_device(args, kwargs)
+        # One forward at a time: the units' buffers, the prefetcher and the direct-read pool are
+        # the model's, not a thread's. Held until post_forward (a nested call re-enters).
+        self._lock.acquire()
         stack = getattr(self._origin, "stack", None)
         if stack is None:
             stack = self._origin.stack = []
-        if not stack and self.sources is not None:
-            self.sources.check()  # before anything reads a page of a file that may have shrunk
-        stack.append(origin)
-        pinned = self.schedule.pinned
-        self.schedule.tokens = pinned if pinned is not None else count_tokens(args, kwargs)
-        self.schedule.ahead(-1)
-        return move_to(args, self.device), move_to(kwargs, self.device)
+        pushed = False
+        try:
+            origin = first_device(args, kwargs)
+            if not stack and self.sources is not None:
+                self.sources.check()  # before anything reads a page of a file that may have shrunk
+            stack.append(origin)
+            pushed = True
+            pinned = self.schedule.pinned
+            self.schedule.tokens = pinned if pinned is not None else count_tokens(args, kwargs)
+            self.schedule.ahead(-1)
+            return move_to(args, self.device), move_to(kwargs, self.device)
+        except BaseException:
+            if pushed:
+                stack.pop()
+            self._lock.release()
+            raise
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
         stack = getattr(self._origin, "stack", None)
-        if not stack:  # pre_forward raised before its push (a changed checkpoint): nothing ran
+        if not stack:  # pre_forward raised (a changed checkpoint) and let go already: nothing ran
             return output
+        try:
+            return self._after(stack, output)
+        finally:
+            self._lock.release()
+
+    def _after(self, stack: list, output: Any) -> Any:
         origin = stack.pop()
         self.schedule.prefetcher.settle()
         if not stack and self.schedule.slots:
