@@ -96,3 +96,29 @@ def test_a_damaged_run_folder_is_one_line_and_left_as_it_was(workspace, damage, 
     assert code == 1 and len(stderr.splitlines()) == 1 and all(n in stderr for n in needles), stderr
     after = {k: v for k, v in file_digests(run, skip=()).items() if not k.startswith((".hydra", "bigjob.log", "metrics.json"))}
     assert after == before and (run / "predictions.jsonl").exists()
+
+
+# --------------------------------------------------------------------------- a registry that names another place
+
+
+def test_a_moved_cache_or_a_registry_entry_naming_a_foreign_folder_is_rebuilt_not_followed(workspace):  # noqa: F811
+    w = workspace  # a copy of the seeded workspace: its registry names the seed's cache folder
+    from bigjob.engine.tiers.store import offload_problems
+    from bigjob.job.cache import JobCache
+
+    with JobCache(w / "cache") as cache:
+        (key, entry), = [(k, v) for k, v in cache.entries() if k.startswith("offload:")]
+    assert not Path(entry["path"]).is_relative_to(w)  # the moved cache's entry names the old place
+    expected = (w / "runs" / "earlier" / "predictions.jsonl").read_bytes()
+    first = run_job(compose_config(JOB), w / "runs" / "moved")
+    assert first.status == "completed" and Path(first.offload_folder).is_relative_to(w / "cache")
+    assert (w / "runs" / "moved" / "predictions.jsonl").read_bytes() == expected
+
+    foreign = w / "cache" / "offload" / "elsewhere" / "offload-foreign"
+    foreign.mkdir(parents=True)  # empty, and of no job
+    with JobCache(w / "cache") as cache:
+        cache.set(key, {**cache.get(key), "path": str(foreign)})
+    second = run_job(compose_config(JOB), w / "runs" / "foreign")
+    assert second.status == "completed" and Path(second.offload_folder) != foreign  # built sound, never the foreign one
+    assert offload_problems(second.offload_folder, full=True) == []
+    assert (w / "runs" / "foreign" / "predictions.jsonl").read_bytes() == expected

@@ -212,6 +212,15 @@ def _ensure_writable(run_dir: Path) -> None:
         ) from None
 
 
+def _in_cache(folder: Path, cache_root: Path) -> bool:
+    """Whether ``folder`` is a folder of the cache at ``cache_root`` (a moved cache's registry names another place)."""
+    offload = (Path(cache_root).expanduser().absolute() / "offload").resolve()
+    try:
+        return folder.is_dir() and folder.resolve().is_relative_to(offload)
+    except OSError:
+        return False
+
+
 def check_run_folder(run_dir: Path, key: str) -> None:
     """Refuses a run folder holding another job's results (key ``key`` is this job's) before anything in it is replaced."""
     progress = ResultWriter(run_dir, key)
@@ -551,12 +560,13 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
                     offload_folder = cache.offload_dir(offload_key)
                     if disk_modules:
                         served = cache.get(f"offload:{offload_key}")
-                        if served is not None and Path(str(served.get("path", ""))).is_dir():
+                        if served is not None and _in_cache(Path(str(served.get("path", ""))), cache_root):
                             offload_folder = Path(served["path"]).parent  # served before, perhaps by a larger folder
                         else:
                             # Not built for this plan yet: a plan with more on disk (a smaller budget of a
                             # sweep) may have built a folder that holds these tensors already.
-                            offload_folder = cache.offload_holding(offload_family, disk_modules) or offload_folder
+                            holding = cache.offload_holding(offload_family, disk_modules)
+                            offload_folder = holding if holding is not None and _in_cache(holding, cache_root) else offload_folder
                     if registry:
                         uses.enter_context(use_lock(cache_root, offload_folder))
                 else:
