@@ -14,7 +14,7 @@ anything that needs arbitrary code is refused with
 and detects a prefix that one side carries and the other lacks.
 
 >>> import tempfile, pathlib, torch
->>> from bigjob.engine.checkpoints.safetensors_io import write_file
+>>> from bigjob.engine.checkpoints.safetensors_writer import write_file
 >>> folder = pathlib.Path(tempfile.mkdtemp())
 >>> write_file(folder / "model.safetensors", {"model.w": torch.ones(2, 3)})
 >>> with open_checkpoint(folder) as ckpt:
@@ -42,7 +42,8 @@ from typing import Any, Literal
 
 import torch
 
-from bigjob.engine.checkpoints.safetensors_io import MappedFile, TensorInfo, read_header
+from bigjob.engine.checkpoints.safetensors_header import TensorInfo, read_header
+from bigjob.engine.checkpoints.safetensors_mapping import MappedFile
 from bigjob.errors import CheckpointError, UnsafeCheckpointError
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ prefix such as ``model.`` that explains a mismatch.
 >>> import tempfile, torch
 >>> from torch import nn
 >>> from bigjob.engine.plan.empty import init_empty_weights
->>> from bigjob.engine.checkpoints.safetensors_io import write_file
+>>> from bigjob.engine.checkpoints.safetensors_writer import write_file
 >>> path = Path(tempfile.mkdtemp()) / "m.safetensors"
 >>> write_file(path, nn.Linear(3, 2).state_dict())
 >>> with init_empty_weights():

@@ -12,7 +12,7 @@ the marker also records the source and every tensor, for that check. Nothing out
 own ``offload-*`` and ``.tmp-offload-*`` entries under ``offload_folder`` is ever touched.
 
 >>> import tempfile, torch
->>> from bigjob.engine.checkpoints.safetensors_io import write_file
+>>> from bigjob.engine.checkpoints.safetensors_writer import write_file
 >>> from bigjob.engine.checkpoints.checkpoint import open_checkpoint
 >>> root = Path(tempfile.mkdtemp())
 >>> write_file(root / "model.safetensors", {"w": torch.ones(2, 2)})
@@ -42,7 +42,8 @@ from typing import NamedTuple
 import torch
 
 from bigjob.engine.checkpoints.checkpoint import Checkpoint, open_checkpoint
-from bigjob.engine.checkpoints.safetensors_io import SafetensorsWriter, dtype_name, layout_key
+from bigjob.engine.checkpoints.safetensors_header import dtype_name
+from bigjob.engine.checkpoints.safetensors_writer import SafetensorsWriter, layout_key
 from bigjob.errors import BigJobError, OffloadError
 
 __all__ = [
@@ -93,7 +94,7 @@ def before_offload_build(callback: Callable[[int], None]) -> Iterator[None]:
     in the block covers the folders it builds.
 
     >>> import tempfile, torch
-    >>> from bigjob.engine.checkpoints.safetensors_io import write_file
+    >>> from bigjob.engine.checkpoints.safetensors_writer import write_file
     >>> from bigjob.engine.checkpoints.checkpoint import open_checkpoint
     >>> root = Path(tempfile.mkdtemp())
     >>> write_file(root / "model.safetensors", {"w": torch.ones(4, 4)})
