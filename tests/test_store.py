@@ -24,7 +24,7 @@ from tiny_transformer import make_reference
 from bigjob import get_dispatch_info, load_checkpoint_and_dispatch
 from bigjob.engine.checkpoints import safetensors_writer
 from bigjob.engine.tiers import store
-from bigjob.engine.checkpoints.checkpoint import open_checkpoint
+from bigjob.engine.checkpoints.opening import open_checkpoint
 from bigjob.engine.checkpoints.safetensors_header import read_header
 from bigjob.engine.checkpoints.safetensors_writer import write_file
 from bigjob.engine.tiers.store import MARKER, OffloadEntry, offload_fingerprint, prepare_offload_folder

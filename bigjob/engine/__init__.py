@@ -2,13 +2,14 @@
 
 Empty models (:mod:`.empty`), byte accounting (:mod:`.sizes`), budgets (:mod:`.devices`), structure facts (:mod:`.model_info`),
 the planner (:mod:`.planner`) and its :class:`DeviceMap`, checkpoint readers
-(:mod:`.checkpoint`), offload folders (:mod:`.store`), the loader (:mod:`.loading`) and
+(:mod:`.checkpoints`), offload folders (:mod:`.store`), the loader (:mod:`.loading`) and
 the dispatcher with its hooks (:mod:`.dispatch`, :mod:`.hooks`, :mod:`.local_units`) and the
 execution policy of offloaded units (:mod:`.execution`, with the speeds it weighs in :mod:`.rates`),
 and the forward's own memory (:mod:`.working_memory`).
 """
 
-from bigjob.engine.checkpoints.checkpoint import Checkpoint, open_checkpoint
+from bigjob.engine.checkpoints.checkpoint import Checkpoint
+from bigjob.engine.checkpoints.opening import open_checkpoint
 from bigjob.engine.plan.device_map import DeviceMap, PlanSummary, check_device_map
 from bigjob.engine.plan.devices import get_max_memory, parse_size
 from bigjob.engine.run.dispatch import (

@@ -38,7 +38,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bigjob.engine.checkpoints.checkpoint import Checkpoint, KeyReport, compare_keys, open_checkpoint, resolve_name
+from bigjob.engine.checkpoints.checkpoint import Checkpoint
+from bigjob.engine.checkpoints.keys import KeyReport, compare_keys, resolve_name
+from bigjob.engine.checkpoints.opening import open_checkpoint
 from bigjob.engine.plan.device_map import DeviceMap, assign_tensors
 from bigjob.engine.plan.devices import CPU, DISK, is_accelerator
 from bigjob.engine.tiers.pages import Range, populate

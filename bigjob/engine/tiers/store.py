@@ -13,7 +13,7 @@ own ``offload-*`` and ``.tmp-offload-*`` entries under ``offload_folder`` is eve
 
 >>> import tempfile, torch
 >>> from bigjob.engine.checkpoints.safetensors_writer import write_file
->>> from bigjob.engine.checkpoints.checkpoint import open_checkpoint
+>>> from bigjob.engine.checkpoints.opening import open_checkpoint
 >>> root = Path(tempfile.mkdtemp())
 >>> write_file(root / "model.safetensors", {"w": torch.ones(2, 2)})
 >>> source = open_checkpoint(root / "model.safetensors")
@@ -41,7 +41,8 @@ from typing import NamedTuple
 
 import torch
 
-from bigjob.engine.checkpoints.checkpoint import Checkpoint, open_checkpoint
+from bigjob.engine.checkpoints.checkpoint import Checkpoint
+from bigjob.engine.checkpoints.opening import open_checkpoint
 from bigjob.engine.checkpoints.safetensors_header import dtype_name
 from bigjob.engine.checkpoints.safetensors_writer import SafetensorsWriter, layout_key
 from bigjob.errors import BigJobError, OffloadError
@@ -95,7 +96,7 @@ def before_offload_build(callback: Callable[[int], None]) -> Iterator[None]:
 
     >>> import tempfile, torch
     >>> from bigjob.engine.checkpoints.safetensors_writer import write_file
-    >>> from bigjob.engine.checkpoints.checkpoint import open_checkpoint
+    >>> from bigjob.engine.checkpoints.opening import open_checkpoint
     >>> root = Path(tempfile.mkdtemp())
     >>> write_file(root / "model.safetensors", {"w": torch.ones(4, 4)})
     >>> asked = []
