@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from bigjob.engine.checkpoints.safetensors_io import SafetensorsWriter
+from bigjob.engine.checkpoints.safetensors_writer import SafetensorsWriter
 
 LLAMA = {
     "architectures": ["LlamaForCausalLM"],

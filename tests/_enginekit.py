@@ -17,7 +17,7 @@ from safetensors.torch import save_file, save_model
 from tiny_transformer import TinyLM, make_reference
 
 from bigjob import init_empty_weights
-from bigjob.engine.checkpoints.safetensors_io import write_file
+from bigjob.engine.checkpoints.safetensors_writer import write_file
 
 #: Every checkpoint layout the loader must read; values are what to pass as ``checkpoint``.
 FORMATS = (

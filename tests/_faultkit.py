@@ -146,7 +146,7 @@ if phase == "plan":
         die()
     resolution.infer_auto_device_map = planned
 elif phase == "offload":
-    from bigjob.engine.checkpoints.safetensors_io import SafetensorsWriter
+    from bigjob.engine.checkpoints.safetensors_writer import SafetensorsWriter
     original = SafetensorsWriter.write
     def write(self, name, tensor):
         original(self, name, tensor)

@@ -386,12 +386,12 @@ def test_unknown_group_option_gets_hydras_message_naming_it_and_the_choices(work
 
 def test_disk_full_while_the_offload_folder_is_written(workspace, monkeypatch):
     """ENOSPC half-way through the build: an OffloadError naming the folder key; no folder, no entry; a rerun builds it."""
-    from bigjob.engine.checkpoints import safetensors_io
+    from bigjob.engine.checkpoints import safetensors_writer
 
     w = workspace
     args = JOB + ["dtype=bfloat16"]  # another offload folder than the workspace's float16 one
     before = state(w)
-    original = safetensors_io._write_all
+    original = safetensors_writer._write_all
     calls = []
 
     def write_all(fd, data):  # type: ignore[no-untyped-def]
@@ -400,7 +400,7 @@ def test_disk_full_while_the_offload_folder_is_written(workspace, monkeypatch):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return original(fd, data)
 
-    monkeypatch.setattr(safetensors_io, "_write_all", write_all)
+    monkeypatch.setattr(safetensors_writer, "_write_all", write_all)
     with pytest.raises(OffloadError) as info:
         run_job(compose_config(args), w / "runs" / "api")
     message = str(info.value)
@@ -416,7 +416,7 @@ def test_disk_full_while_the_offload_folder_is_written(workspace, monkeypatch):
 
     # Space again: the same job completes, builds its folder (nothing half-written was kept) and
     # gives what the same job gives in a fresh cache.
-    monkeypatch.setattr(safetensors_io, "_write_all", original)
+    monkeypatch.setattr(safetensors_writer, "_write_all", original)
     report = run_job(compose_config(args), w / "runs" / "again")
     assert report.status == "completed" and report.plan_cache_hit is True and report.offload_cache_hit is False
     fresh = run_job(compose_config(args + [f"cache.dir={w / 'fresh'}"]), w / "runs" / "fresh")

@@ -21,7 +21,7 @@ from bigjob.engine.run.dispatch_info import get_dispatch_info
 from bigjob.engine.run.entry_points import load_checkpoint_and_dispatch
 from bigjob.engine.plan.empty import init_empty_weights
 from bigjob.engine.plan.resolution import infer_auto_device_map
-from bigjob.engine.checkpoints.safetensors_io import write_file
+from bigjob.engine.checkpoints.safetensors_writer import write_file
 from bigjob.errors import BudgetError
 
 sys.path.insert(0, str(Path(__file__).parent))

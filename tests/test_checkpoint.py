@@ -1,4 +1,4 @@
-"""Tests of bigjob.engine.checkpoints.checkpoint: formats, errors, safety, key matching, identity."""
+"""Tests of the checkpoint readers (checkpoint, opening, index, the two formats) and keys: errors, safety, identity."""
 
 from __future__ import annotations
 
@@ -12,14 +12,9 @@ import torch
 from _enginekit import mapped_ranges
 from safetensors.torch import save_file
 
-from bigjob.engine.checkpoints.checkpoint import (
-    Checkpoint,
-    KeyReport,
-    TensorMeta,
-    compare_keys,
-    open_checkpoint,
-    resolve_name,
-)
+from bigjob.engine.checkpoints.checkpoint import Checkpoint, TensorMeta
+from bigjob.engine.checkpoints.keys import KeyReport, compare_keys, resolve_name
+from bigjob.engine.checkpoints.opening import open_checkpoint
 from bigjob.errors import CheckpointError, UnsafeCheckpointError
 
 

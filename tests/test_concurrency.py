@@ -156,7 +156,7 @@ class EightLinears(torch.nn.Sequential):
 @pytest.mark.parametrize("disk_reads", ["mapped", "direct", "auto"])
 def test_threads_calling_one_dispatched_model_at_once_each_get_the_in_ram_output(tmp_path, disk_reads, dtype):
     from bigjob import init_empty_weights, load_checkpoint_and_dispatch
-    from bigjob.engine.checkpoints.safetensors_io import write_file
+    from bigjob.engine.checkpoints.safetensors_writer import write_file
 
     torch.manual_seed(0)
     reference = EightLinears().to(dtype)

@@ -44,7 +44,7 @@ from bigjob import (
 from bigjob.engine.run import paged_units
 from bigjob.engine.run.hooks import first_device, move_to
 from bigjob.engine.tiers.pages import PAGE
-from bigjob.engine.checkpoints.safetensors_io import write_file
+from bigjob.engine.checkpoints.safetensors_writer import write_file
 from bigjob.errors import DeviceError, OffloadError
 
 EMBED, POS, NORM = VOCAB * WIDTH * 4, CONTEXT * WIDTH * 4, 2 * WIDTH * 4

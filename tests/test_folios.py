@@ -19,7 +19,9 @@ from bigjob.engine.tiers import folios
 from bigjob.engine.tiers.folios import HUGE, drop_cached, file_mappings, refresh_small_folios
 from bigjob.engine.tiers import pages
 from bigjob.engine.tiers.pages import PAGE, Range, huge_pages_enabled, merge, populate, release, resident, touch
-from bigjob.engine.checkpoints.safetensors_io import MappedFile, read_header, write_file
+from bigjob.engine.checkpoints.safetensors_header import read_header
+from bigjob.engine.checkpoints.safetensors_mapping import MappedFile
+from bigjob.engine.checkpoints.safetensors_writer import write_file
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
 

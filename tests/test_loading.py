@@ -39,7 +39,7 @@ from bigjob import (
     load_checkpoint_in_model,
     remove_dispatch,
 )
-from bigjob.engine.checkpoints.safetensors_io import write_file
+from bigjob.engine.checkpoints.safetensors_writer import write_file
 from bigjob.errors import CheckpointError, OffloadError, UnsafeCheckpointError
 
 TOTAL = 4 * BLOCK_NUMEL * 4 + VOCAB * WIDTH * 4 + CONTEXT * WIDTH * 4 + 2 * WIDTH * 4 + CONTEXT * 8 + CONTEXT * CONTEXT * 4

@@ -22,7 +22,7 @@ from _enginekit import empty_model, inputs, untied_state
 from tiny_transformer import make_reference
 
 from bigjob import get_dispatch_info, load_checkpoint_and_dispatch
-from bigjob.engine.checkpoints.safetensors_io import write_file
+from bigjob.engine.checkpoints.safetensors_writer import write_file
 from bigjob.engine.tiers import checksums
 from bigjob.engine.tiers.store import MARKER, offload_problems
 

@@ -1,4 +1,4 @@
-"""Tests of bigjob.engine.checkpoints.safetensors_io against the official safetensors package."""
+"""Tests of the safetensors header, mapping and writer (checkpoints.safetensors_*) against the official package."""
 
 from __future__ import annotations
 
@@ -18,17 +18,11 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from bigjob.engine.checkpoints import safetensors_io
+from bigjob.engine.checkpoints import safetensors_writer
+from bigjob.engine.checkpoints.safetensors_header import MAX_HEADER_BYTES, TensorInfo, dtype_name, read_header
+from bigjob.engine.checkpoints.safetensors_mapping import MappedFile
+from bigjob.engine.checkpoints.safetensors_writer import SafetensorsWriter, write_file
 from bigjob.engine.tiers.pages import huge_pages_enabled
-from bigjob.engine.checkpoints.safetensors_io import (
-    MAX_HEADER_BYTES,
-    MappedFile,
-    SafetensorsWriter,
-    TensorInfo,
-    dtype_name,
-    read_header,
-    write_file,
-)
 from bigjob.errors import CheckpointError, OffloadError
 
 DTYPES = [
@@ -449,7 +443,7 @@ def test_write_file_aligns_every_tensor(tmp_path: Path) -> None:
 @pytest.mark.parametrize("fail_at", [1, 2])
 def test_enospc_gives_offload_error_and_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_at: int) -> None:
     """fail_at=1 fails on the header, 2 on the first tensor's data."""
-    real = safetensors_io._write_all
+    real = safetensors_writer._write_all
     calls = []
 
     def flaky(fd: int, data: object) -> None:
@@ -458,7 +452,7 @@ def test_enospc_gives_offload_error_and_no_file(tmp_path: Path, monkeypatch: pyt
             raise OSError(errno.ENOSPC, "No space left on device")
         real(fd, data)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(safetensors_io, "_write_all", flaky)
+    monkeypatch.setattr(safetensors_writer, "_write_all", flaky)
     path = tmp_path / "full.safetensors"
     with pytest.raises(OffloadError) as err:
         write_file(path, {"a": torch.ones(10), "b": torch.ones(10)})

@@ -22,10 +22,11 @@ from _enginekit import empty_model, inputs, untied_state
 from tiny_transformer import make_reference
 
 from bigjob import get_dispatch_info, load_checkpoint_and_dispatch
-from bigjob.engine.checkpoints import safetensors_io
+from bigjob.engine.checkpoints import safetensors_writer
 from bigjob.engine.tiers import store
-from bigjob.engine.checkpoints.checkpoint import open_checkpoint
-from bigjob.engine.checkpoints.safetensors_io import write_file
+from bigjob.engine.checkpoints.opening import open_checkpoint
+from bigjob.engine.checkpoints.safetensors_header import read_header
+from bigjob.engine.checkpoints.safetensors_writer import write_file
 from bigjob.engine.tiers.store import MARKER, OffloadEntry, offload_fingerprint, prepare_offload_folder
 from bigjob.errors import OffloadError
 
@@ -78,7 +79,7 @@ def test_offloaded_weights_are_views_that_start_on_cache_lines(checkpoint: Path,
     files = sorted(folder.glob("*.safetensors"))
     mappings = {}
     for path in files:
-        infos, _ = safetensors_io.read_header(path)
+        infos, _ = read_header(path)
         mappings.update(infos)
     whole = 0
     for name, param in model.named_parameters():
@@ -313,7 +314,7 @@ def test_dead_builder_temp_is_cleaned_even_when_the_folder_is_reused(checkpoint:
 
 
 def _enospc_after(calls: int):  # type: ignore[no-untyped-def]
-    real = safetensors_io._write_all
+    real = safetensors_writer._write_all
     count = {"n": 0}
 
     def write_all(fd: int, data) -> None:  # type: ignore[no-untyped-def]
@@ -330,7 +331,7 @@ def test_disk_full_while_writing_leaves_nothing_a_later_run_would_trust(
     checkpoint: Path, tmp_path: Path, expected: torch.Tensor, monkeypatch: pytest.MonkeyPatch, calls: int
 ) -> None:
     offload = tmp_path / "off"
-    monkeypatch.setattr(safetensors_io, "_write_all", _enospc_after(calls))
+    monkeypatch.setattr(safetensors_writer, "_write_all", _enospc_after(calls))
     model = empty_model()
     with pytest.raises(OffloadError) as err:
         load_checkpoint_and_dispatch(model, checkpoint, device_map="disk", dtype=BF16, offload_folder=offload)

@@ -10,7 +10,7 @@ from torch import nn
 
 from bigjob import estimate_working_memory, infer_auto_device_map, init_empty_weights, load_checkpoint_and_dispatch
 from bigjob.engine.plan.planner import plan
-from bigjob.engine.checkpoints.safetensors_io import write_file
+from bigjob.engine.checkpoints.safetensors_writer import write_file
 from bigjob.engine.plan.inventory import build_inventory
 from bigjob.errors import BudgetError, ConfigError
 from models_for_planning import random_model, tree_specs

@@ -10,7 +10,9 @@ execution policy of offloaded units (:mod:`.execution`, with the speeds it weigh
 and the forward's own memory (:mod:`.working_memory`).
 """
 
-from bigjob.engine.checkpoints.checkpoint import Checkpoint, open_checkpoint
+from bigjob.engine.checkpoints.checkpoint import Checkpoint
+
+from bigjob.engine.checkpoints.opening import open_checkpoint
 from bigjob.engine.plan.device_map import DeviceMap, PlanSummary, check_device_map
 from bigjob.engine.plan.devices import get_max_memory, parse_size
 from bigjob.engine.run.dispatch_info import DispatchInfo, execution_tokens, get_dispatch_info, remove_dispatch

@@ -272,7 +272,7 @@ def _checkpoint_identity(
     path: Path, cfg: JobConfig, model: nn.Module | None, dtype: torch.dtype | None, special_dtypes: dict[str, Any]
 ) -> dict[str, Any]:
     """The checkpoint's identity; with ``model``, first checks that its tensors fit the model (headers only)."""
-    from bigjob.engine.checkpoints.checkpoint import open_checkpoint
+    from bigjob.engine.checkpoints.opening import open_checkpoint
     from bigjob.engine.run.key_checks import check_checkpoint
 
     try:

@@ -73,7 +73,7 @@ def load_checkpoint_and_dispatch(
     >>> import tempfile, torch
     >>> from torch import nn
     >>> from bigjob.engine.plan.empty import init_empty_weights
-    >>> from bigjob.engine.checkpoints.safetensors_io import write_file
+    >>> from bigjob.engine.checkpoints.safetensors_writer import write_file
     >>> reference = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> path = Path(tempfile.mkdtemp()) / "model.safetensors"
     >>> write_file(path, reference.state_dict())

@@ -10,8 +10,8 @@ keeps the checkpoint's own dtype gives each tensor.
 >>> import tempfile
 >>> from pathlib import Path
 >>> from torch import nn
->>> from bigjob.engine.checkpoints.checkpoint import open_checkpoint
->>> from bigjob.engine.checkpoints.safetensors_io import write_file
+>>> from bigjob.engine.checkpoints.opening import open_checkpoint
+>>> from bigjob.engine.checkpoints.safetensors_writer import write_file
 >>> path = Path(tempfile.mkdtemp()) / "m.safetensors"
 >>> write_file(path, nn.Linear(3, 2).state_dict())
 >>> with open_checkpoint(path) as ckpt:
@@ -32,7 +32,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from bigjob.engine.checkpoints.checkpoint import Checkpoint, KeyReport, compare_keys, resolve_name
+from bigjob.engine.checkpoints.checkpoint import Checkpoint
+
+from bigjob.engine.checkpoints.keys import KeyReport, compare_keys, resolve_name
 from bigjob.engine.plan.dtypes import resolve_dtype
 from bigjob.engine.plan.inventory import Inventory, build_inventory
 from bigjob.errors import CheckpointError

@@ -13,7 +13,7 @@ Every problem with the keys is found before anything is loaded and reported at o
 >>> import tempfile, torch
 >>> from torch import nn
 >>> from bigjob.engine.plan.empty import init_empty_weights
->>> from bigjob.engine.checkpoints.safetensors_io import write_file
+>>> from bigjob.engine.checkpoints.safetensors_writer import write_file
 >>> path = Path(tempfile.mkdtemp()) / "m.safetensors"
 >>> write_file(path, nn.Linear(3, 2).state_dict())
 >>> with init_empty_weights():
@@ -34,7 +34,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bigjob.engine.checkpoints.checkpoint import Checkpoint, open_checkpoint
+from bigjob.engine.checkpoints.checkpoint import Checkpoint
+
+from bigjob.engine.checkpoints.opening import open_checkpoint
 from bigjob.engine.plan.device_map import DeviceMap, assign_tensors
 from bigjob.engine.plan.devices import CPU, DISK, is_accelerator
 from bigjob.engine.plan.resolution import resolve_device_map

@@ -18,7 +18,7 @@ a sampled page; it reads about 1 MiB a file. :func:`full_problem` reads every by
 (``bigjob-cache verify``).
 
 >>> import tempfile, torch
->>> from bigjob.engine.checkpoints.safetensors_io import write_file
+>>> from bigjob.engine.checkpoints.safetensors_writer import write_file
 >>> path = Path(tempfile.mkdtemp()) / "t.safetensors"
 >>> write_file(path, {"w": torch.ones(64, 64)})
 >>> checks = file_checks(path)

@@ -12,8 +12,8 @@ the marker also records the source and every tensor, for that check. Nothing out
 own ``offload-*`` and ``.tmp-offload-*`` entries under ``offload_folder`` is ever touched.
 
 >>> import tempfile, torch
->>> from bigjob.engine.checkpoints.safetensors_io import write_file
->>> from bigjob.engine.checkpoints.checkpoint import open_checkpoint
+>>> from bigjob.engine.checkpoints.safetensors_writer import write_file
+>>> from bigjob.engine.checkpoints.opening import open_checkpoint
 >>> root = Path(tempfile.mkdtemp())
 >>> write_file(root / "model.safetensors", {"w": torch.ones(2, 2)})
 >>> source = open_checkpoint(root / "model.safetensors")
@@ -41,8 +41,11 @@ from typing import NamedTuple
 
 import torch
 
-from bigjob.engine.checkpoints.checkpoint import Checkpoint, open_checkpoint
-from bigjob.engine.checkpoints.safetensors_io import SafetensorsWriter, dtype_name, layout_key
+from bigjob.engine.checkpoints.checkpoint import Checkpoint
+
+from bigjob.engine.checkpoints.opening import open_checkpoint
+from bigjob.engine.checkpoints.safetensors_header import dtype_name
+from bigjob.engine.checkpoints.safetensors_writer import SafetensorsWriter, layout_key
 from bigjob.engine.tiers.checksums import file_checks, full_problem, quick_problem
 from bigjob.errors import BigJobError, OffloadError
 
@@ -95,8 +98,8 @@ def before_offload_build(callback: Callable[[int], None]) -> Iterator[None]:
     in the block covers the folders it builds.
 
     >>> import tempfile, torch
-    >>> from bigjob.engine.checkpoints.safetensors_io import write_file
-    >>> from bigjob.engine.checkpoints.checkpoint import open_checkpoint
+    >>> from bigjob.engine.checkpoints.safetensors_writer import write_file
+    >>> from bigjob.engine.checkpoints.opening import open_checkpoint
     >>> root = Path(tempfile.mkdtemp())
     >>> write_file(root / "model.safetensors", {"w": torch.ones(4, 4)})
     >>> asked = []
