@@ -141,7 +141,12 @@ def _hydra_app() -> None:
 def main() -> None:
     """``bigjob``: run a job (or a sweep with ``-m``) from the command line."""
     from bigjob.job.callbacks import sweep_failures
+    from bigjob.job.suggest import check_command_line
 
+    try:
+        check_command_line(sys.argv[1:], config_dir())
+    except ConfigError as err:
+        fail(err)
     _failed_jobs.clear()
     _hydra_app()
     # Jobs a launcher ran in other processes (joblib, Ray, submitit) are known by their records.

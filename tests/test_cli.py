@@ -95,8 +95,7 @@ def test_bad_input_is_one_clear_line_and_exit_code_1(tmp_path, name):
     assert out.returncode == 1, (out.stdout, out.stderr)
     assert "Traceback" not in out.stderr and key in out.stderr
     lines = [line for line in out.stderr.splitlines() if line.strip()]
-    if not name.startswith("unknown"):  # those keep Hydra's own (multi-line) message
-        assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
     assert not (tmp_path / "cache").exists()  # nothing written to the cache
 
 
