@@ -92,16 +92,18 @@ def _print_plan(run_dir: Path) -> None:
 
 def _task(cfg: DictConfig) -> None:
     from bigjob.job.isolation import execute
+    from bigjob.job.stopping import sigterm_stops
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        report = execute(to_job_config(cfg), run_dir, multirun=multirun)  # in a child process with runner.isolate
-    except KeyboardInterrupt:
+        with sigterm_stops():
+            report = execute(to_job_config(cfg), run_dir, multirun=multirun)  # in a child process with runner.isolate
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (bigjob.job.stopping.Terminated)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        _interrupted(run_dir, cfg)
+        _interrupted(run_dir, cfg, err)
         return
     except Exception as err:
         _record_failure(run_dir, cfg, err)
@@ -119,19 +121,16 @@ def _task(cfg: DictConfig) -> None:
     print(report.summary())
 
 
-def _interrupted(run_dir: Path, cfg: DictConfig) -> None:
-    """Ctrl-C: one line saying what is kept, a failed record for sweep summaries, exit code 130."""
+def _interrupted(run_dir: Path, cfg: DictConfig, err: KeyboardInterrupt) -> None:
+    """Ctrl-C or SIGTERM: one line saying what is kept, a failed record for sweep summaries, exit code 130 or 143."""
     from bigjob.job.progress import PROGRESS_NAME
+    from bigjob.job.stopping import exit_code, interrupted_line
 
-    try:
-        done = int(json.loads((run_dir / PROGRESS_NAME).read_text(encoding="utf-8"))["batches_done"])
-    except (OSError, ValueError, KeyError, TypeError):
-        done = 0
-    kept = f"{done} finished batch(es) are kept in {run_dir}" if done else f"no batch had finished; the record is in {run_dir}"
-    _record_failure(run_dir, cfg, KeyboardInterrupt(f"interrupted (Ctrl-C) after {done} batch(es)"))
-    sys.stderr.write(f"interrupted: {kept}; run the same command again to continue\n")
+    line, error = interrupted_line(run_dir, err, PROGRESS_NAME)
+    _record_failure(run_dir, cfg, KeyboardInterrupt(error))
+    sys.stderr.write(line + "\n")
     sys.stderr.flush()
-    sys.exit(130)
+    sys.exit(exit_code(err))
 
 
 def _hydra_app() -> None:

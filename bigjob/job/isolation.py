@@ -49,6 +49,7 @@ from typing import Any
 from bigjob.errors import BigJobError, JobError
 from bigjob.job.report import JobReport, atomic_write_text, read_report
 from bigjob.job.schema import JobConfig
+from bigjob.job.stopping import Terminated, sigterm_stops
 
 __all__ = ["ChildTraceback", "JobProcessError", "config_from_json", "execute", "isolation_wanted", "run_isolated"]
 
@@ -231,7 +232,9 @@ def _child_failure(error_file: Path, code: int, pid: int, run_dir: Path) -> Base
         err: BaseException
         if cls is not None:
             err = cls(message)
-        elif info.get("type") == "KeyboardInterrupt":
+        elif info.get("type") == "Terminated":
+            err = Terminated()
+        elif "KeyboardInterrupt" in (info.get("classes") or []):
             err = KeyboardInterrupt()
         else:
             err = JobProcessError(f"the job process (pid {pid}) failed with {info.get('type')}: {message}")
@@ -295,7 +298,8 @@ def child_main(spec: dict[str, Any]) -> int:
     try:
         from bigjob.job.runner import run_job
 
-        report = run_job(config_from_json(spec["config"]), spec["run_dir"], multirun=bool(spec["multirun"]))
+        with sigterm_stops():  # the parent, the daemon and SLURM stop a job with SIGTERM: it ends like Ctrl-C
+            report = run_job(config_from_json(spec["config"]), spec["run_dir"], multirun=bool(spec["multirun"]))
         if report.pid == os.getpid():  # the work ran here (not a record reused from an earlier run)
             report.isolated = True
             report.write()
