@@ -139,7 +139,7 @@ def _hydra_app() -> None:
 
 def main() -> None:
     """``bigjob``: run a job (or a sweep with ``-m``) from the command line."""
-    from bigjob.job.callbacks import sweep_failures
+    from bigjob.job.callbacks import forget_sweep, sweep_failures
     from bigjob.job.suggest import check_command_line
 
     try:
@@ -147,7 +147,11 @@ def main() -> None:
     except ConfigError as err:
         fail(err)
     _failed_jobs.clear()
-    _hydra_app()
+    forget_sweep()
+    try:
+        _hydra_app()
+    finally:  # also when a job's crash ends the sweep early: the table shows how far it got
+        _print_sweep_table()
     # Jobs a launcher ran in other processes (joblib, Ray, submitit) are known by their records.
     for job_dir, error in sweep_failures():
         if job_dir not in _failed_jobs:
@@ -156,6 +160,21 @@ def main() -> None:
     if _failed_jobs:
         sys.stderr.write(f"error: {len(_failed_jobs)} job(s) of the sweep failed; see the summary in the sweep folder\n")
         sys.exit(1)
+
+
+def _print_sweep_table() -> None:
+    """The summary table of the sweep this process launched (failed jobs included), rewritten from the records."""
+    from bigjob.job.callbacks import launched_sweep
+    from bigjob.job.summary import render_markdown, write_summary
+
+    sweep = launched_sweep()
+    if sweep is not None and sweep.is_dir():
+        try:
+            rows = write_summary(sweep)[2]
+            failed = sum(1 for row in rows if row["status"] == "failed")
+            print(f"\nsweep {sweep}: {len(rows)} jobs, {failed} failed\n\n{render_markdown(rows)}", end="", flush=True)
+        except (BigJobError, OSError) as err:
+            logger.warning("could not write the sweep summary: %s", err)
 
 
 def plan_main() -> None:

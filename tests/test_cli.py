@@ -234,3 +234,15 @@ def test_installed_package_runs_from_another_folder(tmp_path):
     assert "disk" in out.stdout and list((elsewhere / "outputs").iterdir())
     plan = subprocess.run([str(venv / "bin" / "bigjob-plan"), "experiment=tiny"], env=env, cwd=elsewhere, capture_output=True, text=True)
     assert plan.returncode == 0, plan.stderr
+
+
+def test_a_sweep_with_a_failed_job_still_prints_the_summary_table(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = run_cli(["-m", *TINY_JOB, "data.batch_size=1,0", "runner.isolate=false", f"hydra.sweep.dir={sweep}"], tmp_path, cache_env(tmp_path))
+    assert out.returncode == 1, out.stderr
+    table = out.stdout[out.stdout.index(f"sweep {sweep}: 2 jobs, 1 failed"):]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| job ")]
+    assert [row.split(" | ")[:2] for row in rows] == [["| 0", "completed"], ["| 1", "failed"]]
+    assert "data.batch_size must be at least 1, got 0" in rows[1]
+    with (sweep / "summary.csv").open() as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["completed", "failed"]
