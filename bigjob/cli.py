@@ -214,7 +214,7 @@ def summarize_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bigjob-summarize", description="Summarize a bigjob sweep folder.")
     parser.add_argument("sweep_dir", help="the folder a `bigjob -m ...` sweep wrote (holds one folder per job)")
     parser.add_argument("--plot", action="store_true",
-                        help="also draw throughput and peak memory against the CPU budget, one line per batch size (needs matplotlib)")
+                        help="also draw throughput and peak memory against the CPU budget, one line per setting of the other swept keys (needs matplotlib)")
     parser.add_argument("--plot-file", metavar="PNG", help="where --plot writes (default: <sweep folder>/summary.png)")
     args = parser.parse_args(argv)
     try:
