@@ -75,11 +75,11 @@ def _record_failure(run_dir: Path, cfg: DictConfig, err: BaseException) -> None:
         pass  # an unwritable folder is the error being reported
 
 
-def _print_plan(run_dir: Path) -> None:
+def _print_plan(run_dir: Path, report: JobReport) -> None:
     from bigjob.engine.device_map import DeviceMap
 
     device_map = DeviceMap.from_json((run_dir / "device_map.json").read_text(encoding="utf-8"))
-    print(device_map.describe())
+    print(device_map.describe(report.user_budgets))
     items = list(device_map.items())
     print("\ndevice map:")
     for name, device in items[:MAP_LINES_SHOWN]:
@@ -115,7 +115,7 @@ def _task(cfg: DictConfig) -> None:
         fail(err)
         return
     if report.mode == "plan":
-        _print_plan(run_dir)
+        _print_plan(run_dir, report)
     print(report.summary())
 
 

@@ -171,7 +171,8 @@ class JobReport:
     # (read past it into reused buffers: placement.disk_reads).
     disk_unit_reads: dict[str, int] = field(default_factory=dict)
     planned_bytes: dict[str, int] = field(default_factory=dict)
-    budgets: dict[str, int] = field(default_factory=dict)
+    budgets: dict[str, int] = field(default_factory=dict)  # what the planner capped each device at (balanced: below the user's)
+    user_budgets: dict[str, int] = field(default_factory=dict)  # placement.max_memory as resolved (unset: free memory)
     working_memory_bytes: int = 0  # kept free of weights on main_device for the forward (placement.working_memory)
     batches: int = 0
     samples: int = 0

@@ -519,6 +519,7 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
             if device_map.summary is not None:
                 report.planned_bytes = dict(device_map.summary.planned_bytes)
                 report.budgets = dict(device_map.summary.budgets)
+                report.user_budgets = dict(budgets)
                 report.main_device = device_map.summary.main_device
                 report.working_memory_bytes = device_map.summary.working_memory
             atomic_write_text(run_dir / DEVICE_MAP_NAME, device_map.to_json() + "\n")
