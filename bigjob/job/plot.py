@@ -9,7 +9,7 @@ torch and the empty model): what the job's weights and activations took, the qua
 budget bounds, drawn with the budget itself as a dashed line.
 
 ``bigjob-summarize <sweep folder> --plot`` writes ``summary.png`` next to ``summary.csv``.
-Needs matplotlib (``pip install 'bigjob[plot]'``); it draws off-screen (Agg), so it works on
+Needs matplotlib (``pip install ".[plot]"`` in bigjob's folder); it draws off-screen (Agg), so it works on
 machines without a display. Completed jobs (and jobs skipped because an earlier run of theirs
 completed) are drawn; failed ones are left out.
 
@@ -142,7 +142,7 @@ def plot_sweep(sweep_dir: str | os.PathLike[str], path: str | os.PathLike[str] |
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise JobError("drawing a sweep needs matplotlib: pip install 'bigjob[plot]' (or pip install matplotlib)") from None
+        raise JobError('drawing a sweep needs matplotlib: pip install matplotlib (or pip install ".[plot]" in bigjob\'s folder)') from None
     sweep = Path(sweep_dir)
     points = sweep_points(sweep)
     if not points:
