@@ -96,8 +96,7 @@ def test_bad_input_is_one_clear_line_and_exit_code_1(tmp_path, name):
     assert out.returncode == 1, (out.stdout, out.stderr)
     assert "Traceback" not in out.stderr and key in out.stderr
     lines = [line for line in out.stderr.splitlines() if line.strip()]
-    if not name.startswith("unknown"):  # those keep Hydra's own (multi-line) message
-        assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
     assert not (tmp_path / "cache").exists()  # nothing written to the cache
 
 
@@ -242,3 +241,55 @@ def test_installed_package_runs_from_another_folder(tmp_path):
     assert "disk" in out.stdout and list((elsewhere / "outputs").iterdir())
     plan = subprocess.run([str(venv / "bin" / "bigjob-plan"), "experiment=tiny"], env=env, cwd=elsewhere, capture_output=True, text=True)
     assert plan.returncode == 0, plan.stderr
+
+
+def test_a_sweep_with_a_failed_job_still_prints_the_summary_table(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = run_cli(["-m", *TINY_JOB, "data.batch_size=1,0", "runner.isolate=false", f"hydra.sweep.dir={sweep}"], tmp_path, cache_env(tmp_path))
+    assert out.returncode == 1, out.stderr
+    table = out.stdout[out.stdout.index(f"sweep {sweep}: 2 jobs, 1 failed"):]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| job ")]
+    assert [row.split(" | ")[:2] for row in rows] == [["| 0", "completed"], ["| 1", "failed"]]
+    assert "data.batch_size must be at least 1, got 0" in rows[1]
+    with (sweep / "summary.csv").open() as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["completed", "failed"]
+
+
+TORCH_PROBE = """
+import sys
+from bigjob.cli import {entry}
+sys.argv[0] = {entry!r}
+try:
+    {entry}()
+except SystemExit:
+    pass
+sys.stderr.write("torch imported" if "torch" in sys.modules else "torch not imported")
+"""
+
+
+def probe(entry: str, args: list[str], cwd) -> subprocess.CompletedProcess[str]:
+    """``entry`` (a console-script function of bigjob.cli) run with ``args``; stderr ends by saying whether torch got imported."""
+    code = TORCH_PROBE.format(entry=entry)
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=120)
+
+
+def test_help_and_version_answer_without_importing_torch(tmp_path):
+    from importlib.metadata import PackageNotFoundError, version
+
+    import bigjob
+
+    try:
+        expected = version("bigjob")
+    except PackageNotFoundError:
+        expected = bigjob.__version__
+    out = probe("main", ["--version"], tmp_path)
+    assert out.stdout.strip() == f"bigjob {expected}" and out.stderr.endswith("torch not imported"), out.stderr
+    out = probe("cache_main", ["--version"], tmp_path)
+    assert out.stdout.strip() == f"bigjob-cache {expected}" and out.stderr.endswith("torch not imported"), out.stderr
+    out = probe("cache_main", ["--help"], tmp_path)
+    assert "XDG_CACHE_HOME" in out.stdout and "BIGJOB_CACHE_DIR" in out.stdout and out.stderr.endswith("torch not imported"), out.stderr
+    fast = probe("main", ["--help"], tmp_path)
+    assert fast.stderr.endswith("torch not imported"), fast.stderr
+    assert "== Configuration groups ==" in fast.stdout and "placement: auto, balanced" in fast.stdout and "max_memory:" in fast.stdout
+    hydra_help = run_cli(["--help", "mode=run"], tmp_path)  # an override: Hydra's own help, the same config
+    assert hydra_help.returncode == 0 and fast.stdout == hydra_help.stdout

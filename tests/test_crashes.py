@@ -108,26 +108,36 @@ def test_a_job_killed_at_any_phase_reruns_to_the_same_outputs(tmp_path, referenc
     assert len(offload_folders(cache)) == 1
 
 
-def test_ctrl_c_stops_with_one_line_and_the_rerun_continues(tmp_path, reference):
+def default_sigint() -> None:
+    """In a test's child process: SIGINT back to its default (a background shell starts its commands ignoring it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("signum, code, what", [
+    (signal.SIGINT, 130, "interrupted"),  # what Ctrl-C sends
+    (signal.SIGTERM, 143, "terminated (SIGTERM)"),  # what SLURM sends on preemption, and `kill`
+])
+def test_ctrl_c_or_sigterm_stops_with_one_line_and_the_rerun_continues(tmp_path, reference, signum, code, what):
     cache, run_dir = tmp_path / "cache", tmp_path / "run"
     env = {"BIGJOB_CACHE_DIR": str(cache)}
     args = JOB + [f"hydra.run.dir={run_dir}"]
     job = subprocess.Popen(
-        [sys.executable, "-c", DRIVER, "slow", *args], cwd=tmp_path, env=cli_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", DRIVER, "slow", *args], cwd=tmp_path, env=cli_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, preexec_fn=default_sigint,
     )
     progress = run_dir / "progress.json"
     wait_for_batches(progress, 2, job, timeout=60)
-    job.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    job.send_signal(signum)
     _, stderr = job.communicate(timeout=60)
-    assert job.returncode == 130, stderr
+    assert job.returncode == code, stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1, stderr
     done = json.loads(progress.read_text())["batches_done"]
     assert 2 <= done < BATCHES
-    assert lines[0] == f"interrupted: {done} finished batch(es) are kept in {run_dir}; run the same command again to continue"
+    assert lines[0] == f"{what}: {done} finished batch(es) are kept in {run_dir}; run the same command again to continue"
     marker = json.loads(progress.read_text())
     assert (run_dir / "predictions.jsonl").stat().st_size == marker["predictions_bytes"]  # progress kept, consistent
-    assert metrics(run_dir)["status"] == "failed" and "interrupted" in metrics(run_dir)["error"]
+    assert metrics(run_dir)["status"] == "failed" and what.split()[0] in metrics(run_dir)["error"]
 
     rerun = run_cli(args, tmp_path, env, timeout=120)
     assert rerun.returncode == 0, rerun.stderr

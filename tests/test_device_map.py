@@ -149,3 +149,18 @@ def test_explicit_maps_round_trip_through_json_with_their_summary() -> None:
 
 def test_model_without_tensors_needs_no_keys() -> None:
     check_device_map(nn.Sequential(nn.ReLU()), {})
+
+
+def test_describe_shows_the_users_budget_and_the_planners_cap_beside_it() -> None:
+    """A balanced plan caps each GPU below its budget: the budget column is what the user asked for, the cap its own column."""
+    caps = {"cuda:0": 2 * 2**30, "cuda:1": 3 * 2**30, "cpu": 8 * 2**30}
+    asked = {"cuda:0": 10 * 2**30, "cuda:1": 10 * 2**30, "cpu": 8 * 2**30}
+    summary = PlanSummary("balanced", caps, {"cuda:0": 2**30, "cuda:1": 3 * 2**30}, {"cuda:0": 4, "cuda:1": 6}, "cuda:0")
+    dm = DeviceMap({"a": "cuda:0", "b": "cuda:1"}, summary)
+    lines = dm.describe(asked).splitlines()
+    assert lines[0].split() == ["device", "planned", "budget", "cap", "share", "units"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert rows["cuda:0"] == ["cuda:0", "1.00", "GiB", "10.00", "GiB", "2.00", "GiB", "10.0%", "4"]
+    assert rows["cuda:1"] == ["cuda:1", "3.00", "GiB", "10.00", "GiB", "3.00", "GiB", "30.0%", "6"]
+    same = dm.describe(caps).splitlines()  # nothing capped: no cap column
+    assert same[0].split() == ["device", "planned", "budget", "share", "units"]

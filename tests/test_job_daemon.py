@@ -177,7 +177,8 @@ def test_ctrl_c_in_the_command_stops_the_job_and_a_rerun_continues(tmp_path: Pat
     args = [*TINY_OVERRIDES, "data.num_samples=3000", "data.batch_size=1", "quiet=true", f"cache.dir={tmp_path / 'cache'}",
             "runner.daemon=true", f"hydra.run.dir={run_dir}"]
     job = subprocess.Popen([sys.executable, "-m", "bigjob", *args], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+                           stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background shell ignores SIGINT
     progress = run_dir / "progress.json"
     assert wait_for_batches(progress, 2, job)
     job.send_signal(signal.SIGINT)  # what Ctrl-C sends

@@ -9,7 +9,7 @@ import pytest
 
 from _jobkit import run_entry
 from bigjob.errors import JobError
-from bigjob.job.plot import plot_sweep, sweep_points
+from bigjob.job.plot import plot_sweep, sweep_points, sweep_series
 from bigjob.job.report import JobReport
 
 MIB = 2**20
@@ -76,5 +76,26 @@ def test_a_sweep_with_nothing_to_draw_is_one_clear_error(tmp_path):
 def test_without_matplotlib_the_error_says_what_to_install(tmp_path, monkeypatch):
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
-    with pytest.raises(JobError, match=r"pip install 'bigjob\[plot\]'"):
+    with pytest.raises(JobError, match=r'pip install matplotlib \(or pip install "\.\[plot\]" in bigjob'):
         plot_sweep(make_sweep(tmp_path, JOBS))
+
+
+def test_every_swept_key_but_the_cpu_budget_splits_the_lines(tmp_path):
+    jobs = [(64, 1, 900.0, "completed"), (128, 1, 1500.0, "completed"), (64, 1, 300.0, "completed"), (128, 1, 500.0, "completed"),
+            (64, 8, 2500.0, "completed")]
+    sweep = make_sweep(tmp_path, jobs)
+    for job, dtype in enumerate(["bfloat16", "bfloat16", "float32", "float32", "bfloat16"]):
+        path = sweep / str(job) / ".hydra" / "overrides.yaml"
+        path.write_text(path.read_text() + f"- dtype={dtype}\n- quiet=true\n")  # quiet: the same everywhere, not swept
+    series = sweep_series(sweep_points(sweep))
+    assert {label: [(p.cpu_budget_bytes // MIB, p.tokens_per_s) for p in line] for label, line in series.items()} == {
+        "data.batch_size=1, dtype=bfloat16": [(64, 900.0), (128, 1500.0)],
+        "data.batch_size=1, dtype=float32": [(64, 300.0), (128, 500.0)],
+        "data.batch_size=8, dtype=bfloat16": [(64, 2500.0)],
+    }
+    assert png_size(plot_sweep(sweep))[0] > 0
+
+
+def test_a_sweep_of_the_budget_alone_is_one_line(tmp_path):
+    series = sweep_series(sweep_points(make_sweep(tmp_path, JOBS[:3])))
+    assert list(series) == ["all jobs"] and [p.cpu_budget_bytes // MIB for p in series["all jobs"]] == [64, 128, 256]

@@ -26,14 +26,14 @@ TINY_JOB = TINY_OVERRIDES + ["placement.max_memory.cpu=36KiB", "data.num_samples
 
 
 def needs(module: str, extra: str) -> pytest.MarkDecorator:
-    return pytest.mark.skipif(importlib.util.find_spec(module) is None, reason=f"needs {module}: pip install 'bigjob[{extra}]'")
+    return pytest.mark.skipif(importlib.util.find_spec(module) is None, reason=f'needs {module}: pip install ".[{extra}]"')
 
 
 needs_joblib = needs("hydra_plugins.hydra_joblib_launcher", "joblib")
 needs_submitit = needs("hydra_plugins.hydra_submitit_launcher", "slurm")
 needs_ray = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None or importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None,
-    reason="needs ray and hydra-ray-launcher: pip install 'bigjob[ray]'",
+    reason='needs ray and hydra-ray-launcher: pip install ".[ray]"',
 )
 
 

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from bigjob.errors import JobError
 from bigjob.job.summary import write_summary
 
-__all__ = ["BigJobCallback", "check_output_dir", "fail", "launched_here", "sweep_failures"]
+__all__ = ["BigJobCallback", "check_output_dir", "fail", "launched_here", "forget_sweep", "launched_sweep", "sweep_failures"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +35,24 @@ logger = logging.getLogger(__name__)
 _sweep_failures: list[tuple[str, str]] = []
 # The process that launched the running sweep (a launcher's workers are other processes).
 _launching_pid: int | None = None
+# The folder of the last sweep this process launched.
+_sweep_dir: Path | None = None
 
 
 def launched_here() -> bool:
     """Whether this process launched the sweep it runs a job of (not a joblib, Ray or submitit worker)."""
     return _launching_pid == os.getpid()
+
+
+def launched_sweep() -> Path | None:
+    """The folder of the last sweep this process launched (even one a crashed job ended early), or None."""
+    return _sweep_dir if launched_here() else None
+
+
+def forget_sweep() -> None:
+    """Forgets the last sweep (a command starting in a process that ran one before)."""
+    global _sweep_dir
+    _sweep_dir = None
 
 
 def sweep_failures() -> list[tuple[str, str]]:
@@ -99,9 +112,10 @@ class BigJobCallback(Callback):
             fail(err)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        global _launching_pid
+        global _launching_pid, _sweep_dir
         self._sweep_started = time.time()
         _launching_pid = os.getpid()
+        _sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
         _sweep_failures.clear()
         try:
             check_output_dir(str(config.hydra.sweep.dir), "hydra.sweep.dir")

@@ -10,6 +10,7 @@ exception (:func:`child_failure`).
 
 >>> import dataclasses
 >>> from bigjob.job.schema import JobConfig
+from bigjob.job.stopping import Terminated, sigterm_stops
 >>> config_from_json(json.loads(json.dumps(dataclasses.asdict(JobConfig())))) == JobConfig()
 True
 >>> type(child_failure(Path("/nonexistent"), ORPHANED_EXIT, 1, Path("."))).__name__
@@ -79,7 +80,9 @@ def child_failure(error_file: Path, code: int, pid: int, run_dir: Path) -> BaseE
         err: BaseException
         if cls is not None:
             err = cls(message)
-        elif info.get("type") == "KeyboardInterrupt":
+        elif info.get("type") == "Terminated":
+            err = Terminated()
+        elif "KeyboardInterrupt" in (info.get("classes") or []):
             err = KeyboardInterrupt()
         else:
             err = JobProcessError(f"the job process (pid {pid}) failed with {info.get('type')}: {message}")
@@ -140,7 +143,8 @@ def child_main(spec: dict[str, Any]) -> int:
     try:
         from bigjob.job.runner import run_job
 
-        report = run_job(config_from_json(spec["config"]), spec["run_dir"], multirun=bool(spec["multirun"]))
+        with sigterm_stops():  # the parent, the daemon and SLURM stop a job with SIGTERM: it ends like Ctrl-C
+            report = run_job(config_from_json(spec["config"]), spec["run_dir"], multirun=bool(spec["multirun"]))
         if report.pid == os.getpid():  # the work ran here (not a record reused from an earlier run)
             report.isolated = True
             report.write()

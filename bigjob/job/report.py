@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import torch
 
 __all__ = [
     "JobReport",
@@ -120,6 +119,8 @@ class MemorySampler:
 
 def cuda_peaks() -> dict[str, int]:
     """Peak bytes allocated by torch on each CUDA device since the last reset ({} without CUDA)."""
+    import torch  # here: the CLI's --help and the summaries read records without torch
+
     if not torch.cuda.is_available():
         return {}
     return {f"cuda:{i}": int(torch.cuda.max_memory_allocated(i)) for i in range(torch.cuda.device_count())}
@@ -136,6 +137,8 @@ def versions() -> dict[str, str]:
             bigjob_version = "unknown (not installed)"
     except ImportError:  # pragma: no cover
         bigjob_version = "unknown"
+    import torch
+
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -168,7 +171,8 @@ class JobReport:
     # (read past it into reused buffers: placement.disk_reads).
     disk_unit_reads: dict[str, int] = field(default_factory=dict)
     planned_bytes: dict[str, int] = field(default_factory=dict)
-    budgets: dict[str, int] = field(default_factory=dict)
+    budgets: dict[str, int] = field(default_factory=dict)  # what the planner capped each device at (balanced: below the user's)
+    user_budgets: dict[str, int] = field(default_factory=dict)  # placement.max_memory as resolved (unset: free memory)
     working_memory_bytes: int = 0  # kept free of weights on main_device for the forward (placement.working_memory)
     batches: int = 0
     samples: int = 0

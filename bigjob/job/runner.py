@@ -51,6 +51,7 @@ from bigjob.job.fingerprint import (
     tensor_signature,
     working_memory_key,
 )
+from bigjob.job.half_on_cpu import warn_if_slow
 from bigjob.job.progress import ResultWriter
 from bigjob.job.prune import prune, touch
 from bigjob.job.report import DEVICE_MAP_NAME, JobReport, MemorySampler, atomic_write_text, cuda_peaks, percentile, read_report, versions
@@ -527,6 +528,7 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
             if device_map.summary is not None:
                 report.planned_bytes = dict(device_map.summary.planned_bytes)
                 report.budgets = dict(device_map.summary.budgets)
+                report.user_budgets = dict(budgets)
                 report.main_device = device_map.summary.main_device
                 report.working_memory_bytes = device_map.summary.working_memory
             atomic_write_text(run_dir / DEVICE_MAP_NAME, device_map.to_json() + "\n")
@@ -583,6 +585,7 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
             if info is None:
                 raise JobError("the engine returned a model without dispatch information; this is a bug in bigjob")
             report.main_device = info.main_device
+            warn_if_slow(_dtype_name(dtype), info.main_device)  # bf16/fp16 emulated on CPUs without the instructions
             report.load_seconds = info.load_seconds
             report.bytes_per_tier = dict(info.bytes_per_tier)
             report.offload_folder = info.offload_folder

@@ -16,7 +16,7 @@ dispatches with :func:`~bigjob.engine.run.entry_points.load_checkpoint_and_dispa
 Transformers' ``device_map`` path) and returns the model in ``eval()`` mode. The steps are
 separate functions so the job runner can cache the plan between them.
 
-Transformers is an optional extra (``pip install 'bigjob[hf]'``); this module imports
+Transformers is an optional extra (``pip install ".[hf]"`` in bigjob's folder); this module imports
 without it and says so when it is needed.
 
 >>> open_model_dir("/no/such/folder")  # doctest: +ELLIPSIS
@@ -85,7 +85,7 @@ def transformers_module() -> Any:
     except ImportError as err:
         raise ConfigError(
             f"Hugging Face model folders need the optional Transformers extra ({err}); "
-            "install it with: pip install 'bigjob[hf]'"
+            'install it with: pip install transformers tokenizers (or pip install ".[hf]" in bigjob\'s folder)'
         ) from None
     return transformers
 
@@ -160,7 +160,7 @@ def load_config(model_dir: ModelDir, key: str = "path", **overrides: Any) -> Any
         if model_type is not None and str(model_type) not in transformers.CONFIG_MAPPING:
             raise ConfigError(
                 f"{key} '{model_dir.path}': model type '{model_type}' is not known to the installed Transformers "
-                f"{transformers.__version__}; upgrade it (pip install -U 'bigjob[hf]') or set {key} to a model of a known type"
+                f"{transformers.__version__}; upgrade it (pip install -U transformers) or set {key} to a model of a known type"
             ) from None
         if model_type is None:
             raise ConfigError(f"{key} '{model_dir.path}': {CONFIG_NAME} has no 'model_type'; set {key} to a folder written by save_pretrained") from None

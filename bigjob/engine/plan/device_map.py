@@ -134,13 +134,23 @@ class DeviceMap(Mapping[str, str]):
             return cls(data)
         raise DeviceMapError(f"a device map must be a JSON object, got {type(data).__name__}")
 
-    def describe(self) -> str:
-        """The per-device table: bytes planned, share of budget, number of units.
+    def describe(self, user_budgets: Mapping[str, int] | None = None) -> str:
+        """The per-device table: bytes planned, the budget and its share, number of units.
+
+        ``user_budgets`` (the budgets asked for) fill the ``budget`` column; where the planner
+        capped a device below it (balanced strategies spread the model), a ``cap`` column shows
+        the cap. Without them the ``budget`` column is the planner's.
 
         >>> print(DeviceMap({"": "cpu"}, PlanSummary("auto", {"cpu": 100}, {"cpu": 50}, {"cpu": 2}, "cpu")).describe())
         device       planned     budget   share  units
         cpu             50 B      100 B   50.0%      2
         total           50 B                         2
+        >>> summary = PlanSummary("balanced", {"cpu": 80, "disk": UNLIMITED}, {"cpu": 50, "disk": 30}, {"cpu": 2, "disk": 1}, "cpu")
+        >>> print(DeviceMap({"a": "cpu", "b": "disk"}, summary).describe({"cpu": 200, "disk": UNLIMITED}))
+        device       planned     budget        cap   share  units
+        cpu             50 B      200 B       80 B   25.0%      2
+        disk            30 B  unlimited  unlimited       -      1
+        total           80 B                                    3
         """
         if self.summary is None:
             counts: dict[str, int] = {}
@@ -149,19 +159,26 @@ class DeviceMap(Mapping[str, str]):
             rows = [f"{'device':<8} {'entries':>8}"] + [f"{d:<8} {counts[d]:>8}" for d in self.devices]
             return "\n".join(rows)
         s = self.summary
-        rows = [f"{'device':<8} {'planned':>11} {'budget':>10} {'share':>7} {'units':>6}"]
+        asked = {**s.budgets, **(user_budgets or {})}
+        capped = any(s.budgets.get(d, 0) != asked.get(d, 0) for d in s.budgets)
+        cap_head = f" {'cap':>10}" if capped else ""
+        rows = [f"{'device':<8} {'planned':>11} {'budget':>10}{cap_head} {'share':>7} {'units':>6}"]
         devices = sorted(set(s.planned_bytes) | set(s.budgets), key=device_order)
         for device in devices:
             planned = s.planned_bytes.get(device, 0)
-            budget = s.budgets.get(device, 0)
+            budget = asked.get(device, 0)
             if planned == 0 and device not in self.devices:
                 continue
             share = "-" if budget >= UNLIMITED or budget == 0 else f"{100 * planned / budget:.1f}%"
-            rows.append(
-                f"{device:<8} {format_size(planned):>11} {format_size(budget):>10} {share:>7} {s.units.get(device, 0):>6}"
-            )
-        rows.append(f"{'total':<8} {format_size(sum(s.planned_bytes.values())):>11} {'':>10} {'':>7} {sum(s.units.values()):>6}")
+            cap = f" {_size(s.budgets.get(device, 0)):>10}" if capped else ""
+            rows.append(f"{device:<8} {format_size(planned):>11} {_size(budget):>10}{cap} {share:>7} {s.units.get(device, 0):>6}")
+        pad = " " * 11 if capped else ""
+        rows.append(f"{'total':<8} {format_size(sum(s.planned_bytes.values())):>11} {'':>10}{pad} {'':>7} {sum(s.units.values()):>6}")
         return "\n".join(rows)
+
+
+def _size(n: int) -> str:
+    return "unlimited" if n >= UNLIMITED else format_size(n)
 
 
 def assign_tensors(inventory: Inventory, device_map: Mapping[str, str]) -> dict[str, str]:

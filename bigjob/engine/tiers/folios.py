@@ -200,7 +200,7 @@ def refresh_small_folios(ranges: Iterable[Range]) -> list[str]:
             dropped.append(mapping.path)
     if dropped:
         streamed = sum(r.length for m, rs in grouped.items() if m.path in dropped for r in rs)
-        log.info(
+        log.debug(  # an internal optimisation the user cannot act on: not for INFO
             "%d streamed file(s) were cached in small page-cache folios (e.g. %s); dropped them once so the "
             "next forward reads their %.0f MiB back into 2 MiB folios, which cost ~10x less to map every forward",
             len(dropped), dropped[0], streamed / 2**20,
