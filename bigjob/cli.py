@@ -322,7 +322,9 @@ def _print_kept(kept: list[Any]) -> None:
 def cache_main(argv: list[str] | None = None) -> None:
     """``bigjob-cache [--dir D] list|info|clear|verify|prune|export FILE|import FILE``."""
     from bigjob.engine.plan.devices import format_size
-    from bigjob.job.cache import JobCache, default_cache_dir, remove_database
+    from bigjob.job.cache import JobCache
+    from bigjob.job.cache_db import remove_database
+    from bigjob.job.cache_folder import default_cache_dir
 
     parser = argparse.ArgumentParser(prog="bigjob-cache", description="Inspect and maintain bigjob's plan and offload cache.")
     parser.add_argument("--dir", help="the cache folder (default: cache.dir's default, $BIGJOB_CACHE_DIR or ~/.cache/bigjob)")

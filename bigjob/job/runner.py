@@ -40,7 +40,9 @@ from torch import nn
 from tqdm import tqdm
 
 from bigjob.errors import BigJobError, BudgetError, CheckpointError, ConfigError, JobError, OffloadError
-from bigjob.job.cache import JobCache, default_cache_dir, gate_lock, make_private_dirs, use_lock
+from bigjob.job.cache import JobCache
+from bigjob.job.cache_folder import default_cache_dir, make_private_dirs
+from bigjob.job.cache_locks import gate_lock, use_lock
 from bigjob.job.data import load_samples, make_batches
 from bigjob.job.fingerprint import (
     OffloadInputs,
