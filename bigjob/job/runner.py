@@ -180,7 +180,8 @@ def _dtype_name(dtype: torch.dtype | None) -> str | None:
 
 def _hf_model_dir(cfg: JobConfig) -> Any:
     """The Transformers model folder of a ``model=hf`` job (its config.json read by Transformers), else None."""
-    from bigjob.models.hf import HF_TARGET, load_config, open_model_dir
+    from bigjob.models.hf import HF_TARGET
+    from bigjob.models.hf_folder import load_config, open_model_dir
 
     if cfg.model._target_ != HF_TARGET:
         return None
@@ -193,7 +194,7 @@ def _hf_model_dir(cfg: JobConfig) -> Any:
 
 def _resolve_hf(cfg: JobConfig, model: nn.Module) -> JobConfig:
     """A ``model=hf`` job with its automatic values made explicit: no-split classes from the model class."""
-    from bigjob.models.hf import no_split_classes
+    from bigjob.models.hf_planning import no_split_classes
 
     if cfg.model.no_split_module_classes or cfg.placement.strategy == "explicit":
         return cfg
@@ -450,7 +451,7 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
     if cfg.mode == "run" or cfg.placement.working_memory == "auto":  # auto sizes the plan from the batches
         samples = load_samples(cfg.data, _vocab_size(model), tokenizer)
         if model_dir is not None:
-            from bigjob.models.hf import context_length
+            from bigjob.models.hf_tokens import context_length
 
             reserve = cfg.task.max_new_tokens if cfg.task.name == "generate" else 0
             check_context(samples, context_length(model.config), reserve)
@@ -463,7 +464,7 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
     dtype = _dtype(cfg.dtype.name)
     special_dtypes = {name: _dtype(value) for name, value in cfg.model.special_dtypes.items()}
     if model_dir is not None:
-        from bigjob.models.hf import dtype_exceptions, resolve_dtype
+        from bigjob.models.hf_planning import dtype_exceptions, resolve_dtype
 
         dtype = resolve_dtype(cfg.dtype.name if cfg.dtype.name == "auto" else dtype, model_dir, key="dtype.name")
         special_dtypes = {**dtype_exceptions(model, dtype), **special_dtypes}
