@@ -151,7 +151,9 @@ def cache_main(argv: list[str] | None = None) -> None:
     if args.command == "prune" and args.max_size is None and args.older_than is None:
         parser.error("prune needs --max-size (e.g. 50GB) or --older-than (e.g. 14d), or both")
     from bigjob.engine.plan.devices import format_size  # after parsing: --help and --version do not wait for torch
-    from bigjob.job.cache import JobCache, default_cache_dir, remove_database
+    from bigjob.job.cache import JobCache
+    from bigjob.job.cache_db import remove_database
+    from bigjob.job.cache_folder import default_cache_dir
 
     root = Path(args.dir).expanduser() if args.dir else default_cache_dir()
     if not root.exists() and args.command != "import":

@@ -258,7 +258,7 @@ def test_minilm_at_40mib_streams_its_45mib_embeddings_and_equals_transformers_in
     import _hfkit as hfkit
     import transformers
 
-    from bigjob.models import hf
+    from bigjob.models import hf_tokens
     from bigjob.models.hf import from_pretrained
 
     folder = hfkit.minilm_dir()
@@ -269,7 +269,7 @@ def test_minilm_at_40mib_streams_its_45mib_embeddings_and_equals_transformers_in
     model = from_pretrained(folder, max_memory={"cpu": "40MiB"})
     summary = get_dispatch_info(model).device_map.summary
     assert summary.over_budget.get("embeddings") == embeddings
-    tokenizer = hf.load_tokenizer(folder)
+    tokenizer = hf_tokens.load_tokenizer(folder)
     batch = tokenizer(["the cat sat on the mat", "a budget smaller than one layer"], padding=True, return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).last_hidden_state, reference(**batch).last_hidden_state, rtol=0, atol=1e-5)

@@ -149,7 +149,7 @@ def test_ctrl_c_or_sigterm_stops_with_one_line_and_the_rerun_continues(tmp_path,
 
 HOLDER = """
 import sys, time
-from bigjob.job.cache import FileLock
+from bigjob.job.cache_locks import FileLock
 with FileLock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(60)
@@ -159,7 +159,7 @@ with FileLock(sys.argv[1]):
 def test_a_lock_whose_holder_is_killed_is_free_at_once(tmp_path):
     """Why the cache's locks are flocks: a live holder is waited for (and named), a dead one never."""
     from bigjob.errors import CacheError
-    from bigjob.job.cache import FileLock
+    from bigjob.job.cache_locks import FileLock
 
     path = tmp_path / "plan-x.lock"
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)], env=cli_env(), stdout=subprocess.PIPE, text=True)

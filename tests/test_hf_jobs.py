@@ -12,7 +12,7 @@ from _hfkit import EOS, gpt2_config, hf_greedy, hf_models, minilm_dir, reference
 from _jobkit import compose_config, read_jsonl, run_cli
 from bigjob.errors import ConfigError, DataError
 from bigjob.job.runner import run_job
-from bigjob.models import hf
+from bigjob.models import hf, hf_tokens
 
 PROMPTS = ["the cat sat on the", "a big red dog ran to the small blue house and", "is", "w3 w7 the mat"]
 
@@ -37,7 +37,7 @@ def test_minilm_embed_job_equals_transformers_in_ram(tmp_path):
               "placement.max_memory.cpu=70MB")
     report = run_job(cfg, tmp_path / "run")
     assert report.status == "completed" and report.bytes_per_tier["disk"] > 20e6
-    tokenizer = hf.load_tokenizer(folder)
+    tokenizer = hf_tokens.load_tokenizer(folder)
     ref = transformers.BertModel.from_pretrained(str(folder), local_files_only=True).eval()
     for record, sentence in zip(read_jsonl(tmp_path / "run" / "predictions.jsonl"), sentences):
         encoded = tokenizer(sentence, return_tensors="pt")
@@ -55,7 +55,7 @@ def test_generate_job_equals_transformers_and_its_plan_key_follows_config_json(t
     assert report.status == "completed" and report.bytes_per_tier["disk"] > 0
     assert report.task_metrics["prefill_tokens_per_s"] > 0 and report.task_metrics["new_tokens"] >= len(PROMPTS)
     assert cfg.checkpoint.path == str(folder) and cfg.placement.max_memory.cpu == "150KB"
-    tokenizer = hf.load_tokenizer(folder)
+    tokenizer = hf_tokens.load_tokenizer(folder)
     ids = [tokenizer.encode(p) for p in PROMPTS]
     records = read_jsonl(tmp_path / "run" / "predictions.jsonl")
     assert [r["token_ids"] for r in records] == hf_greedy(reference(folder), ids, 5, eos=EOS)
@@ -135,7 +135,7 @@ def test_cli_generate_end_to_end(tmp_path, hf_models):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["bytes_per_tier"]["disk"] > 0
     assert metrics["task_metrics"]["decode_tokens_per_s"] > 0 and metrics["task_metrics"]["prefill_tokens_per_s"] > 0
-    tokenizer = hf.load_tokenizer(folder)
+    tokenizer = hf_tokens.load_tokenizer(folder)
     expected = hf_greedy(reference(folder), [tokenizer.encode(p) for p in PROMPTS], 6, eos=EOS)
     assert [r["token_ids"] for r in read_jsonl(tmp_path / "out" / "predictions.jsonl")] == expected
 
@@ -174,7 +174,7 @@ def test_generate_job_keeps_room_for_its_longest_kv_cache(tmp_path, hf_models):
     report = run_job(job(tmp_path, folder, *common, "placement.working_memory=auto"), tmp_path / "run")
     assert report.status == "completed"
     # The largest batch: 3 prompts padded to the longest; the generation grows it by 5 tokens.
-    tokenizer = hf.load_tokenizer(folder)
+    tokenizer = hf_tokens.load_tokenizer(folder)
     lengths = [len(tokenizer.encode(p)) for p in PROMPTS]
     rows, longest = max((len(lengths[i:i + 3]), max(lengths[i:i + 3])) for i in range(0, len(lengths), 3))
     ids = torch.zeros(rows, longest + 5, dtype=torch.long)

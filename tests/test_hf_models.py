@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from _hfkit import REPO_ROOT, gpt2_config, hf_models, llama_config, minilm_dir, reference, transformers, write_model  # noqa: F401
 from bigjob import get_dispatch_info
 from bigjob.errors import CheckpointError, ConfigError, DataError
-from bigjob.models import hf
+from bigjob.models import hf, hf_tokens
 from bigjob.models.hf import from_pretrained
 
 SENTENCES = ["A man is eating food.", "The new movie is awesome", "bigjob runs models that do not fit in memory, on CPU and disk."]
@@ -31,7 +31,7 @@ def test_minilm_embeddings_with_disk_offload_equal_transformers_in_ram():
     assert info.bytes_per_tier["disk"] > 20e6 and not model.training
     assert model.hf_device_map == dict(info.device_map) and "disk" in model.hf_device_map.values()
     assert model.embeddings.position_ids.dtype == torch.int64
-    tokenizer = hf.load_tokenizer(folder)
+    tokenizer = hf_tokens.load_tokenizer(folder)
     batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
     ref = transformers.BertModel.from_pretrained(str(folder), local_files_only=True).eval()
     with torch.no_grad():
@@ -178,7 +178,7 @@ def test_class_without_no_split_modules_says_which_option_to_set(monkeypatch, hf
 def test_missing_tokenizer_is_a_data_error(tmp_path):
     folder = write_model(tmp_path / "bare", gpt2_config(), tokenizer=False)
     with pytest.raises(DataError, match="model.path '.*' has no usable tokenizer"):
-        hf.load_tokenizer(folder, key="model.path")
+        hf_tokens.load_tokenizer(folder, key="model.path")
 
 
 def test_without_transformers_the_core_imports_and_the_adapter_says_what_to_install():

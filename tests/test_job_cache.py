@@ -14,7 +14,8 @@ import pytest
 
 from _jobkit import REPO
 from bigjob.errors import CacheError
-from bigjob.job.cache import JobCache, default_cache_dir
+from bigjob.job.cache import JobCache
+from bigjob.job.cache_folder import default_cache_dir
 
 KEY = "plan:" + "ab" * 32
 PLAN = {"kind": "plan", "device_map": {"": "cpu"}, "inputs": {"strategy": "auto"}}
@@ -151,7 +152,7 @@ def test_verify_drops_corrupt_and_dangling_entries(tmp_path):
 
 
 def test_clear_removes_entries_and_artifacts_except_those_in_use(tmp_path):
-    from bigjob.job.cache import use_lock
+    from bigjob.job.cache_locks import use_lock
     from bigjob.job.prune import clear
 
     with JobCache(tmp_path / "c") as cache:

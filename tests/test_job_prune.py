@@ -21,7 +21,8 @@ from _faultkit import DRIVER, JOB, metrics, offload_folders
 from _jobkit import cli_env, compose_config, run_cli, run_entry, wait_for_batches
 
 from bigjob.errors import CacheError
-from bigjob.job.cache import JobCache, gate_lock, use_lock
+from bigjob.job.cache import JobCache
+from bigjob.job.cache_locks import gate_lock, use_lock
 from bigjob.job.prune import artifacts, parse_age, prune
 from bigjob.job.runner import run_job
 

@@ -1,27 +1,14 @@
-"""The job cache: device maps and registries as JSON in diskcache, big artifacts as folders.
+"""The job cache: device maps and registries as JSON entries, big artifacts as folders.
 
-Layout of a cache folder (created 0700, refused when another user owns it or others may
-write it, since its content decides what a job loads)::
-
-    <root>/db/            diskcache (SQLite) with JSONDisk: JSON values, never pickles
-    <root>/offload/<fp>/  offload folders, one per offload fingerprint
-    <root>/checkpoints/   the demo model's seeded checkpoints
-    <root>/locks/         lock files (``flock``) of compute-once sections, and the use locks
-                          that keep pruning off the folders running jobs use
-
-Every folder bigjob creates here is 0700.
+:class:`JobCache` is one cache folder (:mod:`bigjob.job.cache_folder` lays it out and keeps
+it private) with its database (:mod:`bigjob.job.cache_db`: JSON values, never pickles) and
+its locks (:mod:`bigjob.job.cache_locks`).
 
 Keys are strings ``"<kind>:<sha256>"`` with kind ``plan``, ``offload``, ``run`` or ``working``
 (a forward's estimated working memory, ``placement.working_memory=auto``); values
-are JSON objects carrying their own ``kind``. Nothing is evicted behind the user's back
-(``eviction_policy="none"``); :meth:`JobCache.verify` drops entries that cannot be read
-or do not have the shape their kind needs.
-
-diskcache's default disk pickles values, and a pickle runs code when read: anyone able to
-write the folder could run code in every job (CVE-2025-69872). :class:`SafeJSONDisk` stores
-JSON text and, unlike diskcache's own ``JSONDisk``, also refuses to read a row that claims
-to be a pickle (a tampered database cannot smuggle one in). Values are kept inside the
-SQLite file (no value files), so a row is all there is to check.
+are JSON objects carrying their own ``kind``. Nothing is evicted behind the user's back;
+:meth:`JobCache.verify` drops entries that cannot be read or do not have the shape their
+kind needs.
 
 >>> import tempfile
 >>> cache = JobCache(Path(tempfile.mkdtemp()) / "c")
@@ -38,9 +25,7 @@ import logging
 import os
 import re
 import sqlite3
-import stat
 import time
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,53 +33,16 @@ from typing import Any
 import diskcache
 
 from bigjob.errors import CacheError
+from bigjob.job.cache_db import DB_TIMEOUT_S, UNREADABLE, open_database
+from bigjob.job.cache_folder import make_private_dirs
+from bigjob.job.cache_locks import LOCK_TIMEOUT_S, FileLock
 
-__all__ = [
-    "KINDS",
-    "FileLock",
-    "JobCache",
-    "SafeJSONDisk",
-    "default_cache_dir",
-    "gate_lock",
-    "is_cache_key",
-    "make_private_dirs",
-    "remove_database",
-    "use_lock",
-]
+__all__ = ["KINDS", "JobCache", "is_cache_key"]
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("plan", "offload", "run", "working")
 _KEY = re.compile(r"^(plan|offload|run|working):[0-9a-f]{64}$")
-# What reading a damaged entry raises (zlib, JSON, a vanished value file).
-_UNREADABLE = (ValueError, TypeError, OSError, UnicodeDecodeError, zlib.error)
-# How long to wait for a lock that a live process holds (one building a big offload folder).
-# A holder that dies, even by SIGKILL, releases its lock at once: the kernel drops its flock.
-LOCK_TIMEOUT_S = 4 * 3600
-# How long to wait for SQLite's own lock before diskcache gives up.
-DB_TIMEOUT_S = 60
-
-
-class SafeJSONDisk(diskcache.JSONDisk):
-    """JSON keys and values; a row stored as a pickle is refused instead of unpickled."""
-
-    def get(self, key: Any, raw: bool) -> Any:
-        if not raw:  # diskcache pickles keys that are not bytes/str/int/float
-            raise ValueError("refusing a pickled cache key")
-        return super().get(key, raw)
-
-    def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
-        if mode == diskcache.core.MODE_PICKLE:
-            raise ValueError("refusing a pickled cache value")
-        return super().fetch(mode, filename, value, read)
-
-
-def default_cache_dir() -> Path:
-    """``$BIGJOB_CACHE_DIR``, else ``$XDG_CACHE_HOME/bigjob``, else ``~/.cache/bigjob``."""
-    if os.environ.get("BIGJOB_CACHE_DIR"):
-        return Path(os.environ["BIGJOB_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "bigjob"
 
 
 def is_cache_key(key: object) -> bool:
@@ -115,183 +63,6 @@ def _covers(held: Sequence[str], needed: Sequence[str]) -> bool:
     (False, False)
     """
     return all(any(h in ("", n) or n.startswith(h + ".") for h in held) for n in needed)
-
-
-def make_private_dirs(path: str | os.PathLike[str]) -> Path:
-    """Creates ``path`` and its missing parents, each 0700 (``mkdir -p`` would leave parents 0755)."""
-    path = Path(path)
-    missing = []
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        missing.append(probe)
-        probe = probe.parent
-    for folder in reversed(missing):
-        try:
-            folder.mkdir(mode=0o700)
-        except FileExistsError:
-            pass  # made meanwhile by a concurrent job
-    return path
-
-
-class FileLock:
-    """A cross-process lock: ``flock`` on a file, released by the kernel when its holder dies.
-
-    diskcache's ``Lock`` is a row with an expiry: a holder killed by SIGKILL blocks every
-    other job until it expires. A kernel lock has no such window and needs no clock.
-    Waiting longer than ``timeout`` seconds raises :class:`CacheError` naming the holder.
-    ``shared`` locks (readers: jobs using a folder) exclude only exclusive ones (the writer
-    that would delete it); :meth:`try_acquire` takes a lock only if it is free now.
-
-    >>> import tempfile
-    >>> path = Path(tempfile.mkdtemp()) / "x.lock"
-    >>> with FileLock(path, timeout=1) as lock:
-    ...     lock.held, FileLock(path).try_acquire()
-    (True, False)
-    >>> with FileLock(path, shared=True), FileLock(path, shared=True) as other:
-    ...     other.held, FileLock(path).try_acquire()
-    (True, False)
-    """
-
-    POLL_S = 0.05
-
-    def __init__(self, path: str | os.PathLike[str], timeout: float = LOCK_TIMEOUT_S, shared: bool = False) -> None:
-        self.path = Path(path)
-        self.timeout = timeout
-        self.shared = shared
-        self._fd: int | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def _open(self) -> int:
-        try:
-            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as err:
-            raise CacheError(f"cannot create the lock file {str(self.path)!r} ({err.strerror}); set cache.dir to a writable folder") from None
-
-    def _lock(self, fd: int) -> bool:
-        """Takes the lock on ``fd`` if it is free now; False when another process holds it."""
-        import fcntl
-
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        except OSError as err:  # a filesystem without flock
-            raise CacheError(f"cannot lock {str(self.path)!r} ({err.strerror}); set cache.dir to a folder on a local disk") from None
-        if not self.shared:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)  # for the message of a waiter that gives up
-        return True
-
-    def try_acquire(self) -> bool:
-        """Takes the lock if no other holder prevents it now (no waiting); release with :meth:`release`."""
-        fd = self._open()
-        try:
-            taken = self._lock(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        if taken:
-            self._fd = fd
-        else:
-            os.close(fd)
-        return taken
-
-    def __enter__(self) -> FileLock:
-        fd = self._open()
-        deadline = time.monotonic() + self.timeout
-        try:
-            while not self._lock(fd):
-                if time.monotonic() > deadline:
-                    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
-                    raise CacheError(
-                        f"waited {self.timeout:.0f} s for the lock {str(self.path)!r}, held by the live process {holder}; "
-                        "let that job finish, or set cache.dir to another folder"
-                    ) from None
-                time.sleep(self.POLL_S)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)  # closing the last descriptor releases the flock
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def gate_lock(root: str | os.PathLike[str], shared: bool = True, timeout: float = LOCK_TIMEOUT_S) -> FileLock:
-    """The lock between choosing artifact folders in cache ``root`` and deleting them (:mod:`bigjob.job.prune`).
-
-    A job holds it shared while it picks its folders and takes their :func:`use_lock`;
-    pruning holds it exclusively, so no folder is chosen while it is being removed.
-    """
-    return FileLock(make_private_dirs(Path(root) / "locks") / "prune.lock", timeout, shared=shared)
-
-
-def use_lock(root: str | os.PathLike[str], folder: str | os.PathLike[str], shared: bool = True) -> FileLock:
-    """A shared lock saying a job uses ``folder``, an offload folder or demo checkpoint of cache ``root``.
-
-    Pruning removes a folder only while it holds this lock exclusively (``shared=False``).
-    The folder need not exist yet: a job takes the lock before building it. Needs no
-    database, so jobs with ``cache.enabled=false`` protect the demo checkpoint they keep in
-    the cache folder too.
-
-    >>> import tempfile
-    >>> root = Path(tempfile.mkdtemp())
-    >>> use_lock(root, root / "offload" / "ab").path.name
-    'use-offload-ab.lock'
-    """
-    root = Path(root).expanduser().absolute()
-    relative = Path(folder).expanduser().absolute().relative_to(root)
-    name = "use-" + re.sub(r"[^A-Za-z0-9_.-]", "-", "-".join(relative.parts)) + ".lock"
-    return FileLock(make_private_dirs(root / "locks") / name, shared=shared)
-
-
-def remove_database(root: str | os.PathLike[str]) -> None:
-    """Deletes the database of cache folder ``root``: ``bigjob-cache clear`` on one that cannot be opened.
-
-    A folder of another user or open to others is refused (CacheError) as :class:`JobCache`
-    refuses it; the database folder is removed only when it holds diskcache's file. The
-    offload folders and demo checkpoints go with :func:`bigjob.job.prune.remove_unused_folders`,
-    which spares those running jobs use (their lock files stay with them).
-    """
-    import shutil
-
-    root = Path(root)
-    _check_folder(root)
-    database = root / "db"
-    if (database / diskcache.core.DBNAME).is_file():
-        shutil.rmtree(database)
-
-
-def _check_folder(root: Path) -> None:
-    """Creates ``root`` 0700, or checks that an existing one is ours and closed to writers."""
-    try:
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = root.stat()
-    except OSError as err:
-        raise CacheError(f"cannot create the cache folder {str(root)!r} ({err.strerror}); set cache.dir to a writable folder") from None
-    if not stat.S_ISDIR(info.st_mode):
-        raise CacheError(f"cache folder {str(root)!r} is not a folder; set cache.dir to a folder")
-    if hasattr(os, "getuid") and info.st_uid != os.getuid():
-        raise CacheError(
-            f"cache folder {str(root)!r} belongs to another user (uid {info.st_uid}); its content would decide what "
-            "this job loads, so it is refused: set cache.dir to a folder of your own"
-        )
-    if info.st_mode & 0o022:
-        raise CacheError(
-            f"cache folder {str(root)!r} is writable by others (mode {oct(info.st_mode & 0o777)}); "
-            "run `chmod 700` on it or set cache.dir to a private folder"
-        )
-    if info.st_mode & 0o077:
-        os.chmod(root, 0o700)
 
 
 def _check_value(key: str, value: Any) -> str | None:
@@ -323,22 +94,7 @@ class JobCache:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).expanduser().absolute()
-        _check_folder(self.root)
-        try:
-            (self.root / "db").mkdir(mode=0o700, exist_ok=True)  # diskcache would make it 0755
-            self._db = diskcache.Cache(
-                str(self.root / "db"),
-                disk=SafeJSONDisk,
-                eviction_policy="none",
-                disk_min_file_size=2**31,  # every value inside SQLite: no value files
-                size_limit=2**62,
-                timeout=DB_TIMEOUT_S,
-            )
-        except (sqlite3.DatabaseError, OSError) as err:
-            raise CacheError(
-                f"cannot open the cache database in {str(self.root)!r} ({err}); "
-                f"run `bigjob-cache clear --dir {self.root}` or set cache.dir to another folder"
-            ) from None
+        self._db = open_database(self.root)
 
     @contextlib.contextmanager
     def _database(self) -> Iterator[None]:
@@ -370,7 +126,7 @@ class JobCache:
         with self._database():
             try:
                 value = self._db.get(key, default=None, retry=True)
-            except _UNREADABLE as err:
+            except UNREADABLE as err:
                 logger.warning("dropping unreadable cache entry %s: %s", key, err)
                 self._db.delete(key, retry=True)
                 return None
@@ -429,7 +185,7 @@ class JobCache:
         for rowid, stored, raw in self._rows():
             try:
                 key = disk.get(stored, raw)
-            except _UNREADABLE as err:
+            except UNREADABLE as err:
                 bad.append((rowid, f"unreadable key ({err})"))
                 continue
             if isinstance(key, str):
@@ -522,7 +278,7 @@ class JobCache:
                 continue
             try:
                 value = self._db.get(key, default=None, retry=True)
-            except _UNREADABLE as err:
+            except UNREADABLE as err:
                 self._db.delete(key, retry=True)
                 dropped.append((key, f"unreadable value ({err})"))
                 continue

@@ -228,7 +228,7 @@ class GenerateTask(Task):
         return (), {"input_ids": ids, **kwargs}
 
     def run(self, model: nn.Module, batch: Batch, device: str) -> BatchResult:
-        from bigjob.models.hf import generation_ids
+        from bigjob.models.hf_tokens import generation_ids
 
         tokenizer = self.tokenizer.maybe() if self.tokenizer is not None else None
         eos_ids, pad_id = generation_ids(model, tokenizer)

@@ -11,7 +11,7 @@ before a job builds an offload folder (making room for it) and at the end of eve
 * **In use** folders are never removed. A job takes a shared use lock on each folder it
   will use, from the moment it chooses it (before building it) to its end; pruning removes a
   folder only while it holds that lock exclusively. Choosing and removing are kept apart by
-  the cache's gate (:func:`bigjob.job.cache.gate_lock`), so a job never picks a folder that is being removed.
+  the cache's gate (:func:`bigjob.job.cache_locks.gate_lock`), so a job never picks a folder that is being removed.
 * A removed offload folder takes the registry entries that point into it along; the next job
   needing it builds it again. Temporary folders of builds that were killed go with their
   artifact (they are counted in its size).
@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bigjob.errors import CacheError
-from bigjob.job.cache import LOCK_TIMEOUT_S, FileLock, JobCache, gate_lock, use_lock
+from bigjob.job.cache import JobCache
+from bigjob.job.cache_locks import LOCK_TIMEOUT_S, FileLock, gate_lock, use_lock
 
 __all__ = ["Artifact", "PruneResult", "artifacts", "clear", "parse_age", "prune", "remove_unused_folders", "touch"]
 

@@ -40,7 +40,9 @@ from torch import nn
 from tqdm import tqdm
 
 from bigjob.errors import BigJobError, BudgetError, CheckpointError, ConfigError, JobError, OffloadError
-from bigjob.job.cache import JobCache, default_cache_dir, gate_lock, make_private_dirs, use_lock
+from bigjob.job.cache import JobCache
+from bigjob.job.cache_folder import default_cache_dir, make_private_dirs
+from bigjob.job.cache_locks import gate_lock, use_lock
 from bigjob.job.data import check_pad_id, load_samples, make_batches
 from bigjob.job.fingerprint import (
     OffloadInputs,
@@ -180,7 +182,8 @@ def _dtype_name(dtype: torch.dtype | None) -> str | None:
 
 def _hf_model_dir(cfg: JobConfig) -> Any:
     """The Transformers model folder of a ``model=hf`` job (its config.json read by Transformers), else None."""
-    from bigjob.models.hf import HF_TARGET, load_config, open_model_dir
+    from bigjob.models.hf import HF_TARGET
+    from bigjob.models.hf_folder import load_config, open_model_dir
 
     if cfg.model._target_ != HF_TARGET:
         return None
@@ -193,7 +196,7 @@ def _hf_model_dir(cfg: JobConfig) -> Any:
 
 def _resolve_hf(cfg: JobConfig, model: nn.Module) -> JobConfig:
     """A ``model=hf`` job with its automatic values made explicit: no-split classes from the model class."""
-    from bigjob.models.hf import no_split_classes
+    from bigjob.models.hf_planning import no_split_classes
 
     if cfg.model.no_split_module_classes or cfg.placement.strategy == "explicit":
         return cfg
@@ -470,7 +473,7 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
     dtype = _dtype(cfg.dtype.name)
     special_dtypes = {name: _dtype(value) for name, value in cfg.model.special_dtypes.items()}
     if model_dir is not None:
-        from bigjob.models.hf import dtype_exceptions, resolve_dtype
+        from bigjob.models.hf_planning import dtype_exceptions, resolve_dtype
 
         dtype = resolve_dtype(cfg.dtype.name if cfg.dtype.name == "auto" else dtype, model_dir, key="dtype.name")
         special_dtypes = {**dtype_exceptions(model, dtype), **special_dtypes}

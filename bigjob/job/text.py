@@ -49,7 +49,7 @@ class TokenizerRef:
     def get(self) -> Any:
         """The tokenizer, or a DataError naming the key of the folder that lacks it."""
         if self._tokenizer is None and self._error is None:
-            from bigjob.models.hf import load_tokenizer
+            from bigjob.models.hf_tokens import load_tokenizer
 
             try:
                 self._tokenizer = load_tokenizer(self.path, key=self.key)

@@ -23,7 +23,7 @@ def model_context_length(model: nn.Module) -> int | None:
     """The most positions ``model`` takes, or None when it does not say."""
     config = getattr(model, "config", None)
     if config is not None:
-        from bigjob.models.hf import context_length
+        from bigjob.models.hf_tokens import context_length
 
         length = context_length(config)
         if length is not None:
