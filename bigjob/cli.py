@@ -21,8 +21,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 
 import bigjob
 from bigjob.cache_command import cache_main
@@ -30,9 +29,10 @@ from bigjob.console import app_help, bigjob_version, pipe_safe
 from bigjob.errors import BigJobError, ConfigError
 from bigjob.job import schema  # noqa: F401  (registers the config schema)
 from bigjob.job.callbacks import fail, launched_here
+from bigjob.job.config import to_job_config
 from bigjob.job.report import JobReport, read_report
 
-__all__ = ["cache_main", "config_dir", "main", "plan_main", "summarize_main", "to_job_config"]
+__all__ = ["cache_main", "config_dir", "main", "plan_main", "summarize_main"]
 
 logger = logging.getLogger("bigjob")
 
@@ -47,21 +47,6 @@ def config_dir() -> Path:
     if (installed / "config.yaml").is_file():
         return installed
     return Path(bigjob.__file__).resolve().parent.parent / "conf"
-
-
-def to_job_config(cfg: DictConfig) -> schema.JobConfig:
-    """The typed config; a missing mandatory value (``???``) becomes a ConfigError naming its key."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        keys = ", ".join(missing)
-        raise ConfigError(f"{keys} has no value (???); set it on the command line, e.g. {missing[0]}=...")
-    try:
-        job = OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as err:
-        raise ConfigError(str(err).splitlines()[0]) from None
-    if not isinstance(job, schema.JobConfig):
-        raise ConfigError("the config does not follow bigjob's schema; keep `bigjob_schema` first in the defaults list")
-    return job
 
 
 def _record_failure(run_dir: Path, cfg: DictConfig, err: BaseException) -> None:

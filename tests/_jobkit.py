@@ -41,7 +41,8 @@ def compose_config(overrides: list[str] | None = None):
     """The job config exactly as the CLI would build it (compose API, typed)."""
     from hydra import compose, initialize_config_dir
 
-    from bigjob.cli import config_dir, to_job_config
+    from bigjob.cli import config_dir
+    from bigjob.job.config import to_job_config
 
     with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
         return to_job_config(compose("config", overrides=list(overrides or [])))

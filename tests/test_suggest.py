@@ -9,7 +9,8 @@ from _jobkit import REPO, compose_config, run_cli
 
 from bigjob.errors import ConfigError
 from bigjob.job import schema
-from bigjob.job.suggest import check_command_line, check_overrides, did_you_mean, group_options, nearest, schema_keys
+from bigjob.job.nearest import did_you_mean, nearest
+from bigjob.job.suggest import check_command_line, check_overrides, group_options, schema_keys
 
 CONF = REPO / "conf"
 

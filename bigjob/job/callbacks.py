@@ -90,7 +90,7 @@ def _check_earlier_results(config: DictConfig) -> None:
     run_dir = Path(str(config.hydra.run.dir)).absolute()
     if not any((run_dir / name).exists() for name in ("progress.json", "metrics.json")):
         return
-    from bigjob.cli import to_job_config
+    from bigjob.job.config import to_job_config
     from bigjob.job.runner import check_run_folder, job_identity
 
     try:

@@ -247,7 +247,7 @@ def budget_overrides(max_memory: MaxMemoryConfig) -> dict[str, str]:
 
 def _choice(problems: list[str], key: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        from bigjob.job.suggest import did_you_mean
+        from bigjob.job.nearest import did_you_mean
 
         problems.append(f"{key} must be one of {', '.join(allowed)}, got {value!r}{did_you_mean(str(value), allowed)}")
 

@@ -15,40 +15,16 @@ True
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from bigjob.errors import ConfigError
+from bigjob.job.nearest import did_you_mean, nearest
 
 __all__ = ["check_command_line", "check_overrides", "did_you_mean", "group_options", "nearest", "schema_keys"]
 
-CUTOFF = 0.5  # difflib's similarity ratio below which a name is not worth suggesting
-
-
-def nearest(word: str, choices: Iterable[str], count: int = 1) -> list[str]:
-    """The ``count`` choices closest to ``word`` (difflib's ratio), best first; none when all are far.
-
-    >>> nearest("bf61", ["float32", "float16", "bfloat16", "checkpoint"])
-    ['bfloat16']
-    >>> nearest("xyz", ["float32", "bfloat16"])
-    []
-    """
-    return difflib.get_close_matches(word, list(choices), n=count, cutoff=CUTOFF)
-
-
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """``"; did you mean 'x'?"`` for the nearest choice, or ``""`` when none is near.
-
-    >>> did_you_mean("sequentail", ("auto", "sequential"))
-    "; did you mean 'sequential'?"
-    >>> did_you_mean("gpu", ("auto", "sequential"))
-    ''
-    """
-    found = nearest(str(word), choices)
-    return f"; did you mean {found[0]!r}?" if found else ""
 
 
 def _fields(node: Any) -> dict[str, Any]:
