@@ -10,7 +10,6 @@ exception (:func:`child_failure`).
 
 >>> import dataclasses
 >>> from bigjob.job.schema import JobConfig
-from bigjob.job.stopping import Terminated, sigterm_stops
 >>> config_from_json(json.loads(json.dumps(dataclasses.asdict(JobConfig())))) == JobConfig()
 True
 >>> type(child_failure(Path("/nonexistent"), ORPHANED_EXIT, 1, Path("."))).__name__
@@ -33,6 +32,7 @@ from typing import Any
 from bigjob.errors import BigJobError, JobError
 from bigjob.job.report import atomic_write_text
 from bigjob.job.schema import JobConfig
+from bigjob.job.stopping import Terminated, sigterm_stops
 
 __all__ = ["BOOT", "ChildTraceback", "JobProcessError", "child_failure", "child_main", "config_from_json", "log_targets"]
 

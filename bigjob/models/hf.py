@@ -7,7 +7,7 @@
 It builds the model class named by ``config.architectures`` under bigjob's
 :func:`~bigjob.engine.plan.empty.init_empty_weights` (no memory), keeps tied embeddings
 tied, takes the no-split classes from the class's ``_no_split_modules``, then loads and
-dispatches with :func:`~bigjob.engine.run.dispatch.load_checkpoint_and_dispatch` (not
+dispatches with :func:`~bigjob.engine.run.entry_points.load_checkpoint_and_dispatch` (not
 Transformers' ``device_map`` path) and returns the model in ``eval()`` mode. The steps are
 separate functions so the job runner can cache the plan between them: the folder and its
 config (:mod:`bigjob.models.hf_folder`), what to plan with (:mod:`bigjob.models.hf_planning`),
@@ -130,13 +130,13 @@ def load_and_dispatch(
     strict: bool = True,
     **engine_args: Any,
 ) -> nn.Module:
-    """:func:`~bigjob.engine.run.dispatch.load_checkpoint_and_dispatch` for an empty Transformers model, in eval mode.
+    """:func:`~bigjob.engine.run.entry_points.load_checkpoint_and_dispatch` for an empty Transformers model, in eval mode.
 
     ``engine_args`` go to the engine unchanged (device_map, max_memory, dtype, ...). Keys
     Transformers itself ignores are not reported (see :func:`ignorable_keys`); others are
     an error with ``strict``.
     """
-    from bigjob.engine.run.dispatch import load_checkpoint_and_dispatch
+    from bigjob.engine.run.entry_points import load_checkpoint_and_dispatch
 
     quiet = ignorable_keys(model, checkpoint, strict)
     with _quiet_about(quiet):
