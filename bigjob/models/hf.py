@@ -95,7 +95,8 @@ def ignorable_keys(model: nn.Module, checkpoint: str | os.PathLike[str], strict:
     and keys matching the model's ``_keys_to_ignore_on_load_unexpected``. With ``strict``,
     any other unexpected key is a CheckpointError listing them.
     """
-    from bigjob.engine.checkpoints.checkpoint import compare_keys, open_checkpoint
+    from bigjob.engine.checkpoints.keys import compare_keys
+    from bigjob.engine.checkpoints.opening import open_checkpoint
 
     state = model.state_dict()  # persistent tensors only, tied names included; costs nothing on meta
     with open_checkpoint(checkpoint) as ckpt:
