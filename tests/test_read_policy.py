@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from tiny_transformer import TinyLM
 
 from bigjob import get_dispatch_info, load_checkpoint_and_dispatch
+from bigjob.engine.run import paged_units
 from bigjob.engine.run.read_policy import ReadPolicy, choose_kept
 from bigjob.engine.tiers.cache_room import ENV, cgroup_memory, page_cache_room
 from bigjob.engine.tiers.direct import DirectReads, Files
@@ -118,6 +119,23 @@ def _record_reads(monkeypatch: pytest.MonkeyPatch) -> list[DirectReads]:
     return seen
 
 
+def _prefix(sizes: list[int], room: int) -> int:
+    """How many first units fit ``room`` together."""
+    total = count = 0
+    for size in sizes:
+        total += size
+        if total > room:
+            break
+        count += 1
+    return count
+
+
+def _full(kept: frozenset[int], sizes: list[int], room: int) -> bool:
+    """``kept`` fits ``room`` and no other unit would fit beside it."""
+    free = room - sum(sizes[i] for i in kept)
+    return free >= 0 and all(sizes[i] > free for i in range(len(sizes)) if i not in kept)
+
+
 def _cached(unit) -> float:  # noqa: ANN001 - a PagedUnit
     pages = sum(r.length // PAGE for r in unit.ranges)
     return sum(resident(r) or 0 for r in unit.ranges) / pages
@@ -136,6 +154,9 @@ def test_a_tier_larger_than_the_cache_reads_the_same_units_directly_every_forwar
     sizes = reads.policy.sizes
     room = sum(sizes) // 2
     monkeypatch.setenv(ENV, str(room))  # room for half the tier
+    # The policy is told every unit is cached, so no eviction by a busy machine changes its choice:
+    # the kept set then starts with the longest run of first units that fits, and is full.
+    monkeypatch.setattr(paged_units, "cached_fraction", lambda ranges: 1.0)
     seen = _record_reads(monkeypatch)
     ids = inputs(vocab=SHAPE["vocab"], length=8)
     chosen = []
@@ -150,22 +171,22 @@ def test_a_tier_larger_than_the_cache_reads_the_same_units_directly_every_forwar
             assert torch.equal(model(ids), expected)
             kept = reads.policy.kept
             chosen.append(kept)
-            assert 3 <= len(kept) <= 4 and sum(sizes[i] for i in kept) <= room
-            # Exactly the units not kept were read directly: they never entered the cache, the kept ones stay there.
+            assert _full(kept, sizes, room) and set(range(_prefix(sizes, room))) <= kept
+            # Exactly the units not kept were read directly, and they never entered the cache. (That the
+            # kept ones stay cached is not asserted: on a machine short of memory the kernel may drop any page.)
             assert sorted(id(r) for r in seen) == sorted(id(u.direct) for i, u in enumerate(units) if i not in kept)
-            assert all(_cached(u) == 1.0 for i, u in enumerate(units) if i in kept)
             # The kernel's readahead for a kept unit's pages may run on into the next unit (whole
             # units of this small model, a few MiB of a real one): most direct bytes stay out.
             direct = [u for i, u in enumerate(units) if i not in kept]
             assert sum(_cached(u) for u in direct) / len(direct) < 0.6
         assert chosen[0] == chosen[1] == chosen[2]  # the same units, forward after forward
-        # Less room: kept units go (the last ones first); those left were kept before.
+        # Less room: fewer units stay cached, and the others are read directly.
         monkeypatch.setenv(ENV, str(room // 2))
         seen.clear()
         assert torch.equal(model(ids), expected)
-        fewer = reads.policy.kept
-        assert fewer < chosen[0] and sorted(fewer) == sorted(chosen[0])[: len(fewer)]
-        assert len(seen) == len(units) - len(fewer)
+        fewer = reads.policy.kept  # the last kept units went
+        assert fewer < chosen[0] and set(range(_prefix(sizes, room // 2))) <= fewer and sum(sizes[i] for i in fewer) <= room // 2
+        assert sorted(id(r) for r in seen) == sorted(id(u.direct) for i, u in enumerate(units) if i not in fewer)
         # Room for the whole tier: nothing is read directly.
         monkeypatch.setenv(ENV, str(2 * sum(sizes)))
         for _ in range(2):
@@ -186,7 +207,8 @@ def test_a_cold_tier_that_fits_goes_through_the_cache_at_its_first_forward(
     seen = _record_reads(monkeypatch)
     evict(*sorted(checkpoint.parent.glob("*.safetensors")))
     ids = inputs(vocab=SHAPE["vocab"], length=8)
+    assert sum(_cached(u) for u in units) / len(units) < 0.1
     with torch.no_grad():
         assert torch.equal(model(ids), reference(ids))
-    assert seen == []
-    assert all(_cached(u) == 1.0 for u in units)
+    assert seen == []  # nothing read directly: every unit went through its mapping, into the cache
+    assert get_dispatch_info(model).schedule.unit_reads == {"mapped": len(units), "direct": 0}

@@ -7,8 +7,9 @@ resident memory stays within the budget (the page cache keeps them for the next 
 Where the disk tier does not fit the page cache, :class:`PagedReads` decides at the start of
 each forward which units stay cached and which read past the cache into reused buffers
 (:mod:`bigjob.engine.run.read_policy`), and reads the latter ahead in execution order
-(:mod:`bigjob.engine.run.disk_reader`). The cached ones are then mapped just in time, so
-that the buffers read ahead and the unit computing stay within the prefetch reserve.
+(:mod:`bigjob.engine.run.disk_reader`). The cached ones are mapped by the prefetch thread
+while the directly read unit before them computes, or just in time after another cached
+unit, so that the buffers read ahead and the pages mapped stay within the prefetch reserve.
 """
 
 from __future__ import annotations
@@ -135,12 +136,23 @@ class PagedReads:
 
     def bring(self, unit: PagedUnit) -> Any:
         """The unit's bytes for this forward: its read buffer, or ``True`` once its pages are mapped."""
+        prefetcher = unit.schedule.prefetcher
         if unit.position in self.direct:
             assert unit.direct is not None
             buffer = self.reader.take(unit.position) if self.reader.budget > 0 else None
-            return buffer if buffer is not None else unit.direct.read()
+            if buffer is None:
+                buffer = unit.direct.read()
+            # A kept unit next is mapped while this one computes: this buffer, the one filling
+            # and its pages are within the reserve (after a kept unit, its pages and a free buffer are).
+            after = self.by_position.get(unit.position + 1)
+            if after is not None and after.position not in self.direct:
+                prefetcher.submit(after.position, after.prepare)
+            return buffer
+        ready = prefetcher.take(unit.position)
+        if ready is not None:
+            return ready
         # Kept in the cache: mapped now, once the pages of the unit before are unmapped.
-        unit.schedule.prefetcher.settle()
+        prefetcher.settle()
         return unit.prepare()
 
     def end(self) -> None:
