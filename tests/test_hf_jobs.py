@@ -185,3 +185,26 @@ def test_generate_job_keeps_room_for_its_longest_kv_cache(tmp_path, hf_models):
     assert report.working_memory_bytes == prefill > cache
     records = read_jsonl(tmp_path / "run" / "predictions.jsonl")
     assert [r["token_ids"] for r in records] == hf_greedy(reference(folder), [tokenizer.encode(p) for p in PROMPTS], 5, eos=EOS)
+
+
+def test_generate_with_a_disk_tier_the_cache_cannot_hold_records_the_compute_bound_batch(tmp_path, hf_models, monkeypatch, caplog):
+    folder = hf_models["llama"]
+    prompts = write_prompts(tmp_path, PROMPTS)
+    args = ("task=generate", "task.max_new_tokens=5", "data=prompts", f"data.path={prompts}", "data.batch_size=2",
+            "placement.max_memory.cpu=150KB", "placement.prefetch=2")
+    tokenizer = hf_tokens.load_tokenizer(folder)
+    expected = hf_greedy(reference(folder), [tokenizer.encode(p) for p in PROMPTS], 5, eos=EOS)
+    # Room for the tier: mapped, never read directly, so decoding is not bound by the disk.
+    fits = run_job(job(tmp_path, folder, *args), tmp_path / "fits")
+    assert fits.disk_unit_reads["direct"] == 0 and "compute_bound_batch" not in fits.task_metrics
+    # No room: every disk-tier layer is read directly at every step; the tokens stay Transformers'.
+    monkeypatch.setenv("BIGJOB_PAGE_CACHE_BYTES", "0")
+    with caplog.at_level("INFO", logger="bigjob.job.run_record"):
+        report = run_job(job(tmp_path, folder, *args), tmp_path / "read")
+    assert report.disk_unit_reads["mapped"] == 0 and report.disk_unit_reads["direct"] > 0
+    assert [r["token_ids"] for r in read_jsonl(tmp_path / "read" / "predictions.jsonl")] == expected
+    rows = report.task_metrics["compute_bound_batch"]
+    assert isinstance(rows, int) and rows >= 1
+    assert json.loads((tmp_path / "read" / "metrics.json").read_text())["task_metrics"]["compute_bound_batch"] == rows
+    hinted = [r.getMessage() for r in caplog.records if "compute" not in r.getMessage() and "data.batch_size=" in r.getMessage()]
+    assert bool(hinted) == (rows > 2), hinted

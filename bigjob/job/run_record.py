@@ -93,11 +93,29 @@ def record_batches(report: JobReport, job: CheckedJob, loop: BatchLoop, loaded: 
         report.samples_per_s = sum(len(b.sample_ids) for b in session) / loop.seconds
         report.tokens_per_s = sum(b.num_tokens for b in session) / loop.seconds
     report.task_metrics = job.task.metrics()
+    if job.cfg.task.name == "generate":
+        _decode_batch_hint(report, job, loaded)
     schedule = getattr(loaded.info, "schedule", None)
     if schedule is not None and any(schedule.unit_reads.values()):
         report.disk_unit_reads = dict(schedule.unit_reads)
     report.outputs = {**loop.writer.outputs(), "record": str(job.run_dir / METRICS_NAME)}
     report.status = "completed"
+
+
+def _decode_batch_hint(report: JobReport, job: CheckedJob, loaded: LoadedModel) -> None:
+    """Record the batch from which decoding is bound by compute, not disk reads; say so where data.batch_size is below it."""
+    from bigjob.engine.run.decode_batch import decode_batch_of
+
+    rows = decode_batch_of(loaded.model)
+    if rows is None:
+        return
+    report.task_metrics["compute_bound_batch"] = rows
+    if job.cfg.data.batch_size < rows:
+        logger.info(
+            "each decoding step read part of the disk tier from disk: steps cost about the same up to data.batch_size=%d "
+            "(this job: %d), so a larger batch gives up to %.0fx the tokens per second",
+            rows, job.cfg.data.batch_size, rows / job.cfg.data.batch_size,
+        )
 
 
 def finish(report: JobReport, memory: MemorySampler, started: float) -> JobReport:

@@ -22,8 +22,12 @@ this project's 2-core VM (a 33 GB model, 4 GiB CPU budget, ~12 GiB read from dis
 from __future__ import annotations
 
 import math
+from typing import Any
 
-__all__ = ["compute_bound_batch"]
+import torch
+from torch import nn
+
+__all__ = ["compute_bound_batch", "decode_batch_of"]
 
 
 def compute_bound_batch(
@@ -41,3 +45,32 @@ def compute_bound_batch(
         return 1
     fixed = max(read_bytes / read_rate, weight_bytes / memory_rate)
     return max(1, min(limit, math.ceil(fixed / per_row)))
+
+
+def decode_batch_of(model: nn.Module) -> int | None:
+    """:func:`compute_bound_batch` for a dispatched model, from what its forwards so far measured.
+
+    The bytes its last forward read directly and the rate its disk reader saw, its weights'
+    bytes, and this machine's CPU matmul and memory-copy rates
+    (:func:`~bigjob.engine.run.rates.measure_rates`). ``None`` before any direct read (a model
+    whose disk tier the page cache holds, or none): its decoding is not bound by the disk.
+    """
+    from bigjob.engine.run.dispatch_info import get_dispatch_info
+    from bigjob.engine.run.rates import measure_rates
+
+    info = get_dispatch_info(model)
+    schedule: Any = info.schedule if info is not None else None
+    reads = schedule.reads if schedule is not None else None
+    if info is None or reads is None or not reads.reader.read_seconds or not reads.direct:
+        return None
+    direct = sum(size for position, size in zip(reads.policy.positions, reads.policy.sizes) if position in reads.direct)
+    floating = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+    rates = measure_rates("cpu", floating)  # matmuls in the weights' dtype
+    return compute_bound_batch(
+        read_bytes=direct,
+        read_rate=reads.reader.read_bytes / reads.reader.read_seconds,
+        weight_bytes=sum(info.bytes_per_tier.values()),
+        memory_rate=rates.h2d_bytes_per_s,
+        params=sum(p.numel() for p in model.parameters()),
+        flops=rates.cpu_flops,
+    )
