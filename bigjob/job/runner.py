@@ -330,7 +330,7 @@ def _planned_map(
                 special_dtypes=special_dtypes or None,
                 strategy=cfg.placement.strategy,
                 prefetch=cfg.placement.prefetch,
-                working_memory=inputs.working_memory, strict_budget=inputs.strict_budget,
+                working_memory=inputs.working_memory, strict_budget=inputs.strict_budget, offload_compression=inputs.offload_compression,
             ).to_dict()
         except BudgetError as err:
             raise type(err)(_in_config_terms(str(err))) from None
@@ -511,7 +511,7 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
                 budgets=budgets,
                 strategy=cfg.placement.strategy,
                 no_split=list(cfg.model.no_split_module_classes),
-                prefetch=cfg.placement.prefetch, strict_budget=cfg.placement.strict_budget,
+                prefetch=cfg.placement.prefetch, strict_budget=cfg.placement.strict_budget, offload_compression=cfg.placement.offload_compression,
                 devices=devices,
                 checkpoint=identity,
                 planner_version=PLANNER_VERSION,
@@ -546,7 +546,7 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
 
             # 4. Where converted disk-tier weights go: the registry folder for their fingerprint.
             disk_modules = [name for name, device in device_map.items() if device == "disk"]
-            offload_inputs = OffloadInputs(identity, tensors, inputs.dtype, dict(inputs.special_dtypes), disk_modules, cfg.placement.offload_buffers)
+            offload_inputs = OffloadInputs(identity, tensors, inputs.dtype, dict(inputs.special_dtypes), disk_modules, cfg.placement.offload_buffers, compression=cfg.placement.offload_compression)
             offload_key = offload_fingerprint(offload_inputs)
             # The same, whatever is on disk: folders of one family differ only in which modules they hold.
             offload_family = offload_fingerprint(dataclasses.replace(offload_inputs, disk_modules=[]))
@@ -593,6 +593,7 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
             report.bytes_per_tier = dict(info.bytes_per_tier)
             report.offload_folder = info.offload_folder
             report.offload_cache_hit = info.offload_reused
+            report.offload_compression = info.offload_compression
             if registry:
                 touch(offload_folder)  # its last use, for pruning
             if cache is not None and info.offload_folder and not cfg.placement.offload_folder:
@@ -718,6 +719,7 @@ def _load(
             execution=cfg.placement.execution,
             execution_rates=rate_overrides(cfg.placement.rates) or None,
             disk_reads=cfg.placement.disk_reads,
+            offload_compression=cfg.placement.offload_compression,
         )
 
     if disk_modules:
