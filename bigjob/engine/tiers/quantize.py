@@ -6,9 +6,13 @@ What is stored, and why a weight comes back within ``scale / 2``, is said in
 writes into a buffer the caller reuses:
 
 * on the CPU, in blocks of rows of about :data:`CPU_BLOCK` values, each converted to float32
-  and scaled in place (vectorized, multi-threaded) in a scratch block that stays in cache, then
-  rounded once into ``out``; mixed-dtype products straight into bfloat16 fall back to a slow
-  scalar loop in PyTorch's CPU kernels (measured 30x slower on this project's VM);
+  and scaled in place (vectorized, multi-threaded) in a scratch block, then rounded once into
+  ``out`` (an int8 weight run in float32 needs no scratch: two operations over the whole
+  weight). Mixed-dtype products straight into bfloat16 fall back to a slow scalar loop in
+  PyTorch's CPU kernels (measured 30x slower on this project's VM). Blocks are large because
+  each operation is a parallel region: on a machine whose cores are shared (load above its
+  core count) every region waits for its slowest thread, and fewer regions won more than a
+  cache-sized block (1 MiB blocks measured 2-3x slower at the median there, as fast when idle);
 * on an accelerator, the parts already copied there (the compressed bytes crossed the bus),
   a few elementwise kernels over the whole weight, straight into ``out``.
 
@@ -31,7 +35,7 @@ from bigjob.engine.plan.compression import GROUP_SIZE, check_compression, parts
 
 __all__ = ["CPU_BLOCK", "dequantize", "dequantize_into", "quantize", "scratch_bytes"]
 
-CPU_BLOCK = 1 << 18  # values per block on the CPU: 1 MiB of float32 scratch, about an L2 cache
+CPU_BLOCK = 1 << 20  # values per block on the CPU: 4 MiB of float32 scratch
 _HALF = GROUP_SIZE // 2
 
 
@@ -100,6 +104,9 @@ def _on_cpu(out: torch.Tensor, stored: Mapping[str, torch.Tensor], scheme: str, 
         floats, nibbles = torch.empty(width), torch.empty(width // 2, dtype=torch.uint8)
     codes, scales = stored["codes"], stored["scales"]
     zeros = stored.get("zeros")
+    if scheme == "int8" and out.dtype == torch.float32:  # no conversion to stage: the whole weight at once
+        out.view(rows, groups, GROUP_SIZE).copy_(codes.view(rows, groups, GROUP_SIZE)).mul_(scales.view(rows, groups, 1))
+        return out
     for start in range(0, rows, per):
         stop = min(rows, start + per)
         n = stop - start
