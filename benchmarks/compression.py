@@ -16,8 +16,10 @@ full-precision ones. For MiniLM: the cosine of each sentence's embedding with th
 
 Timing (``--skip timing`` leaves it out): the benchmarks' Llama-style decoder (341M parameters,
 1.36 GB fp32, benchmarks/llama_like.py) under a CPU budget that leaves ``--disk-share`` of it
-on disk, one fresh process per setting, the same layers on disk in each; forwards with the
-files evicted from the page cache before each (cold) and with them cached (warm), interleaved.
+on disk, one fresh process per setting, the same layers on disk in each: first forwards
+with the files cached (warm), then with them evicted from the page cache before each (cold;
+the default ``disk_reads="auto"`` then reads the disk tier directly, past the cache). The
+load time includes building the compressed offload folder.
 
     python benchmarks/compression.py [--skip timing] [--repeat 5] [--disk-share 0.7] [--batch 4] [--tokens 64] [--threads N]
 
@@ -207,8 +209,8 @@ def timing_child(setting: str, folder: Path, offload: Path, budget: int, batch: 
     times: dict[str, list[float]] = {"cold": [], "warm": []}
     with torch.inference_mode():
         model(ids)  # the first forward: not in the medians
-        for _ in range(repeat):
-            for condition in ("cold", "warm"):
+        for condition in ("warm", "cold"):  # not interleaved: a cold forward turns the disk tier to direct reads
+            for _ in range(repeat):
                 if condition == "cold":
                     evict(files)
                 t = time.perf_counter()
