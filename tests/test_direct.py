@@ -180,35 +180,6 @@ def test_the_cached_fraction_sampled_follows_what_mincore_counts_whole(tmp_path:
     assert small == 0.0
 
 
-def _choices(monkeypatch: pytest.MonkeyPatch, fractions: list[float], forget_at: int | None = None, mode: str = "auto") -> list[bool]:
-    """What DirectReads.choose answers, forward by forward, when the cache holds ``fractions`` of the unit."""
-    from bigjob.engine.tiers import direct
-
-    reads = DirectReads(Layout.of([("/x", 0, 4096)]), Files(), BufferPool(4096), mode=mode, retry=4)
-    out = []
-    for i, fraction in enumerate(fractions):
-        monkeypatch.setattr(direct, "cached_fraction", lambda ranges, f=fraction: f)
-        if i == forget_at:
-            reads.forget()
-        out.append(reads.choose([Range(0, PAGE)]))
-    return out
-
-
-def test_auto_chooses_from_what_the_cache_lost_since_the_unit_mapped_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Cached at the first forward: map. Kept: map.
-    assert _choices(monkeypatch, [1.0, 1.0, 1.0]) == [False, False, False]
-    # Cold at the first forward: direct; the second tries the cache; still dropped: direct, the cache
-    # tried on every 4th (retry) direct run; cached: map.
-    assert _choices(monkeypatch, [0.0] * 7) == [True, False, True, True, True, False, True]
-    assert _choices(monkeypatch, [0.0, 1.0, 1.0]) == [True, False, False]
-    assert _choices(monkeypatch, [0.6, 0.6]) == [False, False]  # mostly cached at first: not cold
-    # Mapped, then lost: direct from then on, mapping every 4th (retry) direct run; cached again: map.
-    assert _choices(monkeypatch, [1.0, 0.1, 0.0, 0.0, 0.0, 0.0, 0.95, 0.2]) == [False, True, True, True, False, True, False, True]
-    # Lost by our own doing (the folio refresh dropped it on purpose): not a sign; the next loss is.
-    assert _choices(monkeypatch, [1.0, 0.0, 0.0], forget_at=1) == [False, False, True]
-    assert _choices(monkeypatch, [1.0, 1.0], mode="direct") == [True, True]
-
-
 # --- dispatched models ----------------------------------------------------------------------
 
 
@@ -307,55 +278,6 @@ def test_direct_reads_leave_the_disk_tier_out_of_the_page_cache(checkpoint: Path
     assert cached == total
 
 
-def test_auto_reads_directly_only_after_the_cache_dropped_what_it_mapped(checkpoint: Path, reference: TinyLM) -> None:
-    model = _dispatch(checkpoint, reference, "auto")
-    schedule = get_dispatch_info(model).schedule
-    files = _disk_files(model)
-    n_units = len(_units(model))
-    ids = inputs(vocab=SHAPE["vocab"], length=8)
-    seen = []
-    with torch.no_grad():
-        for _ in range(3):  # the cache keeps the file: mapped
-            seen.append(_forward(model, ids)[1])
-        assert seen == [0, 0, 0]
-        assert schedule.pool is not None and schedule.pool.held == 0  # no buffer kept while nothing reads directly
-
-        evict(*files)  # pages it read through the cache are gone: read directly from now on
-        assert _forward(model, ids)[1] == n_units
-        assert schedule.pool.held >= 1
-
-        evict(*files)
-        runs = []
-        for _ in range(8):
-            runs.append(_forward(model, ids)[1])
-        # Each unit goes through the cache again on every 8th of its direct runs (to see whether it keeps them now).
-        assert runs.count(n_units) == 6 and runs.count(0) == 2, runs
-
-        _warm(files)  # someone read the files back: mapping them is free again
-        assert _forward(model, ids)[1] == 0
-        assert schedule.pool.held == 0
-
-
-def test_auto_reads_a_disk_tier_cold_at_its_first_forward_directly(checkpoint: Path, reference: TinyLM) -> None:
-    model = _dispatch(checkpoint, reference, "auto")
-    files = _disk_files(model)
-    n_units = len(_units(model))
-    ids = inputs(vocab=SHAPE["vocab"], length=8)
-    evict(*files)  # a second run of a job, a checkpoint written long ago: nothing of it cached
-    # (Pages sharing a page-cache folio with the mapped CPU tier cannot be evicted: a few may stay.)
-    cold, total = _disk_pages(model)
-    assert cold < total // 4
-    with torch.no_grad():
-        out, direct = _forward(model, ids)
-        torch.testing.assert_close(out, reference(ids), rtol=0, atol=0)
-        assert direct == n_units  # (the prefetcher may already be mapping the next forward's first units)
-        # The second forward goes through the cache (it has room here), and the third maps what it kept.
-        assert _forward(model, ids)[1] == 0
-        assert _forward(model, ids)[1] == 0
-        cached, total = _disk_pages(model)
-        assert cached == total
-
-
 def test_direct_reads_follow_dispatch_model_and_bad_values_are_refused(checkpoint: Path, reference: TinyLM, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"disk_reads must be one of 'auto', 'mapped', 'direct'; got 'fast'"):
         _dispatch(checkpoint, reference, "fast")
@@ -377,7 +299,8 @@ def test_direct_reads_follow_dispatch_model_and_bad_values_are_refused(checkpoin
 def test_auto_is_the_default(checkpoint: Path, reference: TinyLM) -> None:
     total = sum(p.numel() * 4 for p in reference.parameters())
     model = load_checkpoint_and_dispatch(empty_model(**SHAPE), checkpoint, device_map="auto", max_memory={"cpu": total * 3 // 5}, no_split_module_classes=["Block"])
-    assert {u.direct.mode for u in _units(model) if u.direct is not None} == {"auto"}
+    reads = get_dispatch_info(model).schedule.reads
+    assert reads is not None and reads.policy.mode == "auto"
 
 
 # --- helpers --------------------------------------------------------------------------------

@@ -60,7 +60,8 @@ from bigjob.engine.plan.planner import plan
 from bigjob.engine.plan.inventory import build_inventory
 from bigjob.errors import ConfigError
 from bigjob.job import schema
-from bigjob.job.runner import job_identity, run_job
+from bigjob.job.identity import job_identity
+from bigjob.job.runner import run_job
 
 # A Linear(1024, 1024) in float32, by hand.
 LIN_BYTES = (1024 * 1024 + 1024) * 4  # 4,198,400

@@ -13,9 +13,10 @@ import pytest
 from _jobkit import TINY_OVERRIDES, compose_config, read_jsonl, run_cli, wait_for_batches
 from bigjob.errors import BudgetError, ConfigError, JobError
 from bigjob.job import child_process, forkserver, isolation
+from bigjob.job.batch_loop import KILL_AFTER_ENV
 from bigjob.job.child_process import ChildTraceback, JobProcessError, config_from_json
 from bigjob.job.isolation import isolation_wanted, run_isolated
-from bigjob.job.runner import KILL_AFTER_ENV, run_job
+from bigjob.job.runner import run_job
 
 JOB = TINY_OVERRIDES + ["placement.max_memory.cpu=36KiB", "data.num_samples=6", "data.seq_len=10", "data.batch_size=2", "quiet=true"]
 
@@ -46,7 +47,7 @@ def test_the_config_travels_to_the_child_unchanged(tmp_path):
 
 
 def test_runner_isolate_is_not_part_of_the_job_key(tmp_path):
-    from bigjob.job.runner import job_identity
+    from bigjob.job.identity import job_identity
 
     assert job_identity(config(tmp_path, "runner.isolate=true")) == job_identity(config(tmp_path, "runner.isolate=false"))
 

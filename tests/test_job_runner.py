@@ -248,7 +248,7 @@ def test_a_budget_too_small_for_the_model_stores_nothing(tmp_path):
 def test_working_memory_auto_keeps_the_largest_batch_forward_free_of_weights(tmp_path):
     from bigjob import estimate_working_memory
     from bigjob.job.data import load_samples, make_batches
-    from bigjob.job.runner import build_empty_model
+    from bigjob.job.empty_model import build_empty_model
 
     budget = "placement.max_memory.cpu=64KiB"  # the whole model (39 KB) fits: only the working memory moves some to disk
     cfg = config(tmp_path, budget, "placement.working_memory=auto")

@@ -12,7 +12,8 @@ from _jobkit import TINY_OVERRIDES, compose_config
 from bigjob.cli import config_dir
 from bigjob.errors import ConfigError
 from bigjob.job import schema
-from bigjob.job.runner import build_empty_model, resolve_budgets
+from bigjob.job.budgets import resolve_budgets
+from bigjob.job.empty_model import build_empty_model
 
 CONF = config_dir()
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())

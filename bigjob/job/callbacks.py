@@ -91,7 +91,8 @@ def _check_earlier_results(config: DictConfig) -> None:
     if not any((run_dir / name).exists() for name in ("progress.json", "metrics.json")):
         return
     from bigjob.job.config import to_job_config
-    from bigjob.job.runner import check_run_folder, job_identity
+    from bigjob.job.identity import job_identity
+    from bigjob.job.run_folder import check_run_folder
 
     try:
         task_config = copy.deepcopy(config)  # what Hydra hands the task: the config without its hydra node

@@ -170,7 +170,7 @@ def _completed_here(cfg: JobConfig, run_dir: Path) -> JobReport | None:
     own = read_report(run_dir)
     if own is None or own.status != "completed":
         return None
-    from bigjob.job.runner import job_identity
+    from bigjob.job.identity import job_identity
 
     if own.job_key != job_identity(cfg):
         return None

@@ -154,8 +154,9 @@ class PlacementConfig:
     # live), auto (local for small batches), or per tier {cpu: ..., disk: ...}. No effect on the plan.
     execution: Any = "stream"
     rates: RatesConfig = field(default_factory=RatesConfig)
-    # How disk-tier layers run on the CPU get their bytes: auto (through the page cache while it keeps
-    # them, read directly into reused buffers once it drops them), mapped, or direct. No effect on the plan.
+    # How disk-tier layers run on the CPU get their bytes: auto (per forward, the layers the page cache
+    # has room for stay mapped, the rest are read directly into reused buffers), mapped, or direct.
+    # No effect on the plan.
     disk_reads: str = "auto"
     # Linear weights of the tiers that stream (disk; CPU RAM when a GPU runs the model) stored group-wise
     # quantized: none | int8 | int4. Part of the plan's and the offload folder's keys.

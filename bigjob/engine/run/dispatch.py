@@ -32,8 +32,9 @@ from bigjob.engine.run.hooks import HookHandle, MoveInputs, RootHook, TensorSlot
 from bigjob.engine.run.loading import LoadResult, check_devices
 from bigjob.engine.run.local_units import AutoUnit, LocalUnit
 from bigjob.engine.run.module_tensors import get_tensor, place_tensor
-from bigjob.engine.run.paged_units import PagedUnit
+from bigjob.engine.run.paged_units import PagedReads, PagedUnit
 from bigjob.engine.run.prefetcher import Prefetcher, Schedule
+from bigjob.engine.run.read_policy import ReadPolicy
 from bigjob.engine.run.stream_buffers import DeviceSlots, StagingPool
 from bigjob.engine.run.streamed_units import StreamedUnit
 from bigjob.engine.tiers.direct import BufferPool, DirectReads, Files, Layout
@@ -73,8 +74,9 @@ def dispatch_loaded(
     ``disk_reads`` says how disk-tier units executed on the CPU get their bytes:
     ``"mapped"`` runs them on views of their memory-mapped files (the page cache holds the
     bytes; nothing is copied), ``"direct"`` reads them on every forward into reused buffers
-    past the page cache (``O_DIRECT``), and ``"auto"`` maps them while the page cache keeps
-    them and reads directly once it is seen to drop them (see :mod:`bigjob.engine.tiers.direct`).
+    past the page cache (``O_DIRECT``), and ``"auto"`` decides at each forward's start, from the
+    disk tier's size and the room the page cache has, which units stay cached (mapped) and
+    which are read directly (see :mod:`bigjob.engine.run.read_policy`).
     """
     check_execution(execution, execution_rates, disk_reads)
     remove_dispatch(model)
@@ -204,7 +206,7 @@ def dispatch_loaded(
     streamed_pages = merge([*streamed_views, *tied_ranges])
     schedule.readahead = not prefer_huge(streamed_pages)  # see bigjob.engine.tiers.pages.populate
     if disk_reads != "mapped":
-        _attach_direct_reads(paged_units, disk_reads, schedule)
+        _attach_direct_reads(paged_units, disk_reads, schedule, prefetch)
     # Folio sizes matter to pages that are mapped; units that always read directly map none.
     checked = [] if disk_reads == "direct" else streamed_pages
     homes = (slot.home for unit in schedule.units for slot in getattr(getattr(unit, "stream", unit), "slots", ()))
@@ -220,6 +222,8 @@ def dispatch_loaded(
     set_dispatch_info(model, info)
     object.__setattr__(model, "hf_device_map", result.device_map.to_hf())  # what Accelerate users read
     weakref.finalize(model, prefetcher.close)
+    if schedule.reads is not None:
+        weakref.finalize(model, schedule.reads.reader.close)  # the reader only: the units would keep the model alive
     return model
 
 
@@ -239,10 +243,12 @@ def check_execution(execution: Execution, execution_rates: Rates | None, disk_re
         ExecutionRates.from_mapping(execution_rates)
 
 
-def _attach_direct_reads(units: list[PagedUnit], mode: DiskReads, schedule: Schedule) -> None:
-    """Give each paged unit what it needs to read itself past the page cache (see :mod:`bigjob.engine.tiers.direct`).
+def _attach_direct_reads(units: list[PagedUnit], mode: DiskReads, schedule: Schedule, prefetch: int) -> None:
+    """Give the paged units what they need to read past the page cache, and the schedule their read policy.
 
-    A unit whose file views cannot be traced to a file that is still the one mapped keeps mapping only.
+    A unit whose file views cannot be traced to a file that is still the one mapped keeps
+    mapping only. The reads may hold ``1 + prefetch`` of the largest unit (the plan's reserve);
+    one, where the plan brings such units back one at a time.
     """
     units = [u for u in units if u.slots]
     mappings = file_mappings(slot.home.data_ptr() for u in units for slot in u.slots)
@@ -266,9 +272,13 @@ def _attach_direct_reads(units: list[PagedUnit], mode: DiskReads, schedule: Sche
         files.close()
         return
     schedule.files = files
-    schedule.pool = BufferPool(max(layout.size for _, layout in layouts))
+    schedule.pool = pool = BufferPool(max(layout.size for _, layout in layouts))
     for unit, layout in layouts:
-        unit.direct = DirectReads(layout, files, schedule.pool, mode)
+        unit.direct = DirectReads(layout, files, pool)
+    direct = [unit for unit, _ in layouts]
+    policy = ReadPolicy([u.position for u in direct], [layout.size for _, layout in layouts], mode=mode)
+    alone = any(u.position in schedule.solo for u in direct)
+    schedule.reads = PagedReads(direct, policy, pool, pool.size * (1 if alone else 1 + prefetch))
 
 
 def _slot(modules: Mapping[str, nn.Module], name: str) -> TensorSlot:

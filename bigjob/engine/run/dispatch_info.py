@@ -61,6 +61,8 @@ class DispatchInfo:
             self.prefetcher.close()
             self.prefetcher = None
         if self.schedule is not None:
+            if self.schedule.reads is not None:  # the disk reader's thread
+                self.schedule.reads.close()
             if self.schedule.files is not None:  # descriptors of direct reads: not left to the garbage collector
                 self.schedule.files.close()
             if self.schedule.pool is not None:

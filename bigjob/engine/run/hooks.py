@@ -174,15 +174,20 @@ class RootHook:
             origin = first_device(args, kwargs)
             if not stack and self.sources is not None:
                 self.sources.check()  # before anything reads a page of a file that may have shrunk
+            root = not stack
             stack.append(origin)
             pushed = True
             pinned = self.schedule.pinned
             self.schedule.tokens = pinned if pinned is not None else count_tokens(args, kwargs)
+            if root and self.schedule.reads is not None:
+                self.schedule.reads.begin()  # which disk-tier units read directly this forward
             self.schedule.ahead(-1)
             return move_to(args, self.device), move_to(kwargs, self.device)
         except BaseException:
             if pushed:
                 stack.pop()
+                if not stack and self.schedule.reads is not None:
+                    self.schedule.reads.end()
             self._lock.release()
             raise
 
@@ -198,6 +203,8 @@ class RootHook:
     def _after(self, stack: list, output: Any) -> Any:
         origin = stack.pop()
         self.schedule.prefetcher.settle()
+        if not stack and self.schedule.reads is not None:
+            self.schedule.reads.end()
         if not stack and self.schedule.slots:
             # Every unit of this forward ran (or never will: an exception). Prefetches it left
             # unused are dropped, and their device buffers with them, before the next forward.
@@ -209,10 +216,8 @@ class RootHook:
         if self._unchecked and not self._origin.stack:
             unchecked, self._unchecked = self._unchecked, []
             try:
-                if refresh_small_folios(unchecked):
-                    for unit in self.schedule.units:  # those pages were dropped by us, not by a cache too small
-                        if getattr(unit, "direct", None) is not None:
-                            unit.direct.forget()
+                if refresh_small_folios(unchecked) and self.schedule.reads is not None:
+                    self.schedule.reads.policy.kept = None  # those pages were dropped by us, not by a cache too small
             except Exception:  # noqa: BLE001 - a speed-up only: the forward's result is already made
                 log.debug("page-cache folio check failed", exc_info=True)
         if origin is not None and origin != self.device:

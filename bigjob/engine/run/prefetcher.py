@@ -114,6 +114,7 @@ class Schedule:
         self.unit_reads = {"mapped": 0, "direct": 0}  # disk-tier units run on the CPU so far, by how their bytes came
         self.slots: dict[torch.device, DeviceSlots] = {}  # per GPU: the buffers streamed units are copied into
         self.solo: set[int] = set()  # units the plan brings back one at a time (bigjob.engine.plan.budget_fallback)
+        self.reads: Any = None  # the disk tier's per-forward reads (bigjob.engine.run.paged_units.PagedReads)
 
     def add(self, unit: Any) -> int:
         self.units.append(unit)
@@ -134,9 +135,12 @@ class Schedule:
         if self.solo and (position in self.solo or position - 1 in self.solo):
             self.prefetcher.settle()  # the unit before has released its pages: one unit in flight
         stop = 0 if position in self.solo else min(position + 1 + self.prefetcher.depth, len(self.units))
+        reads = self.reads if self.reads is not None and self.reads.active else None
         for nxt in range(position + 1, stop):
             if nxt in self.solo:
                 break
+            if reads is not None and nxt in reads.by_position:
+                continue  # read ahead by the disk reader, or mapped just in time
             unit = self.units[nxt]
             self.prefetcher.submit(nxt, unit.prepare, inline=getattr(unit, "queues_only", False))
 
