@@ -55,6 +55,7 @@ CHANGES = {
     "planner_version": "2",
     "working_memory": 4096,
     "strict_budget": True,
+    "offload_compression": "int8",
 }
 
 
@@ -119,6 +120,19 @@ def test_offload_key_depends_on_dtype_disk_modules_and_checkpoint():
     for change in ({"dtype": "bfloat16"}, {"disk_modules": ["blocks.3"]}, {"checkpoint": {"files": [2]}}, {"special_dtypes": {"x": "float32"}}, {"offload_buffers": True}):
         assert offload_fingerprint(dataclasses.replace(base, **change)) != key, change
     assert offload_fingerprint(base) != plan_fingerprint(BASE)
+
+
+def test_offload_compression_changes_the_plan_and_offload_keys_and_none_keeps_the_keys_of_before():
+    offload = OffloadInputs({"files": [1]}, list(BASE.tensors), "float16", {}, ["blocks.2"])
+    keys = {c: offload_fingerprint(dataclasses.replace(offload, compression=c)) for c in ("none", "int8", "int4")}
+    plans = {c: plan_fingerprint(dataclasses.replace(BASE, offload_compression=c)) for c in ("none", "int8", "int4")}
+    assert len(set(keys.values())) == 3 and len(set(plans.values())) == 3  # an int8 folder or plan never serves another setting
+    # "none" hashes exactly what was hashed before the setting existed: folders and plans made then are still found.
+    assert "compression" not in offload.to_json() and "offload_compression" not in BASE.to_json()
+    assert keys["none"] == offload_fingerprint(offload) and plans["none"] == plan_fingerprint(BASE)
+    cfg = {"placement": {"strategy": "auto"}}
+    assert job_key({"placement": {"strategy": "auto", "offload_compression": "none"}}) == job_key(cfg)
+    assert job_key({"placement": {"strategy": "auto", "offload_compression": "int4"}}) != job_key(cfg)
 
 
 def test_job_key_ignores_presentation_only():

@@ -111,6 +111,15 @@ def test_invalid_values_name_their_key(override, key):
         schema.validate(cfg)
 
 
+def test_a_bad_offload_compression_is_one_line_naming_the_key_the_choices_and_the_nearest():
+    cfg = compose_config(["placement.offload_compression=init8"])
+    with pytest.raises(ConfigError) as info:
+        schema.validate(cfg)
+    assert str(info.value) == "placement.offload_compression must be one of none, int8, int4, got 'init8'; did you mean 'int8'?"
+    for good in ("none", "int8", "int4"):
+        schema.validate(compose_config([f"placement.offload_compression={good}"]))
+
+
 def test_several_problems_are_reported_together():
     cfg = compose_config(["data.batch_size=0", "placement.max_memory.cpu=lots"])
     with pytest.raises(ConfigError) as info:

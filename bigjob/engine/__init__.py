@@ -8,18 +8,21 @@ Four sub-packages, in the order a model goes through them:
   (:mod:`.plan.devices`, :mod:`.plan.balance`), structure facts (:mod:`.plan.model_info`), the planner
   (:mod:`.plan.planner`, :mod:`.plan.fill`, :mod:`.plan.reserve`, :mod:`.plan.budget_fallback`; any
   ``device_map`` argument resolved in :mod:`.plan.resolution`) and its :class:`DeviceMap`
-  (:mod:`.plan.device_map`), and the forward's own memory (:mod:`.plan.working_memory`).
+  (:mod:`.plan.device_map`), the forward's own memory (:mod:`.plan.working_memory`), and which
+  weights offload compression stores quantized, in how many bytes (:mod:`.plan.compression`).
 * :mod:`.checkpoints`: checkpoint readers and the safetensors writer; the choice of file,
   format and shards (:mod:`.checkpoints.opening`) and the comparison of keys (:mod:`.checkpoints.keys`).
 * :mod:`.tiers`: where offloaded weights live and how their bytes come back: offload folders
   (:mod:`.tiers.store`, :mod:`.tiers.checksums`), mapped pages (:mod:`.tiers.pages`, :mod:`.tiers.folios`),
-  direct reads (:mod:`.tiers.direct`), pinned buffers (:mod:`.tiers.pinned`) and the files
-  weights are views of (:mod:`.tiers.sources`).
+  direct reads (:mod:`.tiers.direct`), pinned buffers (:mod:`.tiers.pinned`), the files
+  weights are views of (:mod:`.tiers.sources`), and int8/int4 weights (:mod:`.tiers.quantize`,
+  stored as parts by :mod:`.tiers.compressed_store`).
 * :mod:`.run`: the loader (:mod:`.run.loading`, with its key checks in :mod:`.run.key_checks`) and
   the dispatcher (:mod:`.run.dispatch`, its entry points in :mod:`.run.entry_points`, what it leaves
   on a model in :mod:`.run.dispatch_info`) with its hooks (:mod:`.run.hooks`, :mod:`.run.paged_units`,
   :mod:`.run.streamed_units` and their :mod:`.run.stream_buffers`, :mod:`.run.local_units`, the
-  :mod:`.run.prefetcher`) and the execution policy of offloaded units (:mod:`.run.execution`, with
+  :mod:`.run.prefetcher`, and :mod:`.run.compressed_units`, which dequantizes compressed weights
+  before their unit runs) and the execution policy of offloaded units (:mod:`.run.execution`, with
   the speeds it weighs in :mod:`.run.rates`).
 """
 

@@ -74,6 +74,7 @@ def plan_inputs(job: CheckedJob) -> PlanInputs:
         no_split=list(cfg.model.no_split_module_classes),
         prefetch=cfg.placement.prefetch,
         strict_budget=cfg.placement.strict_budget,
+        offload_compression=cfg.placement.offload_compression,
         devices=device_inventory(),
         checkpoint=job.checkpoint.identity,
         planner_version=PLANNER_VERSION,
@@ -97,7 +98,7 @@ def _planned_map(job: CheckedJob, inputs: PlanInputs, plan_key: str, cache: JobC
                 special_dtypes=job.dtypes.special or None,
                 strategy=cfg.placement.strategy,
                 prefetch=cfg.placement.prefetch,
-                working_memory=inputs.working_memory, strict_budget=inputs.strict_budget,
+                working_memory=inputs.working_memory, strict_budget=inputs.strict_budget, offload_compression=inputs.offload_compression,
             ).to_dict()
         except BudgetError as err:
             raise type(err)(in_config_terms(str(err))) from None

@@ -3,10 +3,11 @@
 * :func:`plan_fingerprint` keys a device map. Every input that changes the plan is in
   :class:`PlanInputs` (model class and kwargs, every tensor's name/shape/dtype and which
   names share a tensor, target and per-tensor dtypes, budgets in bytes, strategy,
-  no-split classes, prefetch depth, the working memory kept free, strict budgets, the devices present with
-  their total memory, the checkpoint's identity, the planner version); nothing else is.
+  no-split classes, prefetch depth, the working memory kept free, strict budgets, the offload
+  compression, the devices present with their total memory, the checkpoint's identity, the planner
+  version); nothing else is.
 * :func:`offload_fingerprint` keys an offload folder: the checkpoint, the tensors, their
-  target dtypes and which modules live on disk.
+  target dtypes, which modules live on disk and how their weights are compressed.
 * :func:`job_key` keys a whole job's resolved config (resume and sweep skipping).
 * :func:`working_memory_key` keys a forward's estimated working memory.
 
@@ -118,10 +119,13 @@ class PlanInputs:
     planner_version: str
     working_memory: int = 0  # bytes kept free on the executing device for the forward
     strict_budget: bool = False  # an error, not a fallback, where budgets are too small to stream with prefetch
+    offload_compression: str = "none"  # streamed tiers count compressed bytes (bigjob.engine.plan.compression)
 
     def to_json(self) -> dict[str, Any]:
         """The inputs as canonical JSON data (no-split classes as a sorted set)."""
         data = dataclasses.asdict(self)
+        if self.offload_compression == "none":
+            del data["offload_compression"]  # plans made before it existed keep their keys
         if not self.working_memory:
             del data["working_memory"]  # plans made before it existed keep their keys
         if not self.strict_budget:
@@ -166,9 +170,12 @@ class OffloadInputs:
     disk_modules: Sequence[str]  # device-map keys placed on "disk"
     offload_buffers: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
+    compression: str = "none"  # placement.offload_compression: the disk tier's Linear weights stored quantized
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
+        if self.compression == "none":
+            del data["compression"]  # folders built before it existed keep their keys
         data["tensors"] = [list(t[:1]) + [list(t[1])] + list(t[2:]) for t in self.tensors]
         data["disk_modules"] = sorted(set(self.disk_modules))
         return json.loads(canonical_json(data))
@@ -179,6 +186,8 @@ def offload_fingerprint(inputs: OffloadInputs) -> str:
 
     >>> a = OffloadInputs({"files": []}, [("w", (2,), "float32", "w")], "float16", {}, ["blocks.1"])
     >>> offload_fingerprint(a) == offload_fingerprint(dataclasses.replace(a, dtype="bfloat16"))
+    False
+    >>> offload_fingerprint(a) == offload_fingerprint(dataclasses.replace(a, compression="int8"))
     False
     """
     return _sha256("offload", inputs.to_json())
@@ -202,8 +211,15 @@ def job_key(resolved_config: Mapping[str, Any]) -> str:
     False
     >>> job_key({"cache": {"dir": None, "max_size": "5GB"}}) == job_key({"cache": {"dir": None}})
     True
+    >>> job_key({"placement": {"offload_compression": "none"}}) == job_key({"placement": {}})
+    True
+    >>> job_key({"placement": {"offload_compression": "int8"}}) == job_key({"placement": {}})
+    False
     """
     data = {k: v for k, v in resolved_config.items() if k not in _PRESENTATION_KEYS}
     if isinstance(data.get("cache"), Mapping):  # how big the cache may grow: housekeeping, not the job
         data["cache"] = {k: v for k, v in data["cache"].items() if k != "max_size"}
+    placement = data.get("placement")
+    if isinstance(placement, Mapping) and placement.get("offload_compression") == "none":
+        data["placement"] = {k: v for k, v in placement.items() if k != "offload_compression"}  # jobs run before it keep their keys
     return _sha256("job", data)

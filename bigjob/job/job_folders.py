@@ -74,7 +74,7 @@ def choose_folders(job: CheckedJob, placement: Placement, cache: JobCache | None
     cfg, root, disk_modules = job.cfg, job.cache_root, placement.disk_modules
     inputs = placement.inputs
     offload_inputs = OffloadInputs(job.checkpoint.identity, inputs.tensors, inputs.dtype, dict(inputs.special_dtypes), disk_modules,
-                                   cfg.placement.offload_buffers)
+                                   cfg.placement.offload_buffers, compression=cfg.placement.offload_compression)
     key = offload_fingerprint(offload_inputs)
     family = offload_fingerprint(dataclasses.replace(offload_inputs, disk_modules=[]))
     demo_folder = None

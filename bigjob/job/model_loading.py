@@ -84,6 +84,7 @@ def _load(job: CheckedJob, placement: Placement, folders: JobFolders, cache: Job
             execution=cfg.placement.execution,
             execution_rates=rate_overrides(cfg.placement.rates) or None,
             disk_reads=cfg.placement.disk_reads,
+            offload_compression=cfg.placement.offload_compression,
         )
 
     if disk_modules:

@@ -163,6 +163,7 @@ class JobReport:
     plan_cache_hit: bool | None = None
     offload_folder: str | None = None
     offload_cache_hit: bool | None = None
+    offload_compression: str = "none"  # how the streamed tiers' Linear weights were stored (placement.offload_compression)
     load_seconds: float | None = None
     first_batch_seconds: float | None = None  # job start to the first batch written (this session's first)
     main_device: str | None = None
@@ -245,6 +246,8 @@ class JobReport:
             if self.offload_folder:
                 state = "reused" if self.offload_cache_hit else "built"
                 lines.append(f"  offload   {state} {self.offload_folder}")
+            if self.offload_compression != "none":
+                lines.append(f"  compress  {self.offload_compression} (weights of the tiers that stream; placement.offload_compression)")
             lines.append(f"  load      {secs(self.load_seconds)}")
             resumed = f", resumed after batch {self.resumed_from_batch}" if self.resumed_from_batch else ""
             lines.append(

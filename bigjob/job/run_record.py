@@ -77,6 +77,7 @@ def record_dispatch(report: JobReport, loaded: LoadedModel) -> None:
     report.bytes_per_tier = dict(info.bytes_per_tier)
     report.offload_folder = info.offload_folder
     report.offload_cache_hit = info.offload_reused
+    report.offload_compression = info.offload_compression
 
 
 def record_batches(report: JobReport, job: CheckedJob, loop: BatchLoop, loaded: LoadedModel) -> None:

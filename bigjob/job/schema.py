@@ -158,6 +158,9 @@ class PlacementConfig:
     # has room for stay mapped, the rest are read directly into reused buffers), mapped, or direct.
     # No effect on the plan.
     disk_reads: str = "auto"
+    # Linear weights of the tiers that stream (disk; CPU RAM when a GPU runs the model) stored group-wise
+    # quantized: none | int8 | int4. Part of the plan's and the offload folder's keys.
+    offload_compression: str = "none"
 
 
 @dataclass
@@ -255,6 +258,7 @@ def _choice(problems: list[str], key: str, value: object, allowed: tuple[str, ..
 
 def validate(cfg: JobConfig) -> None:
     """Raises one :class:`ConfigError` listing every invalid value, or returns None."""
+    from bigjob.engine.plan.compression import COMPRESSIONS
     from bigjob.engine.plan.devices import parse_size  # sizes are the engine's vocabulary
     from bigjob.engine.run.dispatch import DISK_READS
     from bigjob.engine.run.execution import ExecutionRates, resolve_policy
@@ -309,6 +313,7 @@ def validate(cfg: JobConfig) -> None:
     except ConfigError as err:
         problems.append(str(err))
     _choice(problems, "placement.disk_reads", cfg.placement.disk_reads, DISK_READS)
+    _choice(problems, "placement.offload_compression", cfg.placement.offload_compression, COMPRESSIONS)
     rates = rate_overrides(cfg.placement.rates)
     if rates:
         try:

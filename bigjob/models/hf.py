@@ -173,6 +173,7 @@ def from_pretrained(
     disk_reads: str = "auto",
     working_memory: int | str | tuple[int, int] = 0,
     strict_budget: bool = False,
+    offload_compression: str = "none",
     **config_overrides: Any,
 ) -> nn.Module:
     """Load a local Transformers model folder through bigjob's planner, loader and dispatcher.
@@ -203,6 +204,11 @@ def from_pretrained(
     estimate it for ``model(input_ids)`` of that shape
     (:func:`~bigjob.engine.plan.working_memory.estimate_working_memory`). ``strict_budget``: raise where
     ``max_memory`` is smaller than streaming needs, not fall back (see :mod:`bigjob.engine.plan.budget_fallback`).
+
+    ``offload_compression`` (``"none"``, ``"int8"``, ``"int4"``): the ``Linear`` weights of the layers
+    offloaded to disk (and to CPU RAM when a GPU runs the model) are stored group-wise quantized and
+    dequantized right before use: fewer bytes to read, outputs within the quantization error
+    (measured in docs/benchmarks.md); see :mod:`bigjob.engine.plan.compression`.
     """
     transformers_module()  # a missing extra first: it is the thing to fix
     if dtype is not None and torch_dtype is not None:
@@ -230,5 +236,5 @@ def from_pretrained(
         offload_buffers=offload_buffers,
         prefetch=prefetch,
         execution=execution, execution_rates=execution_rates, disk_reads=disk_reads, working_memory=working_memory,
-        strict_budget=strict_budget,
+        strict_budget=strict_budget, offload_compression=offload_compression,
     )

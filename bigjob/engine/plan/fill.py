@@ -5,7 +5,9 @@ order. A device is not abandoned because one unit did not fit: smaller units aft
 go there, and the fill only moves on once nothing left could fit. Tied tensors travel
 together: units holding one tensor form a :class:`Clusters` entry, placed as one at its
 first unit. Linear in the number of units. How much of each budget the fill may use (the
-budget less the reserve kept for streaming) is :mod:`.reserve`'s question.
+budget less the reserve kept for streaming) is :mod:`.reserve`'s question. With offload
+compression, a unit takes its compressed bytes on the devices it streams from
+(:func:`stream_sizes`; see :mod:`.compression`) and its full bytes elsewhere.
 
 >>> from torch import nn
 >>> from bigjob.engine.plan.inventory import build_inventory
@@ -23,7 +25,7 @@ from bigjob.engine.plan.devices import DISK, UNLIMITED, format_size
 from bigjob.engine.plan.inventory import Inventory, Unit
 from bigjob.errors import BudgetError
 
-__all__ = ["Clusters", "fill", "find_clusters"]
+__all__ = ["Clusters", "fill", "find_clusters", "stream_sizes"]
 
 
 class Clusters(NamedTuple):
@@ -98,40 +100,62 @@ def find_clusters(inventory: Inventory) -> Clusters:
     return clusters
 
 
+def stream_sizes(clusters: Clusters, unit_bytes: list[int], unit_stream_bytes: list[int]) -> list[int]:
+    """Each unit's cluster bytes on a device it streams from, where units take ``unit_stream_bytes`` there.
+
+    >>> stream_sizes(Clusters([0, 0, 2], [700, 700, 300], {0: (0, 1)}), [400, 400, 300], [100, 400, 80])
+    [400, 400, 80]
+    """
+    saved = [full - streamed for full, streamed in zip(unit_bytes, unit_stream_bytes)]
+    by_head: dict[int, int] = {}
+    for i, head in enumerate(clusters.head):
+        by_head[head] = by_head.get(head, 0) + saved[i]
+    return [nbytes - by_head[head] for nbytes, head in zip(clusters.nbytes, clusters.head)]
+
+
 def fill(
     inventory: Inventory,
     clusters: Clusters,
     devices: list[str],
     capacity: dict[str, int],
     key_hint: str,
+    streamed: tuple[set[str], list[int]] | None = None,
 ) -> list[str]:
-    """Device of each unit: first device at or after the current one with room; linear in units."""
+    """Device of each unit: first device at or after the current one with room; linear in units.
+
+    ``streamed``: the devices units stream from, and each unit's cluster bytes there (:func:`stream_sizes`).
+    """
     units = inventory.units
     sizes = clusters.nbytes
+    streaming, on_stream = streamed if streamed is not None else (set(), sizes)
     tied = clusters.members
     room = [capacity[d] for d in devices]
     last = len(devices) - 1
+    sized = [on_stream if d in streaming else sizes for d in devices]  # per device: the cluster sizes it counts
     # Smallest cluster from unit i on: once the current device cannot hold it, nothing later fits there.
-    suffix_min = list(accumulate(reversed(sizes), min, initial=UNLIMITED))
-    suffix_min.reverse()
+    suffix_mins: dict[int, list[int]] = {}
+    for table in sized:
+        if id(table) not in suffix_mins:
+            suffix_mins[id(table)] = list(accumulate(reversed(table), min, initial=UNLIMITED))[::-1]
+    suffix = [suffix_mins[id(table)] for table in sized]
     placed: list[str | None] = [None] * len(units)
     current = 0
     for i, nbytes in enumerate(sizes):
         if placed[i] is not None:
             continue  # placed with the head of its cluster
         target = current
-        while target <= last and room[target] < nbytes:
+        while target <= last and room[target] < sized[target][i]:
             target += 1
         if target > last:
             raise _too_big(units, clusters.units_of(i), nbytes, devices, room, [capacity[d] for d in devices], key_hint)
-        room[target] -= nbytes
+        room[target] -= sized[target][i]
         device = devices[target]
         if i in tied:
             for member in tied[i]:
                 placed[member] = device
         else:
             placed[i] = device
-        while current < last and room[current] < suffix_min[i + 1]:
+        while current < last and room[current] < suffix[current][i + 1]:
             current += 1
     return [device or devices[-1] for device in placed]
 

@@ -24,8 +24,9 @@ from collections.abc import Mapping
 from bigjob.engine.plan.balance import balanced_budgets
 from bigjob.engine.plan.budget_fallback import relaxed_place
 from bigjob.engine.plan.device_map import DeviceMap, PlanSummary
-from bigjob.engine.plan.devices import device_order, format_size, main_device, normalize_device
-from bigjob.engine.plan.fill import fill, find_clusters
+from bigjob.engine.plan.compression import stream_unit_bytes
+from bigjob.engine.plan.devices import device_order, format_size, is_accelerator, main_device, normalize_device
+from bigjob.engine.plan.fill import fill, find_clusters, stream_sizes
 from bigjob.engine.plan.inventory import Inventory
 from bigjob.engine.plan.reserve import place
 from bigjob.errors import BudgetError, ConfigError
@@ -40,7 +41,7 @@ STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 def plan(
     inventory: Inventory, budgets: Mapping[str, int], strategy: str = "auto", prefetch: int = 1, working_memory: int = 0,
-    *, strict_budget: bool = False,
+    *, strict_budget: bool = False, offload_compression: str = "none",
 ) -> DeviceMap:
     """The device map for ``inventory`` under ``budgets`` (canonical device -> bytes). Pure.
 
@@ -48,6 +49,8 @@ def plan(
     outputs, caches; see :func:`~bigjob.engine.plan.working_memory.estimate_working_memory`),
     kept free of weights and streaming buffers there. ``strict_budget``: raise where the budgets
     cannot hold ``1 + prefetch`` offloaded units at a time, rather than fall back.
+    ``offload_compression``: units count their compressed bytes on the devices they stream
+    from (disk; CPU RAM for an accelerator), their full bytes in the reserve (:mod:`.compression`).
 
     >>> from torch import nn
     >>> from bigjob.engine.plan.inventory import build_inventory
@@ -75,8 +78,9 @@ def plan(
                 f"max_memory[{runs_on!r}] or run smaller batches (working memory grows with the batch)"
             )
         budgets[runs_on] -= working_memory
+    stream_bytes = stream_unit_bytes(inventory, offload_compression)
     try:
-        return _plan(inventory, budgets, strategy, prefetch, working_memory, runs_on, strict_budget)
+        return _plan(inventory, budgets, strategy, prefetch, working_memory, runs_on, strict_budget, stream_bytes)
     except BudgetError as err:
         if not working_memory:
             raise
@@ -87,9 +91,13 @@ def plan(
 
 
 def _plan(
-    inventory: Inventory, budgets: dict[str, int], strategy: str, prefetch: int, working_memory: int, runs_on: str, strict: bool
+    inventory: Inventory, budgets: dict[str, int], strategy: str, prefetch: int, working_memory: int, runs_on: str, strict: bool,
+    stream_bytes: list[int] | None,
 ) -> DeviceMap:
     clusters = find_clusters(inventory)
+    # Units stream from every device other than the one running the model and accelerators (as reserve.place has it).
+    streaming = {d for d in budgets if d != runs_on and not is_accelerator(d)}
+    streamed = (streaming, stream_sizes(clusters, [u.nbytes for u in inventory.units], stream_bytes)) if stream_bytes is not None else None
     placement: list[str] | None = None
     if strategy in ("auto", "balanced", "balanced_low_0"):
         balanced = balanced_budgets(inventory, budgets, low_zero=strategy == "balanced_low_0")
@@ -97,7 +105,7 @@ def _plan(
             # Balancing only matters while the model fits on the GPUs: once anything is offloaded
             # they are full anyway, and a balanced (smaller) budget would only squeeze the reserve.
             try:
-                placement, reserve, main = place(inventory, clusters, balanced, prefetch)
+                placement, reserve, main = place(inventory, clusters, balanced, prefetch, stream_bytes)
             except BudgetError:
                 placement = None
             if placement is not None and not reserve:
@@ -107,12 +115,12 @@ def _plan(
     relaxed = None
     if placement is None:
         try:
-            placement, reserve, main = place(inventory, clusters, budgets, prefetch)
+            placement, reserve, main = place(inventory, clusters, budgets, prefetch, stream_bytes)
         except BudgetError as refused:
             if strict:
                 raise
             main, devices = main_device(budgets), [d for d, size in budgets.items() if size > 0]
-            fill_under = lambda held: fill(inventory, clusters, devices, {d: max(0, budgets[d] - held.get(d, 0)) for d in devices}, "max_memory")  # noqa: E731
+            fill_under = lambda held: fill(inventory, clusters, devices, {d: max(0, budgets[d] - held.get(d, 0)) for d in devices}, "max_memory", streamed)  # noqa: E731
             placement, relaxed = relaxed_place(fill_under, [u.nbytes for u in inventory.units], budgets, main, prefetch, refused)
             reserve = relaxed.reserve
     planned: dict[str, int] = {}
@@ -121,7 +129,8 @@ def _plan(
     for i, device in enumerate(placement):
         counts[device] = counts.get(device, 0) + 1
         if heads[i] == i:  # a cluster's bytes are counted at its first unit
-            planned[device] = planned.get(device, 0) + sizes[i]
+            table = streamed[1] if streamed is not None and device in streamed[0] else sizes
+            planned[device] = planned.get(device, 0) + table[i]
     target = inventory.target_dtype
     given = dict(budgets)
     if working_memory:

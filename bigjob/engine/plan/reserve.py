@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from bigjob.engine.plan.devices import CPU, DISK, format_size, is_accelerator, main_device
-from bigjob.engine.plan.fill import Clusters, fill
+from bigjob.engine.plan.fill import Clusters, fill, stream_sizes
 from bigjob.engine.plan.inventory import Inventory
 from bigjob.errors import BudgetError
 
@@ -30,9 +30,14 @@ __all__ = ["place"]
 
 
 def place(
-    inventory: Inventory, clusters: Clusters, budgets: dict[str, int], prefetch: int
+    inventory: Inventory, clusters: Clusters, budgets: dict[str, int], prefetch: int, stream_bytes: list[int] | None = None
 ) -> tuple[list[str], dict[str, int], str]:
-    """Each unit's device, the reserve kept for streaming, and the execution device, under ``budgets``."""
+    """Each unit's device, the reserve kept for streaming, and the execution device, under ``budgets``.
+
+    ``stream_bytes``: each unit's bytes on a device it streams from (compressed weights,
+    :func:`~bigjob.engine.plan.compression.stream_unit_bytes`); the reserve counts full bytes,
+    the weights' size once brought back.
+    """
     devices = [d for d, size in budgets.items() if size > 0]
     if not devices:
         raise BudgetError(f"every budget is 0 ({dict(budgets)}); give at least one device room in max_memory")
@@ -42,10 +47,11 @@ def place(
     # Every placement names only these devices, so each is classified once here rather than per unit.
     streaming = {d for d in devices if d != main and not is_accelerator(d)}  # brought to ``main`` for each use
     fast = {d for d in devices if d == main or is_accelerator(d)}
+    streamed = (streaming, stream_sizes(clusters, unit_bytes, stream_bytes)) if stream_bytes is not None else None
 
     def attempt(reserve: dict[str, int]) -> list[str]:
         capacity = {d: max(0, budgets[d] - reserve.get(d, 0)) for d in devices}
-        return fill(inventory, clusters, devices, capacity, key_hint)
+        return fill(inventory, clusters, devices, capacity, key_hint, streamed)
 
     def needed(placement: list[str]) -> dict[str, int]:
         """Room the dispatcher needs to bring offloaded units to the execution device."""

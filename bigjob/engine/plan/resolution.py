@@ -45,6 +45,7 @@ def infer_auto_device_map(
     inventory: Inventory | None = None,
     working_memory: int | str = 0,
     strict_budget: bool = False,
+    offload_compression: str = "none",
 ) -> DeviceMap:
     """Plan where each module of ``model`` (empty or not) lives, GPUs first, then CPU, then disk.
 
@@ -59,6 +60,8 @@ def infer_auto_device_map(
     already has it (it is not built twice). A budget too small to bring offloaded units back
     ``1 + prefetch`` at a time lowers prefetch for them, then streams units larger than it
     anyway (the plan records it; dispatch logs it once); ``strict_budget=True`` raises instead.
+    ``offload_compression`` (``"none"``, ``"int8"``, ``"int4"``): the weights on the tiers that stream
+    count compressed there (see :mod:`bigjob.engine.plan.compression`).
 
     >>> from torch import nn
     >>> model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)])  # 16,640 bytes each
@@ -72,7 +75,10 @@ def infer_auto_device_map(
         if inventory is None:
             inventory = build_inventory(model, dtype, special_dtypes, no_split)
         classes = set(inventory.module_classes.values())
-        device_map = plan(inventory, budgets, strategy, prefetch, parse_size(working_memory, key="working_memory"), strict_budget=strict_budget)
+        device_map = plan(
+            inventory, budgets, strategy, prefetch, parse_size(working_memory, key="working_memory"), strict_budget=strict_budget,
+            offload_compression=offload_compression,
+        )
         del inventory  # freed here, with the collector still paused
     for name in no_split:
         if name not in classes:
@@ -92,6 +98,7 @@ def resolve_device_map(
     inventory: Inventory | None = None,
     working_memory: int | str = 0,
     strict_budget: bool = False,
+    offload_compression: str = "none",
 ) -> DeviceMap:
     """Any accepted ``device_map`` argument as a checked :class:`DeviceMap`.
 
@@ -105,7 +112,7 @@ def resolve_device_map(
     if isinstance(device_map, str) and device_map in STRATEGIES:
         return infer_auto_device_map(
             model, max_memory, no_split_module_classes, dtype, special_dtypes, device_map, prefetch,
-            inventory=inventory, working_memory=working_memory, strict_budget=strict_budget,
+            inventory=inventory, working_memory=working_memory, strict_budget=strict_budget, offload_compression=offload_compression,
         )
     if parse_size(working_memory, key="working_memory"):
         raise ConfigError(

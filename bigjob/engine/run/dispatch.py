@@ -86,12 +86,12 @@ def dispatch_loaded(
     rates = ExecutionRates.from_mapping(execution_rates) if execution_rates is not None else None
     check_devices([main, *result.placement.values()])
     main_dev = torch.device(main)
-    tiers = result.placement
+    tiers = result.compressed.tiers(result.placement)  # a compressed weight's parts are where the weight is
     if rates is None and needs_rates(execution, main):
         floating = (r.dtype for r in inventory.tensors.values() if r.dtype.is_floating_point)
         rates = measure_rates(main, inventory.target_dtype or next(floating, torch.float32))  # matmuls in the weights' dtype
     plan = plan_execution(inventory, tiers, main, execution, rates)
-    modules = dict(model.named_modules(remove_duplicate=False))
+    modules = {**result.compressed.holders(), **dict(model.named_modules(remove_duplicate=False))}  # parts by name too
     summary = result.device_map.summary
     alone = set(summary.solo_units) | set(summary.over_budget) if summary is not None else set()  # units brought back alone
     asked, prefetch = prefetch, 0 if alone and is_accelerator(main) else prefetch  # a GPU's streaming buffers are shared
@@ -123,7 +123,7 @@ def dispatch_loaded(
             staging = StagingPool(max(disk_sizes), 1 + prefetch, pin=main_dev.type == "cuda")
 
     for unit in inventory.units:
-        owned = by_unit[unit.name]
+        owned = result.compressed.expand(unit.name, by_unit[unit.name])  # compressed weights travel as their parts
         unit_tiers = {tiers[n] for n in owned}
         module = modules[unit.name] if unit.is_module else modules[unit.name.rpartition(".")[0]]
         if not unit.is_module:
@@ -175,7 +175,7 @@ def dispatch_loaded(
                 else:
                     streamed += 1
             hook.position = schedule.add(hook)
-            handles.append(HookHandle(module, hook))
+            handles.append(HookHandle(module, result.compressed.wrap(unit.name, hook)))  # dequantized once their bytes are in
         else:
             tied_ranges.extend(_range(modules, n) for n in offloaded if n in tied and n in file_backed)
             slots = [_slot(modules, n) for n in offloaded if n not in tied and n in file_backed]  # the order of views
@@ -183,7 +183,7 @@ def dispatch_loaded(
             paged_units.append(paged_unit)
             streamed_views.extend(views)
             paged_unit.position = schedule.add(paged_unit)
-            handles.append(HookHandle(module, paged_unit))
+            handles.append(HookHandle(module, result.compressed.wrap(unit.name, paged_unit)))
             paged += 1
     schedule.solo = {i for i, hook_unit in enumerate(schedule.units) if hook_unit.name in alone}
     if alone and summary is not None:  # the plan's fallback (bigjob.engine.plan.budget_fallback), said once per dispatch
@@ -215,7 +215,7 @@ def dispatch_loaded(
     info = DispatchInfo(
         result.device_map, main, dict(result.bytes_per_tier), result.load_seconds, result.offload_folder, result.offload_reused,
         prefetch, streamed, paged, local_units=local, auto_units=auto, execution=plan, handles=handles,
-        prefetcher=prefetcher, schedule=schedule, sources=sources,
+        prefetcher=prefetcher, schedule=schedule, sources=sources, offload_compression=result.compressed.scheme,
     )
     if plan.decisions and is_accelerator(main):
         log.debug("execution plan on %s:\n%s", main, plan.describe())

@@ -50,6 +50,7 @@ class DispatchInfo:
     prefetcher: Prefetcher | None = field(default=None, repr=False)
     schedule: Schedule | None = field(default=None, repr=False)
     sources: Sources | None = field(default=None, repr=False)  # the files the weights are mapped from
+    offload_compression: str = "none"  # how the streamed tiers' Linear weights are stored (bigjob.engine.plan.compression)
 
     def detach(self) -> None:
         """Remove every hook and stop the prefetch thread; the weights stay where they are."""

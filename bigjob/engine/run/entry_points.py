@@ -23,14 +23,17 @@ import torch
 from torch import nn
 
 from bigjob.engine.checkpoints.checkpoint import Checkpoint
+from bigjob.engine.plan.compression import check_compression, compressed_nbytes, compressed_tensors, parts
 from bigjob.engine.plan.device_map import DeviceMap, assign_tensors
 from bigjob.engine.plan.devices import CPU, DISK, is_accelerator, normalize_device
 from bigjob.engine.plan.resolution import resolve_device_map
 from bigjob.engine.plan.inventory import build_inventory
+from bigjob.engine.run.compressed_units import CompressedWeights
 from bigjob.engine.run.dispatch import DiskReads, Execution, Rates, check_execution, dispatch_loaded
 from bigjob.engine.run.dispatch_info import remove_dispatch
 from bigjob.engine.run.loading import LoadResult, check_devices, load_checkpoint_in_model
 from bigjob.engine.run.module_tensors import get_tensor, place_tensor, set_tensor
+from bigjob.engine.tiers.compressed_store import part_name
 from bigjob.engine.tiers.store import OffloadEntry, prepare_offload_folder
 from bigjob.errors import OffloadError
 
@@ -55,6 +58,7 @@ def load_checkpoint_and_dispatch(
     working_memory: int | str = 0,
     *,
     strict_budget: bool = False,
+    offload_compression: str = "none",
 ) -> nn.Module:
     """Load ``checkpoint`` into the (empty) ``model`` following ``device_map`` and attach the hooks that run it.
 
@@ -69,6 +73,11 @@ def load_checkpoint_and_dispatch(
     to bring offloaded units back ``1 + prefetch`` at a time lowers prefetch for them (logged at
     INFO once), then streams units larger than it anyway (warned once, with the expected peak);
     ``strict_budget=True`` raises :class:`~bigjob.errors.BudgetError` instead.
+    ``offload_compression`` (``"none"``, ``"int8"``, ``"int4"``): store the ``Linear`` weights of the
+    tiers that stream group-wise quantized (built once into the offload folder for the disk tier)
+    and dequantize each unit's right before its forward: fewer bytes to read and copy, outputs
+    within the quantization error (see :mod:`bigjob.engine.plan.compression`; biases, norms and
+    embeddings stay as they are).
 
     >>> import tempfile, torch
     >>> from torch import nn
@@ -102,6 +111,7 @@ def load_checkpoint_and_dispatch(
         prefetch=prefetch,
         working_memory=working_memory,
         strict_budget=strict_budget,
+        offload_compression=offload_compression,
     )
     return dispatch_loaded(model, result, prefetch=prefetch, execution=execution, execution_rates=execution_rates, disk_reads=disk_reads)
 
@@ -116,12 +126,15 @@ def dispatch_model(
     execution: Execution = "stream",
     execution_rates: Rates | None = None,
     disk_reads: DiskReads = "auto",
+    *,
+    offload_compression: str = "none",
 ) -> nn.Module:
     """Dispatch a model whose weights are already materialised (e.g. loaded in RAM) following ``device_map``.
 
     Weights mapped to ``"disk"`` are written once to an offload folder under
     ``offload_folder`` (as safetensors) and served from there. ``execution`` and
-    ``execution_rates`` are as for :func:`dispatch_loaded`.
+    ``execution_rates`` are as for :func:`dispatch_loaded`; ``offload_compression`` as for
+    :func:`load_checkpoint_and_dispatch` (weights on the tiers that stream are stored compressed).
 
     >>> import tempfile, torch
     >>> from torch import nn
@@ -133,6 +146,7 @@ def dispatch_model(
     """
     remove_dispatch(model)
     check_execution(execution, execution_rates, disk_reads)
+    check_compression(offload_compression)
     started = time.perf_counter()
     resolved = resolve_device_map(model, device_map)
     inventory = build_inventory(model)
@@ -140,6 +154,8 @@ def dispatch_model(
     main = normalize_device(main_device) if main_device else (resolved.summary.main_device if resolved.summary else CPU)
     check_devices([main, *resolved.devices])  # before any tensor moves
     modules = dict(model.named_modules(remove_duplicate=False))
+    compress = compressed_tensors(inventory, tiers, main, offload_compression)
+    compressed = CompressedWeights(offload_compression)
     entries: list[OffloadEntry] = []
     values: dict[str, torch.Tensor] = {}
     for record in inventory.tensors.values():
@@ -147,7 +163,8 @@ def dispatch_model(
         if tier == DISK and (offload_buffers or not record.is_buffer):
             _, _, _, tensor = get_tensor(modules, record.name)
             values[record.name] = tensor.detach()
-            entries.append(OffloadEntry(record.name, record.name, tensor.dtype, tuple(tensor.shape)))
+            scheme = offload_compression if record.name in compress else "none"
+            entries.append(OffloadEntry(record.name, record.name, tensor.dtype, tuple(tensor.shape), scheme))
     offload = None
     if entries:
         if offload_folder is None:
@@ -157,7 +174,14 @@ def dispatch_model(
     bytes_per_tier: dict[str, int] = {}
     for record in inventory.tensors.values():
         tier = tiers[record.name]
-        if record.name in values:
+        if record.name in compress:
+            value = get_tensor(modules, record.name)[3].detach()
+            if record.name in values:  # the disk tier: its parts are views of the offload folder
+                stored = {part: offload.checkpoint.view(part_name(record.name, part)) for part in parts(offload_compression, record.shape)}  # type: ignore[union-attr]
+                set_tensor(modules, record.name, compressed.add(modules, record.name, value.dtype, tuple(value.shape), stored))
+            else:  # CPU RAM streamed to an accelerator: compressed here
+                set_tensor(modules, record.name, compressed.quantized(modules, record.name, value))
+        elif record.name in values:
             first = set_tensor(modules, record.name, offload.checkpoint.view(record.name))  # type: ignore[union-attr]
             for alias in record.aliases:
                 set_tensor(modules, alias, first)
@@ -166,8 +190,9 @@ def dispatch_model(
             place_tensor(modules, record.name, torch.device(home))
             tier = home
         placement[record.name] = tier
-        bytes_per_tier[tier] = bytes_per_tier.get(tier, 0) + record.nbytes
-    result = LoadResult(resolved, main, placement, bytes_per_tier, time.perf_counter() - started, offload, set(), inventory)
+        nbytes = compressed_nbytes(offload_compression, record.shape) if record.name in compress else record.nbytes
+        bytes_per_tier[tier] = bytes_per_tier.get(tier, 0) + nbytes
+    result = LoadResult(resolved, main, placement, bytes_per_tier, time.perf_counter() - started, offload, set(), inventory, compressed)
     return dispatch_loaded(
         model, result, prefetch=prefetch, main_device=main, execution=execution, execution_rates=execution_rates, disk_reads=disk_reads
     )
@@ -201,9 +226,13 @@ def cpu_offload(
     execution: Execution = "stream",
     execution_rates: Rates | None = None,
     disk_reads: DiskReads = "auto",
+    *,
+    offload_compression: str = "none",
 ) -> nn.Module:
     """Keep every weight in CPU RAM and run each module on ``execution_device``, streaming its weights
     (or, with ``execution="local"``/``"auto"``, running some modules on the CPU: see :func:`dispatch_loaded`).
+    ``offload_compression`` stores the ``Linear`` weights compressed in RAM when ``execution_device``
+    is an accelerator (on the CPU they are resident, and stay as they are).
 
     >>> import torch
     >>> from torch import nn
@@ -215,7 +244,7 @@ def cpu_offload(
     device = normalize_device(execution_device or ("cuda:0" if torch.cuda.is_available() else CPU))
     return dispatch_model(
         model, {"": CPU}, main_device=device, prefetch=prefetch, execution=execution, execution_rates=execution_rates,
-        disk_reads=disk_reads,
+        disk_reads=disk_reads, offload_compression=offload_compression,
     )
 
 
@@ -228,8 +257,12 @@ def disk_offload(
     execution_rates: Rates | None = None,
     disk_reads: DiskReads = "auto",
     offload_buffers: bool = False,
+    *,
+    offload_compression: str = "none",
 ) -> nn.Module:
     """Keep every weight (and, with ``offload_buffers``, every buffer) on disk (an offload folder) and run each module on ``execution_device``.
+
+    ``offload_compression`` (``"int8"``, ``"int4"``) writes the ``Linear`` weights there compressed.
 
     With ``execution="local"`` or ``"auto"`` on an accelerator, modules may run on the CPU
     from the mapped files instead of being copied (see :func:`dispatch_loaded`).
@@ -252,4 +285,5 @@ def disk_offload(
         execution=execution,
         execution_rates=execution_rates,
         disk_reads=disk_reads,
+        offload_compression=offload_compression,
     )

@@ -37,14 +37,17 @@ from torch import nn
 from bigjob.engine.checkpoints.checkpoint import Checkpoint
 
 from bigjob.engine.checkpoints.opening import open_checkpoint
+from bigjob.engine.plan.compression import check_compression, compressed_nbytes, compressed_tensors, parts
 from bigjob.engine.plan.device_map import DeviceMap, assign_tensors
 from bigjob.engine.plan.devices import CPU, DISK, is_accelerator
 from bigjob.engine.plan.resolution import resolve_device_map
 from bigjob.engine.plan.dtypes import resolve_dtype
 from bigjob.engine.plan.inventory import Inventory, TensorRecord, build_inventory
+from bigjob.engine.run.compressed_units import CompressedWeights
 from bigjob.engine.run.key_checks import check_keys, check_unsaved_buffers, checkpoint_dtype, stored_dtypes
 from bigjob.engine.run.module_tensors import set_tensor
 from bigjob.engine.tiers.pages import Range, populate
+from bigjob.engine.tiers.compressed_store import part_name
 from bigjob.engine.tiers.store import OffloadEntry, OffloadFolder, prepare_offload_folder
 from bigjob.errors import CheckpointError, ConfigError, DeviceError, OffloadError
 
@@ -65,6 +68,8 @@ class LoadResult:
     # CPU tier too (its pages made resident at load), wherever the stored dtype is the target one.
     zero_copy: set[str] = field(default_factory=set)
     inventory: Inventory | None = field(default=None, repr=False)
+    # Weights stored compressed (offload_compression): meta tensors in the model, their parts here.
+    compressed: CompressedWeights = field(default_factory=CompressedWeights)
 
     @property
     def offload_folder(self) -> str | None:
@@ -118,6 +123,7 @@ def load_checkpoint_in_model(
     working_memory: int | str = 0,
     *,
     strict_budget: bool = False,
+    offload_compression: str = "none",
 ) -> LoadResult:
     """Load ``checkpoint`` into ``model`` (empty or not) following ``device_map`` (default: all on CPU).
 
@@ -127,10 +133,14 @@ def load_checkpoint_in_model(
     model will be dispatched with: a planned map keeps room for that many units in flight, and
     ``working_memory`` bytes free for the forward, falling back where the budget is smaller unless
     ``strict_budget`` (see :func:`~bigjob.engine.plan.resolution.infer_auto_device_map`).
+    ``offload_compression`` (``"none"``, ``"int8"``, ``"int4"``) stores the ``Linear`` weights of the
+    tiers that stream compressed (disk-tier ones in the offload folder, CPU-tier ones in RAM when
+    an accelerator runs the model; see :mod:`bigjob.engine.plan.compression`); a planned map counts them so.
     """
     started = time.perf_counter()
+    check_compression(offload_compression)
     args = (device_map, dtype, offload_folder, strict, special_dtypes, max_memory, no_split_module_classes, offload_buffers)
-    args += (prefetch, working_memory, strict_budget)
+    args += (prefetch, working_memory, strict_budget, offload_compression)
     if isinstance(checkpoint, Checkpoint):
         return _load(model, checkpoint, started, *args)
     # Opened here, closed here: the descriptors of positioned reads must not outlive the load
@@ -154,6 +164,7 @@ def _load(
     prefetch: int,
     working_memory: int | str,
     strict_budget: bool,
+    compression: str,
 ) -> LoadResult:
     target = resolve_dtype(dtype)
     keep_stored = target is None
@@ -178,6 +189,7 @@ def _load(
         inventory=inventory,
         working_memory=working_memory,
         strict_budget=strict_budget,
+        offload_compression=compression,
     )
     tiers = assign_tensors(inventory, resolved)
     main = resolved.summary.main_device if resolved.summary else _main_of(resolved)
@@ -191,6 +203,7 @@ def _load(
     # Disk-tier tensors that need converting go to an offload folder.
     offload_entries: list[OffloadEntry] = []
     zero_copy: set[str] = set()
+    compress = compressed_tensors(inventory, tiers, main, compression)  # stored compressed: never a view of the checkpoint
     for record in inventory.tensors.values():
         tier = tiers[record.name]
         if record.name not in source:
@@ -203,6 +216,10 @@ def _load(
             continue
         key = source[record.name]
         info = ckpt.info(key)
+        if record.name in compress:
+            if on_disk:
+                offload_entries.append(OffloadEntry(record.name, key, record.dtype, tuple(record.shape), compression))
+            continue
         if info is not None and info.dtype == record.dtype and info.offset % max(1, info.dtype.itemsize) == 0:
             zero_copy.add(record.name)
         elif on_disk:
@@ -221,6 +238,7 @@ def _load(
     bytes_per_tier: dict[str, int] = {}
     placement: dict[str, str] = {}
     resident: list[Range] = []
+    compressed = CompressedWeights(compression)
     for record in inventory.tensors.values():
         tier = tiers[record.name]
         # Buffers of disk-tier modules stay in RAM unless offload_buffers: they are small and often used.
@@ -229,7 +247,10 @@ def _load(
         home = tier
         if tier == DISK and record.is_buffer and (not offload_buffers or record.name not in source):
             home = main if not is_accelerator(main) else CPU
-        value = _materialise(record, home, ckpt, source, offload, zero_copy, offloaded, modules)
+        if record.name in compress:
+            value = _compressed(compressed, record, home, ckpt, source, offload, modules)
+        else:
+            value = _materialise(record, home, ckpt, source, offload, zero_copy, offloaded, modules)
         if home == CPU and record.name in zero_copy:
             resident.append(Range(value.data_ptr(), record.nbytes).aligned())
         for name in (record.name, *record.aliases):
@@ -238,7 +259,8 @@ def _load(
             else:
                 set_tensor(modules, name, first)
         placement[record.name] = home
-        bytes_per_tier[home] = bytes_per_tier.get(home, 0) + record.nbytes
+        nbytes = compressed_nbytes(compression, record.shape) if record.name in compress else record.nbytes
+        bytes_per_tier[home] = bytes_per_tier.get(home, 0) + nbytes
     populate(resident)  # the CPU tier is resident when loading returns, as a copied one would be
     return LoadResult(
         resolved,
@@ -249,6 +271,7 @@ def _load(
         offload,
         zero_copy,
         inventory,
+        compressed,
     )
 
 
@@ -257,6 +280,28 @@ def _main_of(device_map: DeviceMap) -> str:
         if is_accelerator(device):
             return device
     return CPU
+
+
+def _compressed(
+    compressed: CompressedWeights,
+    record: TensorRecord,
+    home: str,
+    ckpt: Checkpoint,
+    source: Mapping[str, str],
+    offload: OffloadFolder | None,
+    modules: Mapping[str, nn.Module],
+) -> torch.Tensor:
+    """The meta tensor a compressed weight rests as; its parts are views of the offload folder (disk) or made now, in RAM."""
+    if home == DISK:
+        if offload is None:  # pragma: no cover - every compressed disk-tier weight is an entry of the folder
+            raise ConfigError(f"internal: no offload folder for compressed '{record.name}'")
+        stored = {part: offload.checkpoint.view(part_name(record.name, part)) for part in parts(compressed.scheme, record.shape)}
+        return compressed.add(modules, record.name, record.dtype, record.shape, stored)
+    try:
+        value = ckpt.load(source[record.name], dtype=record.dtype, device=CPU)
+    except (RuntimeError, ValueError) as err:
+        raise CheckpointError(f"cannot load tensor '{source[record.name]}' from '{ckpt.root}': {err}") from err
+    return compressed.quantized(modules, record.name, value)
 
 
 def _materialise(

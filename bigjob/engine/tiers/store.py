@@ -46,6 +46,8 @@ from bigjob.engine.checkpoints.checkpoint import Checkpoint
 from bigjob.engine.checkpoints.opening import open_checkpoint
 from bigjob.engine.checkpoints.safetensors_header import dtype_name
 from bigjob.engine.checkpoints.safetensors_writer import SafetensorsWriter, layout_key
+from bigjob.engine.plan.compression import scheme_id
+from bigjob.engine.tiers.compressed_store import stored_nbytes, stored_tensors, stored_values
 from bigjob.engine.tiers.checksums import file_checks, full_problem, quick_problem
 from bigjob.errors import BigJobError, OffloadError
 
@@ -70,12 +72,14 @@ _BEFORE_BUILD: contextvars.ContextVar[Callable[[int], None] | None] = contextvar
 
 
 class OffloadEntry(NamedTuple):
-    """One tensor to offload: its name in the folder, its name in the source, target dtype and shape."""
+    """One tensor to offload: its name in the folder, its name in the source, target dtype and shape,
+    and its compression (stored as parts then: :mod:`bigjob.engine.tiers.compressed_store`)."""
 
     name: str
     source_name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
+    compression: str = "none"
 
 
 @dataclass(frozen=True)
@@ -116,8 +120,9 @@ def before_offload_build(callback: Callable[[int], None]) -> Iterator[None]:
 
 
 def _described(entries: Sequence[OffloadEntry]) -> list[list]:
-    """The entries as sorted JSON lists: name, source name, dtype name, shape."""
-    return sorted([e.name, e.source_name, dtype_name(e.dtype), list(e.shape)] for e in entries)
+    """The entries as sorted JSON lists: name, source name, dtype name, shape (and a compression's id)."""
+    extra = lambda e: [] if e.compression == "none" else [scheme_id(e.compression)]  # noqa: E731 - "none" keeps older folders' keys
+    return sorted([e.name, e.source_name, dtype_name(e.dtype), list(e.shape), *extra(e)] for e in entries)
 
 
 def offload_fingerprint(source_identity: dict, entries: Sequence[OffloadEntry]) -> str:
@@ -323,14 +328,16 @@ def _build(folder: Path, source: Checkpoint, entries: Sequence[OffloadEntry], fi
     for number, shard in enumerate(shards, start=1):
         name = f"offload-{number:05d}-of-{len(shards):05d}.safetensors"
         path = folder / name
-        with SafetensorsWriter(path, [(e.name, e.dtype, tuple(e.shape)) for e in shard]) as writer:
+        specs = [spec for e in shard for spec in stored_tensors(e.name, e.dtype, tuple(e.shape), e.compression)]
+        with SafetensorsWriter(path, specs) as writer:
             for entry in shard:
                 tensor = source.load(entry.source_name, dtype=entry.dtype)
                 if tensor.dtype != entry.dtype:  # integer tensors are never converted by the checkpoint
                     raise BigJobError(f"offloaded tensor '{entry.name}' is {tensor.dtype}, expected {entry.dtype}")
-                writer.write(entry.name, tensor)
+                for stored, value in stored_values(entry.name, tensor, entry.compression):
+                    writer.write(stored, value)
                 del tensor
-        weight_map.update({e.name: name for e in shard})
+        weight_map.update({stored: name for stored, _, _ in specs})
         checks[name] = file_checks(path)
     _write_json(folder / INDEX, {"metadata": {"format": "bigjob-offload"}, "weight_map": weight_map})
     checks[INDEX] = file_checks(folder / INDEX)
@@ -343,14 +350,7 @@ def _build(folder: Path, source: Checkpoint, entries: Sequence[OffloadEntry], fi
 
 
 def _nbytes(entry: OffloadEntry) -> int:
-    return entry.dtype.itemsize * _numel(entry.shape)
-
-
-def _numel(shape: Sequence[int]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
+    return stored_nbytes(entry.dtype, tuple(entry.shape), entry.compression)
 
 
 def _write_json(path: Path, data: dict) -> None:
