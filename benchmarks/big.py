@@ -74,7 +74,7 @@ from _common import (
 )
 from workload import BIG_SHARDS, LLAMA, LLAMA_7B40, shapes, token_batch, write_model_folder
 
-SYSTEMS = ("transformers", "accelerate", "bigjob")
+SYSTEMS = ("transformers", "accelerate", "bigjob", "bigjob-p2")  # bigjob-p2: prefetch=2
 REFERENCE = "transformers"
 THREADS = 2
 TOKENS = 16
@@ -224,14 +224,14 @@ def _measure(system: str, folder: Path, config: dict[str, Any], budget: int, off
              result: dict[str, Any], outputs: dict[str, Any], save: Any) -> None:
     from bigjob.job.report import MemorySampler
 
-    preload_libraries(system)
+    preload_libraries(system.split("-")[0])
     gc.collect()
     base_rss, base_anon = proc_status("VmRSS"), proc_status("RssAnon")
     io0, machine0, available0 = proc_io(), disk_reads(), meminfo("MemAvailable")
     log(f"{system}: loading (MemAvailable {available0 / GiB:.1f} GiB)")
     with MemorySampler(SAMPLE_S) as peak:
         start = time.perf_counter()
-        model = load_system(system, folder, budget, offload)
+        model = load_system("bigjob", folder, budget, offload, prefetch=2) if system == "bigjob-p2" else load_system(system, folder, budget, offload)
         model.eval()
         load_s = time.perf_counter() - start
         peak.sample()
@@ -242,7 +242,7 @@ def _measure(system: str, folder: Path, config: dict[str, Any], budget: int, off
             "load_machine_read": disk_reads() - machine0,
             "load_rss": peak.peak_rss - base_rss, "load_anon": (peak.peak_anon or 0) - base_anon,
             "rss_after_load": proc_status("VmRSS") - base_rss, "anon_after_load": proc_status("RssAnon") - base_anon,
-            "tiers": tier_bytes(model, system, config), "offload_written": folder_bytes(offload),
+            "tiers": tier_bytes(model, system.split("-")[0], config), "offload_written": folder_bytes(offload),
             "mem_available_before_load": available0, "mem_available_after_load": meminfo("MemAvailable"),
             "cached_after_load": meminfo("Cached"), "forwards": {}, "forward_rss": 0, "forward_anon": 0,
         })
@@ -290,6 +290,9 @@ def _measure(system: str, folder: Path, config: dict[str, Any], budget: int, off
                     f"(machine {r['machine_read'] / GB:.2f}), {r['majflt']} major faults, peak RSS growth {r['rss'] / MiB:.0f} MiB, "
                     f"load average {r['loadavg']}")
         ids = token_batch(1, TOKENS, vocab=config["vocab_size"])
+        result["status"] = f"decoding {NEW_TOKENS} tokens"
+        result["decode_started"] = time.time()  # a decode that times out still says how long it ran
+        save()
         peak.reset()
         before = counters()
         with torch.inference_mode():
@@ -330,16 +333,20 @@ def compute_child(folder: Path, out: Path) -> None:
             ids = token_batch(batch, tokens, vocab=config["vocab_size"])
             model(input_ids=ids, use_cache=False)  # warm-up
             totals, per_layer = [], []
+            cpu0 = time.process_time()
             for _ in range(REPEAT):
                 layer_s.clear()
                 t = time.perf_counter()
                 model(input_ids=ids, use_cache=False)
                 totals.append(time.perf_counter() - t)
                 per_layer.append(statistics.mean(layer_s))
+            cpu = (time.process_time() - cpu0) / REPEAT
             small, layer = statistics.median(totals), statistics.median(per_layer)
-            result["batches"][f"{batch}x{tokens}"] = {"small_s": small, "layer_s": layer, "full_s": small + (depth - KEEP_LAYERS) * layer}
-            log(f"compute bound {batch}x{tokens}: {KEEP_LAYERS} layers + head {small:.3f} s, a layer {layer:.3f} s, "
-                f"{depth} layers {small + (depth - KEEP_LAYERS) * layer:.2f} s")
+            full = small + (depth - KEEP_LAYERS) * layer
+            result["batches"][f"{batch}x{tokens}"] = {"small_s": small, "layer_s": layer, "full_s": full, "small_cpu_s": cpu,
+                                                      "loadavg": loadavg()}
+            log(f"compute bound {batch}x{tokens}: {KEEP_LAYERS} layers + head {small:.3f} s (CPU {cpu:.3f} s), a layer {layer:.3f} s, "
+                f"{depth} layers {full:.2f} s; load average {loadavg()}")
     write_json(out / "compute.json", result)
 
 
@@ -410,6 +417,7 @@ def run_system(system: str, folder: Path, budget: int, out: Path, offload_root: 
                     args.timeout, offload_root, args.min_free)
     result = read_json(path) or {"system": system}
     result["offload_folder_bytes"] = folder_bytes(offload)
+    result["finished_by_parent"] = time.time()
     if not args.keep_offload:
         shutil.rmtree(offload, ignore_errors=True)
     rates["after"] = disk_rates(files)
@@ -494,17 +502,21 @@ def report(out: Path, margin: int) -> str:
         others = sorted(set(r.get("other_users_at_start", [])) | set(r.get("other_users", [])))
         if others:
             add(f"#   other processes had the checkpoint open or mapped during {s}'s run: {'; '.join(others)}")
+    if compute:
+        add(f"# compute bound measured at load average {next(iter(compute.values())).get('loadavg', '?')}")
     add("")
     add("Bounds (measured in the run):")
     add("")
     add("| compute bound | " + " | ".join(compute) + " |")
     add("|---|" + "---|" * len(compute))
     add(f"| {KEEP_LAYERS} layers + embedding + norm + head in RAM, s | " + " | ".join(f"{v['small_s']:.3f}" for v in compute.values()) + " |")
+    add(f"| the same, process CPU s (2 threads: up to 2x wall when it has both cores) | "
+        + " | ".join(_s(v.get("small_cpu_s")) for v in compute.values()) + " |")
     add("| a decoder layer, s | " + " | ".join(f"{v['layer_s']:.3f}" for v in compute.values()) + " |")
     add(f"| scaled to {meta.get('depth', '?')} layers, s | " + " | ".join(f"{v['full_s']:.2f}" for v in compute.values()) + " |")
     add("")
     add(f"| system | cold read O_DIRECT GB/s (before / after) | buffered GB/s | disk tier GB | MemAvailable after load GB | "
-        f"CPU tier not resident GB | cache can keep GB (margin {margin / GiB:.1f} GiB) | from disk GB | disk bound s |")
+        f"CPU tier in the cache, not anonymous GB | cache can keep GB (margin {margin / GiB:.1f} GiB) | from disk GB | disk bound s |")
     add("|---|---|---|---|---|---|---|---|---|")
     for s, r in results.items():
         rates = r.get("disk_rates", {})
@@ -566,7 +578,11 @@ def report(out: Path, margin: int) -> str:
     for s, r in results.items():
         d = r.get("decode")
         if not d:
-            add(f"| {s} | {r.get('status', '?')} | | | | | | |")
+            ran = ""
+            if "decode_started" in r and "timed out" in str(r.get("status")) and "finished_by_parent" in r:
+                seconds = r["finished_by_parent"] - r["decode_started"]
+                ran = f"> {seconds / NEW_TOKENS:.0f} (stopped after {seconds:.0f} s, under {NEW_TOKENS} tokens)"
+            add(f"| {s} | {ran or r.get('status', '?')} | | | | | | |")
             continue
         per = d["s"] / NEW_TOKENS
         comp = compute.get("1x1", {}).get("full_s")
@@ -585,12 +601,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, help=f"model folder (default {DEFAULT_MODEL}; --quick: OUT/model); written if missing")
     parser.add_argument("--budget", help="CPU budget (default 4GiB; --quick: 10MiB)")
-    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--systems", default="transformers,accelerate,bigjob", help=f"comma list of: {', '.join(SYSTEMS)}")
     parser.add_argument("--quick", action="store_true", help="a tiny model in /tmp/bb/quick: a smoke run in seconds")
     parser.add_argument("--report", action="store_true", help="print the tables from the saved results, run nothing")
     parser.add_argument("--out", type=Path, help=f"results folder (default {DEFAULT_OUT}; --quick: {DEFAULT_OUT}/quick)")
     parser.add_argument("--offload-root", type=Path, help="offload folders go to ROOT/offload-SYSTEM (default: the model's parent)")
-    parser.add_argument("--timeout", type=float, default=40 * 60, help="seconds a system may take (default 40 min)")
+    parser.add_argument("--timeout", type=float, default=60 * 60, help="seconds a system may take (default 60 min)")
     parser.add_argument("--min-free", type=float, default=2, help="GiB the disk must keep free; a system is stopped below it")
     parser.add_argument("--cache-margin", type=float, default=1.0, help="GiB of MemAvailable the page cache is not counted on for")
     parser.add_argument("--wait-others", type=float, default=15 * 60,
