@@ -483,7 +483,7 @@ def report(out: Path, margin: int) -> str:
     meta = read_json(out / "run.json") or {}
     compute = (read_json(out / "compute.json") or {}).get("batches", {})
     results = {s: r for s in SYSTEMS if (r := read_json(out / f"results-{s}.json"))}
-    outputs = {s: torch.load(out / f"{s}.pt") for s in results if (out / f"{s}.pt").exists()}
+    outputs = {s: torch.load(out / f"{s}.pt", weights_only=True) for s in results if (out / f"{s}.pt").exists()}
     lines: list[str] = []
     add = lines.append
     budget = next((r["budget"] for r in results.values() if "budget" in r), meta.get("budget", 0))
