@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import os
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -161,3 +163,127 @@ def versions_line() -> str:
         except ImportError:
             parts.append(f"{name} -")
     return ", ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# The systems compared (run.py, big.py): loading one, and what its load left where.
+
+SYSTEM_NAMES = ("ram", "bigjob", "accelerate", "transformers")
+
+
+def load_system(system: str, folder: Path, budget: int, offload_folder: Path, **bigjob_options: Any) -> Any:
+    """``folder``'s ``LlamaForCausalLM`` in fp32 as ``system`` loads it under ``max_memory={"cpu": budget}``.
+
+    ``ram``: Transformers' ``from_pretrained``, weights copied into RAM (the reference); ``bigjob``:
+    ``bigjob.from_pretrained(device_map="auto")`` (``bigjob_options`` passed on); ``accelerate``:
+    ``init_empty_weights`` + ``load_checkpoint_and_dispatch`` (``no_split_module_classes=["LlamaDecoderLayer"]``);
+    ``transformers``: ``from_pretrained(device_map="auto")``. Offload folders go to ``offload_folder``.
+    """
+    import transformers
+
+    if system == "ram":
+        return into_ram(transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32))
+    if system == "bigjob":
+        import bigjob
+
+        return bigjob.from_pretrained(
+            folder, device_map="auto", max_memory={"cpu": budget}, offload_folder=offload_folder, **bigjob_options
+        )
+    if system == "accelerate":
+        from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+
+        config = transformers.AutoConfig.from_pretrained(folder)
+        with init_empty_weights():
+            model = transformers.LlamaForCausalLM(config)
+        model.tie_weights()
+        return load_checkpoint_and_dispatch(
+            model, str(folder), device_map="auto", max_memory={"cpu": budget},
+            no_split_module_classes=["LlamaDecoderLayer"], offload_folder=str(offload_folder), dtype=torch.float32,
+        )
+    if system == "transformers":
+        return transformers.LlamaForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, device_map="auto", max_memory={"cpu": budget}, offload_folder=str(offload_folder)
+        )
+    raise SystemExit(f"unknown system {system!r}")
+
+
+def into_ram(model: Any) -> Any:
+    """Copy every weight into anonymous memory: Transformers may leave them as views of the mapped files,
+    which would keep the checkpoint in the page cache (no eviction could touch it) and out of RAM figures."""
+    copies: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None:
+                if id(param) not in copies:
+                    copies[id(param)] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
+                module._parameters[name] = copies[id(param)]
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None:
+                module._buffers[name] = buffer.clone()
+    return model
+
+
+def preload_libraries(system: str) -> None:
+    """Import what loading needs before the baseline, so neither load time nor memory counts library imports."""
+    import transformers  # noqa: F401
+    from transformers import LlamaForCausalLM  # noqa: F401 - resolves the lazy module
+
+    if system == "bigjob":
+        import bigjob.models.hf  # noqa: F401
+    elif system in ("accelerate", "transformers"):
+        import accelerate  # noqa: F401
+
+
+def tier_bytes(model: Any, system: str, config: dict[str, Any]) -> dict[str, int]:
+    """Bytes of fp32 weights per tier (``cpu``, ``disk``, ...) as ``system`` placed them: bigjob's dispatch info,
+    the others' ``hf_device_map`` over the checkpoint's tensors (``workload.shapes(config)``)."""
+    from workload import shapes
+
+    table = {name: math.prod(shape) * 4 for name, shape in shapes(config).items()}
+    if system == "ram":
+        return {"cpu": sum(table.values())}
+    if system == "bigjob":
+        from bigjob import get_dispatch_info
+
+        return dict(get_dispatch_info(model).bytes_per_tier)
+    device_map = getattr(model, "hf_device_map", {}) or {}
+    out: dict[str, int] = {}
+    for name, nbytes in table.items():
+        best = max((p for p in device_map if p == "" or name == p or name.startswith(p + ".")), key=len, default=None)
+        tier = str(device_map[best]) if best is not None else "?"
+        out[tier] = out.get(tier, 0) + nbytes
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# I/O and memory counters.
+
+
+def disk_reads() -> int:
+    """Bytes read from block devices so far, machine-wide (``/proc/diskstats``, whole disks only)."""
+    disks = {p.name for p in Path("/sys/block").iterdir()} if Path("/sys/block").exists() else set()
+    total = 0
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[2] in disks and not fields[2].startswith(("loop", "ram", "zram")):
+            total += int(fields[5]) * 512
+    return total
+
+
+def proc_io() -> dict[str, int]:
+    """This process's ``/proc/self/io`` counters (all its threads): ``read_bytes`` and ``write_bytes`` are
+    what it made the block layer read and write (page-fault reads of mapped files included), ``rchar`` and
+    ``wchar`` what its read/write calls moved, cached or not."""
+    out: dict[str, int] = {}
+    for line in Path("/proc/self/io").read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key.strip()] = int(value)
+    return out
+
+
+def meminfo(field: str) -> int:
+    """A ``/proc/meminfo`` figure (``MemAvailable``, ``Cached``, ...) in bytes."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0

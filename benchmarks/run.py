@@ -62,12 +62,16 @@ import torch
 from _common import (
     cold_read_gbps,
     direct_read_gbps,
+    disk_reads,
     evict,
     files_under,
+    load_system,
     machine_line,
     matmul_gflops,
     memcpy_gbps,
+    preload_libraries,
     proc_status,
+    tier_bytes,
     versions_line,
     warm,
 )
@@ -90,78 +94,23 @@ MiB = 2**20
 
 
 def _load(system: str, folder: Path, budget: int, scratch: Path, tokens: int) -> Any:
-    import transformers
-
     if system in ("ram", "ram+read"):
-        return _into_ram(transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32))
+        return load_system("ram", folder, budget, scratch)
     if system in ("bigjob", "bigjob-mapped", "bigjob-wm"):
-        import bigjob
-
         reads = "mapped" if system == "bigjob-mapped" else "auto"
         working = (WM_BATCH, tokens) if system == "bigjob-wm" else 0
-        return bigjob.from_pretrained(
-            folder, device_map="auto", max_memory={"cpu": budget}, offload_folder=scratch, disk_reads=reads, working_memory=working
-        )
-    if system == "accelerate":
-        from accelerate import init_empty_weights, load_checkpoint_and_dispatch
-
-        config = transformers.AutoConfig.from_pretrained(folder)
-        with init_empty_weights():
-            model = transformers.LlamaForCausalLM(config)
-        model.tie_weights()
-        return load_checkpoint_and_dispatch(
-            model, str(folder), device_map="auto", max_memory={"cpu": budget},
-            no_split_module_classes=["LlamaDecoderLayer"], offload_folder=str(scratch), dtype=torch.float32,
-        )
-    if system == "transformers":
-        return transformers.LlamaForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, device_map="auto", max_memory={"cpu": budget}, offload_folder=str(scratch)
-        )
+        return load_system("bigjob", folder, budget, scratch, disk_reads=reads, working_memory=working)
+    if system in ("accelerate", "transformers"):
+        return load_system(system, folder, budget, scratch)
     raise SystemExit(f"unknown system {system!r}")
 
 
-def _into_ram(model: Any) -> Any:
-    """Copy every weight into anonymous memory: Transformers may leave them as views of the mapped files,
-    which would keep the checkpoint in the page cache (no eviction could touch it) and out of RAM figures."""
-    copies: dict[int, torch.nn.Parameter] = {}
-    for module in model.modules():
-        for name, param in list(module._parameters.items()):
-            if param is not None:
-                if id(param) not in copies:
-                    copies[id(param)] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
-                module._parameters[name] = copies[id(param)]
-        for name, buffer in list(module._buffers.items()):
-            if buffer is not None:
-                module._buffers[name] = buffer.clone()
-    return model
-
-
 def _preload(system: str) -> None:
-    """Import what loading needs before the baseline, so neither load time nor memory counts library imports."""
-    import transformers  # noqa: F401
-    from transformers import LlamaForCausalLM  # noqa: F401 - resolves the lazy module
-
-    if system.startswith("bigjob"):
-        import bigjob.models.hf  # noqa: F401
-    elif system in ("accelerate", "transformers"):
-        import accelerate  # noqa: F401
+    preload_libraries("bigjob" if system.startswith("bigjob") else system)
 
 
 def _tier_bytes(model: Any, system: str) -> dict[str, int]:
-    table = {name: math.prod(shape) * 4 for name, shape in shapes(LLAMA).items()}
-    if system in ("ram", "ram+read"):
-        return {"cpu": sum(table.values())}
-    if system.startswith("bigjob"):
-        from bigjob import get_dispatch_info
-
-        return dict(get_dispatch_info(model).bytes_per_tier)
-    device_map = getattr(model, "hf_device_map", {}) or {}
-    out: dict[str, int] = {}
-    for name, nbytes in table.items():
-        best = max((p for p in device_map if p == "" or name == p or name.startswith(p + ".")), key=len, default=None)
-        tier = str(device_map[best]) if best is not None else "?"
-        out[tier] = out.get(tier, 0) + nbytes
-    return out
+    return tier_bytes(model, "ram" if system == "ram+read" else system, LLAMA)
 
 
 def worker(system: str, folder: Path, budget: int, scratch: Path, tokens: int) -> None:
@@ -258,17 +207,6 @@ class ConcurrentRead(threading.Thread):
                 os.close(fd)
             if left <= 0:
                 break
-
-
-def disk_reads() -> int:
-    """Bytes read from block devices so far, machine-wide (``/proc/diskstats``, whole disks only)."""
-    disks = {p.name for p in Path("/sys/block").iterdir()} if Path("/sys/block").exists() else set()
-    total = 0
-    for line in Path("/proc/diskstats").read_text().splitlines():
-        fields = line.split()
-        if len(fields) > 5 and fields[2] in disks and not fields[2].startswith(("loop", "ram", "zram")):
-            total += int(fields[5]) * 512
-    return total
 
 
 class Worker:

@@ -35,6 +35,14 @@ LLAMA = {
     "eos_token_id": 2,
 }
 
+# benchmarks/big.py's model, bigger than this machine's RAM: Llama-7B's shape (width 4096, SwiGLU 11008,
+# 32 heads) at 40 layers with an untied head: 8.35G parameters, 33.4 GB (31.1 GiB) in fp32, BIG_SHARDS shards.
+LLAMA_7B40 = dict(
+    LLAMA, hidden_size=4096, intermediate_size=11008, num_hidden_layers=40, num_attention_heads=32,
+    num_key_value_heads=32, max_position_embeddings=2048, tie_word_embeddings=False, rms_norm_eps=1e-5,
+)
+BIG_SHARDS = 41
+
 
 def shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Checkpoint tensor names and shapes, in Transformers' naming (the tied head is not stored)."""
