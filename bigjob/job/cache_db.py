@@ -57,6 +57,8 @@ def open_database(root: Path) -> diskcache.Cache:
     A database that cannot be opened is a CacheError saying how to remove it.
     """
     check_folder(root)
+    if (root / "db").is_symlink() or (root / "db").exists() and not (root / "db").is_dir():
+        raise CacheError(f"cache.dir={root} is not a bigjob cache ({root / 'db'} is not its database folder); choose another cache.dir")
     try:
         (root / "db").mkdir(mode=0o700, exist_ok=True)  # diskcache would make it 0755
         return diskcache.Cache(
