@@ -54,6 +54,7 @@ from bigjob.job.fingerprint import (
     working_memory_key,
 )
 from bigjob.job.half_on_cpu import warn_if_slow
+from bigjob.job.mapped_files import exit_on_sigbus
 from bigjob.job.progress import ResultWriter
 from bigjob.job.prune import prune, touch
 from bigjob.job.report import DEVICE_MAP_NAME, JobReport, MemorySampler, atomic_write_text, cuda_peaks, percentile, read_report, versions
@@ -587,6 +588,7 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
             info = _engine_dispatch()[1](model)
             if info is None:
                 raise JobError("the engine returned a model without dispatch information; this is a bug in bigjob")
+            uses.enter_context(exit_on_sigbus(info.sources, run_dir))  # a mapped file cut short mid-forward: one line
             report.main_device = info.main_device
             warn_if_slow(_dtype_name(dtype), info.main_device)  # bf16/fp16 emulated on CPUs without the instructions
             report.load_seconds = info.load_seconds
