@@ -1,4 +1,4 @@
-"""Soak: a long job under a disk-offload budget, watching for memory and file-descriptor leaks.
+"""Leak soak: a long job under a disk-offload budget, watching for memory and file-descriptor leaks.
 
 Runs one job in this process (the demo model by default: 54M parameters with a 150 MiB CPU
 budget, so about a third of the weights is read from disk on every batch) while a thread
@@ -8,9 +8,9 @@ checkpoint files), RSS and the open file descriptors (``/proc/self/fd``). It pri
 least-squares slope of anonymous memory per batch after the warm-up and the descriptor
 counts at the start and end of the batch loop.
 
-    python benchmarks/soak.py                      # 500 batches of the demo model
-    python benchmarks/soak.py --tiny --batches 60 --every-batch --json soak.json
-    python benchmarks/soak.py placement.max_memory.cpu=100MiB    # any job override
+    python benchmarks/leak_soak.py                      # 500 batches of the demo model
+    python benchmarks/leak_soak.py --tiny --batches 60 --every-batch --json soak.json
+    python benchmarks/leak_soak.py placement.max_memory.cpu=100MiB    # any job override
 
 ``--self-check-leak-kib N`` keeps N KiB more per batch alive, to show that the measurement
 sees a leak of that size (the slope then rises by about N KiB per batch).
