@@ -9,10 +9,11 @@ a file that shrank makes the next read of its missing pages kill the process wit
 the mapping keeps the old file's pages.
 
 :class:`Sources` records each backing file's identity and size and modification time at
-dispatch; :meth:`Sources.check`, called before every forward, raises a
+dispatch; :meth:`Sources.check`, called before and after every forward, raises a
 :class:`~bigjob.errors.CheckpointError` naming the file once it was changed in place. The
-check is one ``stat`` a file (microseconds), so a model over hundreds of shards pays well
-under a millisecond a forward.
+check after the forward fails a forward during which a file changed, so that its output (part
+old weights, part new) is never returned. The check is one ``stat`` a file (microseconds), so a
+model over hundreds of shards pays well under a millisecond a forward.
 
 >>> Sources.of([]).paths
 []
