@@ -69,6 +69,21 @@ class Sources:
                 stamps[path] = _Stamp.of(status)
         return cls(stamps)
 
+    def check_since(self, checked: dict[str, tuple[int, int, int, int]]) -> None:
+        """Raise :class:`CheckpointError` if a file mapped now is not what it was when ``checked`` was taken
+        (``(device, inode, size, mtime)`` by real path: an offload folder's files when its check passed).
+
+        The check of a folder and the mapping of its files are apart by the whole load: a file
+        changed in between would be stamped as it is now, and never be found changed.
+        """
+        for path, stamp in self.stamps.items():
+            then = checked.get(path)
+            if then is not None and then != (stamp.device, stamp.inode, stamp.size, stamp.mtime_ns):
+                raise CheckpointError(
+                    f"weight file '{path}' was changed while the model loaded, after its offload folder was checked; "
+                    "load the model again: the folder is checked again then, and rebuilt if it is damaged"
+                )
+
     def check(self) -> None:
         """Raise :class:`CheckpointError` if a backing file was changed in place since :meth:`of`."""
         for path, stamp in self.stamps.items():
