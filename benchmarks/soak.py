@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import struct
@@ -236,18 +237,20 @@ def soak(work: Path, jobs: int, workers: int, attempts: int, seed: int, pause: f
     verify = subprocess.run([sys.executable, "-c", "import sys; from bigjob.cli import cache_main; cache_main(sys.argv[1:])", "verify"],
                             env=env(work / "cache"), capture_output=True, text=True, timeout=600)
     actions = [json.loads(line) for line in (work / "chaos.jsonl").read_text().splitlines()] if (work / "chaos.jsonl").exists() else []
-    return {"wall_s": wall, "started": len({o["job"] for o in outcomes}), "outcomes": outcomes, "final": final, "actions": actions,
+    return {"finished": time.strftime("%Y-%m-%d %H:%M %Z"), "load_average": os.getloadavg()[0], "wall_s": wall, "started": len({o["job"] for o in outcomes}), "outcomes": outcomes, "final": final, "actions": actions,
             "verify": {"code": verify.returncode, "last": (verify.stdout.strip().splitlines() or [""])[-1],
                        "damaged": sum(line.startswith("damaged offload folder") for line in verify.stdout.splitlines())}}
 
 
 def first_line(text: str) -> str:
+    """The failure's kind: its first line (a traceback's last), with paths and numbers left out."""
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         return "(no stderr)"
-    if any("Traceback" in line for line in lines):
-        return lines[-1][:160]  # the exception
-    return lines[0][:160]
+    line = lines[-1] if any("Traceback" in line for line in lines) else lines[0]
+    line = re.sub(r"'[^']*'", "'...'", line)
+    line = re.sub(r"/\S+", "...", line)
+    return re.sub(r"\d+", "N", line).split(";")[0][:140]
 
 
 def report(result: dict, args: argparse.Namespace) -> None:
@@ -262,7 +265,8 @@ def report(result: dict, args: argparse.Namespace) -> None:
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "unknown")
     print(f"# {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}")
-    print(f"# {time.strftime('%Y-%m-%d %H:%M %Z')}; {model}; {machine_line()}; load average {os.getloadavg()[0]:.2f} at the end")
+    finished, load = result.get("finished", time.strftime("%Y-%m-%d %H:%M %Z")), result.get("load_average", os.getloadavg()[0])
+    print(f"# {finished}; {model}; {machine_line()}; load average {load:.2f} at the end")
     print(f"# {versions_line()}")
     print()
     print("| figure | value |")
@@ -279,7 +283,7 @@ def report(result: dict, args: argparse.Namespace) -> None:
     print(f"| runs failed otherwise (several lines, no traceback) | {kinds['other']} |")
     print(f"| faults injected | {', '.join(f'{k} {n}' for k, n in sorted(faults.items()))} |")
     print(f"| bigjob-cache verify afterwards | {result['verify']['damaged']} damaged folders found and removed: `{result['verify']['last']}` |")
-    errors = Counter(first_line(o["stderr"]).split(" (from ")[0][:120] for o in outcomes if o["kind"] in ("one-line", "traceback", "other"))
+    errors = Counter(first_line(o["stderr"]) for o in outcomes if o["kind"] in ("one-line", "traceback", "other"))
     if errors:
         print()
         print("| failures, by first line | runs |")
@@ -298,10 +302,14 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=15.0, help="start no new job after this long (the table says how many ran)")
     parser.add_argument("--keep", help="work in this folder and keep it (default: a temporary one)")
     parser.add_argument("--json", help="also write every run's outcome and every fault to this file")
+    parser.add_argument("--report", metavar="JSON", help="print the table of an earlier run's --json file (give its arguments too)")
     parser.add_argument("--chaos", help=argparse.SUPPRESS)  # internal: the chaos process, on this work folder
     args = parser.parse_args()
     if args.chaos:
         chaos(Path(args.chaos), args.seed, args.pause)
+        return
+    if args.report:
+        report(json.loads(Path(args.report).read_text()), args)
         return
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bigjob-soak-"))
     (work / "logs").mkdir(parents=True, exist_ok=False)
