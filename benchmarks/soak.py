@@ -1,19 +1,23 @@
-"""Soak: a long job under a disk-offload budget, watching for memory and file-descriptor leaks.
+"""Fault-injection soak: many jobs over one shared cache while another process damages it.
 
-Runs one job in this process (the demo model by default: 54M parameters with a 150 MiB CPU
-budget, so about a third of the weights is read from disk on every batch) while a thread
-samples, every ``--interval`` seconds, the batches done (from the run's ``progress.json``),
-anonymous memory (``RssAnon``: what the process owns, without the page cache of mapped
-checkpoint files), RSS and the open file descriptors (``/proc/self/fd``). It prints the
-least-squares slope of anonymous memory per batch after the warm-up and the descriptor
-counts at the start and end of the batch loop.
+Runs ``--jobs`` jobs of the tiny demo model (each a real ``python -m bigjob`` process, a few
+in parallel, every one with part of its weights converted to an offload folder of the shared
+cache) while a chaos process, every ``--pause`` seconds on average, does one of:
 
-    python benchmarks/soak.py                      # 500 batches of the demo model
-    python benchmarks/soak.py --tiny --batches 60 --every-batch --json soak.json
-    python benchmarks/soak.py placement.max_memory.cpu=100MiB    # any job override
+* delete a file of an offload folder (a shard, the marker or the index);
+* flip bytes inside a shard (size kept), relabel a header's dtype (F16 -> I16), truncate a
+  shard, or swap the shards of two folders;
+* SIGKILL a running job;
+* run ``bigjob-cache prune --max-size 1KB`` (every folder no running job uses goes).
 
-``--self-check-leak-kib N`` keeps N KiB more per batch alive, to show that the measurement
-sees a leak of that size (the slope then rises by about N KiB per batch).
+A job that fails or is killed is run again with the same command and run folder (it resumes),
+up to ``--attempts`` times. At the end: how many jobs completed, how many of them have exactly
+the predictions of the same job run alone in a clean cache, how many offload folders were
+rebuilt after damage, and every failure, split into one-line errors and tracebacks. Then
+``bigjob-cache verify`` checks what the chaos left.
+
+    python benchmarks/soak.py                         # 200 jobs, 2 at a time, none started after 15 min
+    python benchmarks/soak.py --jobs 40 --json soak.json
 """
 
 from __future__ import annotations
@@ -21,179 +25,303 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import random
+import re
+import shutil
+import signal
+import struct
+import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections import Counter
 from pathlib import Path
 
-TINY = ["model=demo_tiny", "placement.max_memory.cpu=100KiB"]  # the 169 KiB tiny model, ~40% of it on disk
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["model.kwargs.vocab_size=64", "model.kwargs.d_model=16", "model.kwargs.n_layers=4", "model.kwargs.n_heads=2",
+        "model.kwargs.d_ff=32", "model.kwargs.max_seq_len=64", "data.num_samples=16", "data.seq_len=10",
+        "data.batch_size=2", "quiet=true", "runner.isolate=false"]
+VARIANTS = {  # each converts part of the model to an offload folder of its own
+    "f16": ["dtype=float16", "placement.max_memory.cpu=12KiB"],
+    "bf16": ["dtype=bfloat16", "placement.max_memory.cpu=12KiB"],
+    "f16-16k": ["dtype=float16", "placement.max_memory.cpu=16KiB"],
+}
+REBUILT = "rebuilding it from the checkpoint"
+# How often the chaos process picks each fault (relative weights). Pruning starts a Python
+# process of its own (seconds of CPU on a small machine): rarer.
+ACTIONS = {"delete": 3, "flip": 3, "relabel": 1, "truncate": 1, "swap": 1, "kill": 0.7, "prune": 0.4}
 
 
-def read_status() -> tuple[int, int]:
-    """(RssAnon, VmRSS) of this process in bytes."""
-    values = {}
-    with open("/proc/self/status", encoding="ascii") as handle:
-        for line in handle:
-            key, _, rest = line.partition(":")
-            if key in ("RssAnon", "VmRSS"):
-                values[key] = int(rest.split()[0]) * 1024
-    return values["RssAnon"], values["VmRSS"]
+def env(cache: Path) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    full = {**os.environ, "PYTHONPATH": path, "BIGJOB_CACHE_DIR": str(cache)}
+    full.pop("HYDRA_FULL_ERROR", None)
+    return full
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd")) - 1  # without the descriptor listdir itself holds
+def job_command(variant: str, run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "bigjob", *TINY, *VARIANTS[variant], f"hydra.run.dir={run_dir}"]
 
 
-class Sampler(threading.Thread):
-    """Every ``interval`` s: (seconds, batches done, RssAnon, RSS, open fds)."""
+# --------------------------------------------------------------------------- the chaos process
 
-    def __init__(self, progress: Path, interval: float) -> None:
-        super().__init__(name="soak-sampler", daemon=True)
-        self.progress, self.interval = progress, interval
-        self.samples: list[tuple[float, int, int, int, int]] = []
-        self._done = threading.Event()
-        self._start = time.perf_counter()
 
-    def batches_done(self) -> int:
+def offload_files(cache: Path) -> list[Path]:
+    return sorted(p for p in (cache / "offload").glob("*/offload-*/*") if p.is_file())
+
+
+def shards(cache: Path) -> list[Path]:
+    return [p for p in offload_files(cache) if p.suffix == ".safetensors"]
+
+
+def flip(path: Path, rng: random.Random) -> None:
+    size = path.stat().st_size
+    with open(path, "r+b") as handle:  # in place, size kept: as bit rot would
+        offset = rng.randrange(size)
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+
+def relabel(path: Path) -> None:
+    with open(path, "r+b") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = handle.read(length)
+        if b'"F16"' not in header:
+            raise ValueError("no F16 tensor")
+        handle.seek(8)
+        handle.write(header.replace(b'"F16"', b'"I16"'))
+
+
+def swap(a: Path, b: Path) -> None:
+    temp = a.with_name(a.name + ".swap")
+    os.rename(a, temp)
+    os.rename(b, a)
+    os.rename(temp, b)
+
+
+def running_jobs(pids: Path, work: Path) -> list[int]:
+    found = []
+    for entry in pids.iterdir():
         try:
-            return int(json.loads(self.progress.read_text())["batches_done"])
-        except (OSError, ValueError, KeyError):
-            return -1  # before the first batch (or mid-rename)
-
-    def sample(self) -> None:
-        anon, rss = read_status()
-        self.samples.append((time.perf_counter() - self._start, self.batches_done(), anon, rss, open_fds()))
-
-    def run(self) -> None:
-        while not self._done.wait(self.interval):
-            self.sample()
-
-    def stop(self) -> None:
-        self._done.set()
-        self.join()
+            pid = int(entry.name)
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (ValueError, OSError):
+            continue
+        if b"bigjob" in cmdline and str(work).encode() in cmdline:  # never a recycled pid of something else
+            found.append(pid)
+    return found
 
 
-def slope(points: list[tuple[float, float]]) -> float:
-    """Least-squares slope of y over x."""
-    n = len(points)
-    mean_x = sum(x for x, _ in points) / n
-    mean_y = sum(y for _, y in points) / n
-    sxx = sum((x - mean_x) ** 2 for x, _ in points)
-    return sum((x - mean_x) * (y - mean_y) for x, y in points) / sxx if sxx else 0.0
+def chaos(work: Path, seed: int, pause: float) -> None:
+    """Damage the cache until ``work/stop`` exists; one JSON line per action in ``work/chaos.jsonl``."""
+    rng = random.Random(seed)
+    cache, pids, log = work / "cache", work / "pids", work / "chaos.jsonl"
+    actions, weights = zip(*ACTIONS.items())
+    while not (work / "stop").exists():
+        time.sleep(rng.uniform(0.2, 1.8) * pause)
+        action, detail = rng.choices(actions, weights)[0], ""
+        try:
+            if action == "kill":
+                jobs = running_jobs(pids, work)
+                if not jobs:
+                    continue
+                pid = rng.choice(jobs)
+                os.kill(pid, signal.SIGKILL)
+                detail = str(pid)
+            elif action == "prune":
+                done = subprocess.run([sys.executable, "-c", "import sys; from bigjob.cli import cache_main; cache_main(sys.argv[1:])",
+                                       "prune", "--max-size", "1KB"], env=env(cache), capture_output=True, text=True, timeout=120)
+                detail = f"rc {done.returncode}: {(done.stdout.strip().splitlines() or [''])[-1][:100]}"
+            elif action == "swap":
+                found = shards(cache)
+                if len(found) < 2:
+                    continue
+                a, b = rng.sample(found, 2)
+                swap(a, b)
+                detail = f"{a.parent.name} <-> {b.parent.name}"
+            else:
+                found = offload_files(cache) if action == "delete" else shards(cache)
+                if action == "relabel":
+                    found = [p for p in found if b'"F16"' in p.read_bytes()[:4096]]
+                if not found:
+                    continue
+                path = rng.choice(found)
+                detail = f"{path.parent.name}/{path.name}"
+                if action == "delete":
+                    path.unlink()
+                elif action == "flip":
+                    flip(path, rng)
+                elif action == "relabel":
+                    relabel(path)
+                else:
+                    os.truncate(path, rng.randrange(path.stat().st_size))
+        except (OSError, ValueError, subprocess.TimeoutExpired) as err:  # a job moved the file meanwhile
+            action, detail = f"{action} (missed)", str(err)[:100]
+        with open(log, "a") as handle:
+            handle.write(json.dumps({"t": time.time(), "action": action, "detail": detail}) + "\n")
 
 
-def analyse(samples: list[tuple[float, int, int, int, int]], batches: int, warmup: int) -> dict:
-    """Slope of RssAnon per batch over the samples taken in the batch loop after ``warmup`` batches."""
-    window = [s for s in samples if warmup <= s[1] < batches]
-    if len(window) < 5 or window[-1][1] - window[0][1] < max(5, (batches - warmup) // 2):
-        raise SystemExit(f"only {len(window)} samples after the warm-up; lower --interval or raise --batches")
-    return {
-        "samples": len(window),
-        "window_batches": [window[0][1], window[-1][1]],
-        "anon_slope_bytes_per_batch": slope([(s[1], s[2]) for s in window]),
-        "rss_slope_bytes_per_batch": slope([(s[1], s[3]) for s in window]),
-        "anon_start_bytes": window[0][2],
-        "anon_end_bytes": window[-1][2],
-        "anon_max_bytes": max(s[2] for s in window),
-        "fds_start": window[0][4],
-        "fds_end": window[-1][4],
-        "fds_max": max(s[4] for s in window),
-        # Writes hold a descriptor for a moment, so a sample may catch one: a leak shows as a
-        # rising floor, the lowest count early against the lowest late in the loop.
-        "fds_first_third_min": min(s[4] for s in window[: max(1, len(window) // 3)]),
-        "fds_last_third_min": min(s[4] for s in window[-max(1, len(window) // 3) :]),
-    }
+# --------------------------------------------------------------------------- the jobs
+
+
+def classify(code: int, stderr: str) -> str:
+    if code == -signal.SIGKILL:
+        return "killed"
+    if "Traceback" in stderr or code < 0:
+        return "traceback"
+    lines = stderr.strip().splitlines()
+    return "one-line" if len(lines) == 1 and lines[0].startswith("error: ") else "other"
+
+
+def references(work: Path) -> dict[str, bytes]:
+    """Each variant's predictions, run alone in a clean cache of its own."""
+    out = {}
+    for variant in VARIANTS:
+        run = work / "reference" / variant
+        done = subprocess.run(job_command(variant, run), env=env(work / "reference-cache"), capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise SystemExit(f"the reference job {variant} failed: {done.stderr}")
+        out[variant] = (run / "predictions.jsonl").read_bytes()
+    return out
+
+
+def soak(work: Path, jobs: int, workers: int, attempts: int, seed: int, pause: float, minutes: float) -> dict:
+    reference = references(work)
+    (work / "pids").mkdir()
+    chaos_process = subprocess.Popen([sys.executable, __file__, "--chaos", str(work), "--seed", str(seed), "--pause", str(pause)],
+                                     env=env(work / "cache"))
+    queue = [(i, 1) for i in range(jobs)]
+    running: dict[int, tuple[int, int, subprocess.Popen, float]] = {}
+    outcomes: list[dict] = []
+    final: dict[int, dict] = {}
+    started = time.perf_counter()
+    deadline = started + 60 * minutes
+    while queue or running:
+        if time.perf_counter() > deadline:  # no new job: those started finish (their retries included)
+            queue = [(i, a) for i, a in queue if a > 1]
+        while queue and len(running) < workers:
+            index, attempt = queue.pop(0)
+            variant = list(VARIANTS)[index % len(VARIANTS)]
+            out = open(work / "logs" / f"{index}.{attempt}.out", "w")
+            err = open(work / "logs" / f"{index}.{attempt}.err", "w")
+            process = subprocess.Popen(job_command(variant, work / "runs" / str(index)), env=env(work / "cache"), stdout=out, stderr=err)
+            out.close(), err.close()
+            (work / "pids" / str(process.pid)).touch()
+            running[process.pid] = (index, attempt, process, time.perf_counter())
+        time.sleep(0.05)
+        for pid, (index, attempt, process, t0) in list(running.items()):
+            code = process.poll()
+            if code is None:
+                continue
+            del running[pid]
+            (work / "pids" / str(pid)).unlink(missing_ok=True)
+            stdout = (work / "logs" / f"{index}.{attempt}.out").read_text(errors="replace")
+            stderr = (work / "logs" / f"{index}.{attempt}.err").read_text(errors="replace")
+            variant = list(VARIANTS)[index % len(VARIANTS)]
+            outcome = {"job": index, "attempt": attempt, "variant": variant, "code": code, "seconds": time.perf_counter() - t0,
+                       "rebuilt": sum(REBUILT in line for line in stdout.splitlines()),
+                       "kind": "completed" if code == 0 else classify(code, stderr), "stderr": stderr.strip()[-2000:]}
+            outcomes.append(outcome)
+            if code == 0:
+                predictions = (work / "runs" / str(index) / "predictions.jsonl").read_bytes()
+                final[index] = {"identical": predictions == reference[variant], "attempts": attempt}
+            elif attempt < attempts:
+                queue.insert(0, (index, attempt + 1))
+            else:
+                final[index] = {"identical": False, "attempts": attempt, "gave_up": True}
+    wall = time.perf_counter() - started
+    (work / "stop").touch()
+    chaos_process.wait(timeout=300)
+    verify = subprocess.run([sys.executable, "-c", "import sys; from bigjob.cli import cache_main; cache_main(sys.argv[1:])", "verify"],
+                            env=env(work / "cache"), capture_output=True, text=True, timeout=600)
+    actions = [json.loads(line) for line in (work / "chaos.jsonl").read_text().splitlines()] if (work / "chaos.jsonl").exists() else []
+    return {"finished": time.strftime("%Y-%m-%d %H:%M %Z"), "load_average": os.getloadavg()[0], "wall_s": wall, "started": len({o["job"] for o in outcomes}), "outcomes": outcomes, "final": final, "actions": actions,
+            "verify": {"code": verify.returncode, "last": (verify.stdout.strip().splitlines() or [""])[-1],
+                       "damaged": sum(line.startswith("damaged offload folder") for line in verify.stdout.splitlines())}}
+
+
+def first_line(text: str) -> str:
+    """The failure's kind: its first line (a traceback's last), with paths and numbers left out."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return "(no stderr)"
+    line = lines[-1] if any("Traceback" in line for line in lines) else lines[0]
+    line = re.sub(r"'[^']*'", "'...'", line)
+    line = re.sub(r"/\S+", "...", line)
+    return re.sub(r"\d+", "N", line).split(";")[0][:140]
+
+
+def report(result: dict, args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from _common import machine_line, versions_line
+
+    outcomes, final, actions = result["outcomes"], result["final"], result["actions"]
+    kinds = Counter(o["kind"] for o in outcomes)
+    completed = [i for i, f in final.items() if not f.get("gave_up")]
+    identical = sum(1 for i in completed if final[i]["identical"])
+    faults = Counter(a["action"] for a in actions)
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "unknown")
+    print(f"# {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}")
+    finished, load = result.get("finished", time.strftime("%Y-%m-%d %H:%M %Z")), result.get("load_average", os.getloadavg()[0])
+    print(f"# {finished}; {model}; {machine_line()}; load average {load:.2f} at the end")
+    print(f"# {versions_line()}")
+    print()
+    print("| figure | value |")
+    print("|---|---|")
+    started = result["started"]
+    print(f"| jobs | {started} of {args.jobs} asked started within --minutes {args.minutes:g} ({args.workers} at a time, "
+          f"{len(outcomes)} runs in all, wall {result['wall_s']:.0f} s) |")
+    print(f"| jobs completed | {len(completed)} of {started} ({started - len(completed)} gave up after {args.attempts} runs) |")
+    print(f"| outputs identical to the job run alone | {identical} of {len(completed)} |")
+    print(f"| offload folders rebuilt after damage (one warning each) | {sum(o['rebuilt'] for o in outcomes)} |")
+    print(f"| runs killed (SIGKILL), then resumed | {kinds['killed']} |")
+    print(f"| runs failed with a one-line error | {kinds['one-line']} |")
+    print(f"| runs failed with a traceback | {kinds['traceback']} |")
+    print(f"| runs failed otherwise (several lines, no traceback) | {kinds['other']} |")
+    print(f"| faults injected | {', '.join(f'{k} {n}' for k, n in sorted(faults.items()))} |")
+    print(f"| bigjob-cache verify afterwards | {result['verify']['damaged']} damaged folders found and removed: `{result['verify']['last']}` |")
+    errors = Counter(first_line(o["stderr"]) for o in outcomes if o["kind"] in ("one-line", "traceback", "other"))
+    if errors:
+        print()
+        print("| failures, by first line | runs |")
+        print("|---|---|")
+        for line, count in errors.most_common():
+            print(f"| `{line.replace('|', '/')}` | {count} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batches", type=int, default=500)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
-    parser.add_argument("--every-batch", action="store_true", help="sample after every batch instead (short runs)")
-    parser.add_argument("--warmup", type=int, default=None, help="batches left out of the slope (default: a tenth, at least 5)")
-    parser.add_argument("--tiny", action="store_true", help="the tiny demo model (a few seconds) instead of the 54M one")
-    parser.add_argument("--cache", help="cache folder (default: the usual one, so the demo checkpoint is made once)")
-    parser.add_argument("--json", help="also write the figures to this file")
-    parser.add_argument("--self-check-leak-kib", type=int, default=0, help="keep this much more memory per batch")
-    parser.add_argument("overrides", nargs="*", help="job config overrides, as on the bigjob command line")
+    parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--workers", type=int, default=2, help="jobs at once")
+    parser.add_argument("--attempts", type=int, default=6, help="runs of one job before giving up")
+    parser.add_argument("--pause", type=float, default=1.5, help="mean seconds between two faults")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--minutes", type=float, default=15.0, help="start no new job after this long (the table says how many ran)")
+    parser.add_argument("--keep", help="work in this folder and keep it (default: a temporary one)")
+    parser.add_argument("--json", help="also write every run's outcome and every fault to this file")
+    parser.add_argument("--report", metavar="JSON", help="print the table of an earlier run's --json file (give its arguments too)")
+    parser.add_argument("--chaos", help=argparse.SUPPRESS)  # internal: the chaos process, on this work folder
     args = parser.parse_args()
-
-    import torch
-    from hydra import compose, initialize_config_dir
-
-    from bigjob.cli import config_dir, to_job_config
-    from bigjob.job import progress
-    from bigjob.job.runner import run_job
-
-    warmup = args.warmup if args.warmup is not None else max(5, args.batches // 10)
-    overrides = [
-        *(TINY if args.tiny else []),
-        f"data.num_samples={args.batches * args.batch_size}",
-        f"data.batch_size={args.batch_size}",
-        "quiet=true",
-        *([f"cache.dir={args.cache}"] if args.cache else []),
-        *args.overrides,
-    ]
-    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
-        cfg = to_job_config(compose("config", overrides=overrides))
-    if args.self_check_leak_kib:
-        kept: list[torch.Tensor] = []
-        append = progress.ResultWriter.append
-
-        def leaky_append(self, *a, **k):  # type: ignore[no-untyped-def]
-            kept.append(torch.ones(args.self_check_leak_kib * 256))  # float32: N KiB, every page touched
-            return append(self, *a, **k)
-
-        progress.ResultWriter.append = leaky_append  # type: ignore[method-assign]
-    sampler: Sampler | None = None
-    if args.every_batch:
-        recorded = progress.ResultWriter.append
-
-        def sampled_append(self, *a, **k):  # type: ignore[no-untyped-def]
-            recorded(self, *a, **k)
-            sampler.sample()  # type: ignore[union-attr]
-
-        progress.ResultWriter.append = sampled_append  # type: ignore[method-assign]
-
-    with tempfile.TemporaryDirectory(prefix="bigjob-soak-") as tmp:
-        run_dir = Path(tmp) / "run"
-        fds_before = open_fds()
-        sampler = Sampler(run_dir / "progress.json", args.interval)
-        sampler.sample()
-        if not args.every_batch:
-            sampler.start()
-        started = time.perf_counter()
-        report = run_job(cfg, run_dir)
-        seconds = time.perf_counter() - started
-        if not args.every_batch:
-            sampler.stop()
-        fds_after = open_fds()
-    figures = analyse(sampler.samples, args.batches, warmup)
-    figures.update(
-        batches=report.batches, seconds=seconds, warmup_batches=warmup, fds_before_job=fds_before, fds_after_job=fds_after,
-        bytes_per_tier=report.bytes_per_tier, peak_anon_bytes=report.peak_anon_bytes, batch_latency_p50_s=report.batch_latency_p50_s,
-        self_check_leak_kib=args.self_check_leak_kib,
-    )
-
-    print(f"# {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}")
-    print(f"# torch {torch.__version__}, python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}")
-    print(f"# job: {report.model_class}, {report.batches} batches of {args.batch_size}, weights per tier {report.bytes_per_tier}")
-    print()
-    print("| figure | value |")
-    print("|---|---|")
-    print(f"| wall time | {seconds:.1f} s ({report.batches / seconds:.2f} batches/s) |")
-    print(f"| samples after warm-up ({warmup} batches) | {figures['samples']} (batches {figures['window_batches'][0]}..{figures['window_batches'][1]}) |")
-    print(f"| RssAnon slope | {figures['anon_slope_bytes_per_batch']:+.0f} bytes/batch |")
-    print(f"| RSS slope | {figures['rss_slope_bytes_per_batch']:+.0f} bytes/batch |")
-    print(f"| RssAnon start / end / max | {figures['anon_start_bytes'] / 2**20:.1f} / {figures['anon_end_bytes'] / 2**20:.1f} / {figures['anon_max_bytes'] / 2**20:.1f} MiB |")
-    print(f"| open fds start / end / max (batch loop) | {figures['fds_start']} / {figures['fds_end']} / {figures['fds_max']} |")
-    print(f"| open fds, lowest in the first / last third | {figures['fds_first_third_min']} / {figures['fds_last_third_min']} |")
-    print(f"| open fds before / after the job | {fds_before} / {fds_after} |")
+    if args.chaos:
+        chaos(Path(args.chaos), args.seed, args.pause)
+        return
+    if args.report:
+        report(json.loads(Path(args.report).read_text()), args)
+        return
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bigjob-soak-"))
+    (work / "logs").mkdir(parents=True, exist_ok=False)
+    try:
+        result = soak(work, args.jobs, args.workers, args.attempts, args.seed, args.pause, args.minutes)
+    finally:
+        (work / "stop").touch()
+    report(result, args)
     if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -119,6 +119,29 @@ def _prune_command(cache: Any, max_size: str | None, older_than: str | None, dry
         sys.exit(1)
 
 
+def _verify_command(cache: Any) -> None:
+    """``verify``: one line per entry dropped and per damaged offload folder; exit code 1 when one had to be kept."""
+    from bigjob.job.verify import verify
+
+    try:
+        result = verify(cache)
+    except BigJobError as err:
+        fail(err)
+        return
+    for key, reason in result.dropped:
+        print(f"dropped {key}: {reason}")
+    for folder in result.damaged:
+        state = "removed" if folder.removed else f"kept ({folder.kept_because}; verify again when it has ended)"
+        print(f"damaged offload folder {folder.path}: {'; '.join(folder.problems)}; {state}")
+    for path in result.orphans:
+        print(f"note: offload folder {path} has no entry (a job may be building it, or it is left over; `prune` or `clear` removes it)")
+    removed = sum(1 for folder in result.damaged if folder.removed)
+    print(f"verified {cache.root}: {len(result.dropped)} entries dropped, {removed} damaged offload folders removed"
+          + (f", {len(result.kept)} kept" if result.kept else ""))
+    if result.kept:
+        sys.exit(1)
+
+
 def _print_kept(kept: list[Any]) -> None:
     for artifact in kept:
         print(f"kept {artifact.kind} {artifact.path}: in use by a running job (clear again when it has ended)")
@@ -138,7 +161,7 @@ def cache_main(argv: list[str] | None = None) -> None:
     sub.add_parser("list", help="every entry with the inputs of its key")
     sub.add_parser("info", help="where the cache is and how big")
     sub.add_parser("clear", help="remove every entry, offload folder and demo checkpoint (not those a running job uses)")
-    sub.add_parser("verify", help="drop corrupt entries and entries whose folder is gone")
+    sub.add_parser("verify", help="check every entry and every byte of every offload folder; drop what is damaged (a job rebuilds it)")
     prune = sub.add_parser(
         "prune", help="remove the least recently used offload folders and demo checkpoints (never those a running job uses)"
     )
@@ -219,11 +242,4 @@ def cache_main(argv: list[str] | None = None) -> None:
             print(f"removed {count} entries and the offload and checkpoint folders from {root}")
             _print_kept(kept)
         else:
-            dropped = cache.verify()
-            for key, reason in dropped:
-                print(f"dropped {key}: {reason}")
-            known = {Path(v["path"]).parent for k, v in cache.entries() if k.startswith("offload:")}  # entries name the folder inside
-            orphans = [p for p in cache.offload_root.iterdir() if p not in known] if cache.offload_root.is_dir() else []
-            for path in orphans:
-                print(f"note: offload folder {path} has no entry (a job may be building it, or it is left over; `prune` or `clear` removes it)")
-            print(f"verified {root}: {len(dropped)} entries dropped")
+            _verify_command(cache)

@@ -158,3 +158,27 @@ def test_the_recorded_checks_are_the_hand_computed_digests(tmp_path) -> None:  #
         "sampled": sampled.hexdigest(),
         "full": hashlib.blake2b(raw, digest_size=16).hexdigest(),
     }
+
+
+def test_a_folder_changed_after_its_check_and_before_it_is_mapped_is_an_error(checkpoint, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The check of a reused folder and the mapping of its files are a whole load apart: a flip in between is found."""
+    from bigjob.engine.run import loading
+    from bigjob.errors import CheckpointError
+
+    offload = tmp_path / "off"
+    folder = folder_of(load(checkpoint, offload))
+    prepare = loading.prepare_offload_folder
+
+    def flipped_after_the_check(*args, **kwargs):  # type: ignore[no-untyped-def]
+        prepared = prepare(*args, **kwargs)
+        flip_in_first_page(prepared.path)
+        return prepared
+
+    monkeypatch.setattr(loading, "prepare_offload_folder", flipped_after_the_check)
+    with pytest.raises(CheckpointError, match=rf"'{shard(folder)}' was changed while the model loaded.*load the model again"):
+        load(checkpoint, offload)
+    monkeypatch.setattr(loading, "prepare_offload_folder", prepare)
+    model = load(checkpoint, offload)  # loaded again: the check finds the flip and rebuilds
+    assert get_dispatch_info(model).offload_reused is False
+    with torch.no_grad():
+        assert torch.equal(model(inputs()), reference(torch.bfloat16))

@@ -105,3 +105,22 @@ def test_a_shard_replaced_by_rename_or_deleted_leaves_the_model_running_on_what_
     os.replace(fresh, second)
     first.unlink()
     assert torch.equal(run(model), expected)
+
+
+def test_a_shard_rewritten_during_a_forward_fails_that_forward(checkpoint: Path) -> None:
+    """The check before the forward passed; the output, made of old and new weights, is never returned."""
+    model = dispatched(checkpoint, device_map="disk")
+    victim = shards(checkpoint)[-1]
+
+    def rewrite(module: nn.Module, args: tuple) -> None:
+        data = bytearray(victim.read_bytes())
+        data[-8:] = bytes(8)
+        with open(victim, "r+b") as handle:
+            handle.write(data)
+
+    hook = next(m for name, m in model.named_modules() if name.endswith("1")).register_forward_pre_hook(rewrite)
+    with pytest.raises(CheckpointError, match=rf"'{victim}' was changed in place .*modified, same size"):
+        run(model)
+    hook.remove()
+    with pytest.raises(CheckpointError):  # and the next forward refuses too, before reading anything
+        run(model)

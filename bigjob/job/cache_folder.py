@@ -27,6 +27,8 @@ from bigjob.errors import CacheError
 
 __all__ = ["check_folder", "default_cache_dir", "make_private_dirs"]
 
+_LAYOUT = {"db", "offload", "checkpoints", "locks"}
+
 
 def default_cache_dir() -> Path:
     """``$BIGJOB_CACHE_DIR``, else ``$XDG_CACHE_HOME/bigjob``, else ``~/.cache/bigjob``."""
@@ -71,5 +73,29 @@ def check_folder(root: Path) -> None:
             f"cache folder {str(root)!r} is writable by others (mode {oct(info.st_mode & 0o777)}); "
             "run `chmod 700` on it or set cache.dir to a private folder"
         )
-    if info.st_mode & 0o077:
+    _check_writable(root)
+    if info.st_mode & 0o077 and _is_bigjobs(root):  # a folder holding other things keeps its mode (cache.dir=/etc)
         os.chmod(root, 0o700)
+
+
+def _check_writable(root: Path) -> None:
+    """Creates and removes a file in ``root``: a folder no one can write (``/proc``, a read-only mount) is refused.
+
+    The mode bits do not tell (root may write anywhere the mode forbids, and nowhere in /proc).
+    """
+    probe = root / f".bigjob-write-test-{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        probe.unlink()
+    except FileExistsError:
+        probe.unlink(missing_ok=True)
+    except OSError as err:
+        raise CacheError(f"cache.dir={root} is not writable (creating a file there failed: {err.strerror}); choose another cache.dir") from None
+
+
+def _is_bigjobs(root: Path) -> bool:
+    """Whether ``root`` holds nothing but what bigjob puts in a cache folder (an empty folder included)."""
+    try:
+        return all(entry.name in _LAYOUT for entry in os.scandir(root))
+    except OSError:
+        return False

@@ -141,8 +141,10 @@ def child_main(spec: dict[str, Any]) -> int:
     _configure_logging(spec.get("logging") or {})
     logger.info("job process %d (started by %d) runs %s", os.getpid(), spec["parent_pid"], spec["run_dir"])
     try:
+        from bigjob.job.mapped_files import report_sigbus_to
         from bigjob.job.runner import run_job
 
+        report_sigbus_to(spec["error"])
         with sigterm_stops():  # the parent, the daemon and SLURM stop a job with SIGTERM: it ends like Ctrl-C
             report = run_job(config_from_json(spec["config"]), spec["run_dir"], multirun=bool(spec["multirun"]))
         if report.pid == os.getpid():  # the work ran here (not a record reused from an earlier run)

@@ -45,7 +45,7 @@ from bigjob.errors import CacheError
 from bigjob.job.cache import JobCache
 from bigjob.job.cache_locks import LOCK_TIMEOUT_S, FileLock, gate_lock, use_lock
 
-__all__ = ["Artifact", "PruneResult", "artifacts", "clear", "parse_age", "prune", "remove_unused_folders", "touch"]
+__all__ = ["Artifact", "PruneResult", "artifacts", "clear", "exclusive_gate", "parse_age", "prune", "remove_unused_folders", "touch"]
 
 _AGE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([smhdw]?)\s*$", re.IGNORECASE)
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -234,7 +234,7 @@ def prune(
         raise CacheError("pruning needs a limit: a maximum size (--max-size, cache.max_size) or an age (--older-than)")
     now = time.time() if now is None else now
     result = PruneResult(dry_run=dry_run)
-    with _gate(cache.root, wait):
+    with exclusive_gate(cache.root, wait):
         result.size_before = total = cache.volume()
         registry = _offload_entries(cache)
         for artifact in artifacts(cache):
@@ -268,7 +268,7 @@ def clear(cache: JobCache, wait: float = LOCK_TIMEOUT_S) -> tuple[int, list[Arti
     entries go all the same; a job registers its folder again, and the next job of the same
     plan finds it where its key says).
     """
-    with _gate(cache.root, wait):
+    with exclusive_gate(cache.root, wait):
         kept = _remove_unused(cache.root)
         count = cache.clear()
         _drop_idle_locks(cache.root)
@@ -279,7 +279,7 @@ def remove_unused_folders(root: str | os.PathLike[str], wait: float = LOCK_TIMEO
     """Removes the offload folders and demo checkpoints of cache ``root`` that no running job uses, without
     its database (``bigjob-cache clear`` of a cache whose database cannot be opened); returns those kept."""
     root = Path(root).expanduser().absolute()
-    with _gate(root, wait):
+    with exclusive_gate(root, wait):
         kept = _remove_unused(root)
         _drop_idle_locks(root)
     return kept
@@ -300,7 +300,7 @@ def _remove_unused(root: Path) -> list[Artifact]:
 
 
 @contextlib.contextmanager
-def _gate(root: Path, wait: float) -> Iterator[None]:
+def exclusive_gate(root: Path, wait: float) -> Iterator[None]:
     """The cache's gate, held exclusively: no job chooses a folder meanwhile."""
     gate = gate_lock(root, shared=False, timeout=wait)
     try:

@@ -33,6 +33,7 @@ from bigjob.job.cache_limit import prune_to
 from bigjob.job.checked_job import check_job
 from bigjob.job.device_plan import plan_placement, write_device_map
 from bigjob.job.job_folders import choose_folders, remember_offload
+from bigjob.job.mapped_files import exit_on_sigbus
 from bigjob.job.model_loading import load_job_model
 from bigjob.job.report import JobReport, MemorySampler
 from bigjob.job.run_folder import remember_completed, reuse_completed
@@ -63,6 +64,7 @@ def run_job(cfg: JobConfig, run_dir: str | os.PathLike[str], multirun: bool = Fa
                 return finish(report, memory, started)
             folders = choose_folders(job, placement, cache, uses)  # 4.
             loaded = load_job_model(job, placement, folders, cache)  # 5.
+            uses.enter_context(exit_on_sigbus(loaded.info.sources, job.run_dir))  # a mapped file cut short mid-forward: one line
             record_dispatch(report, loaded)
             remember_offload(job, placement, folders, loaded.info.offload_folder, cache)
             loop = run_batches(job, loaded, started)  # 6.

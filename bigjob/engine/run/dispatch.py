@@ -211,6 +211,8 @@ def dispatch_loaded(
     checked = [] if disk_reads == "direct" else streamed_pages
     homes = (slot.home for unit in schedule.units for slot in getattr(getattr(unit, "stream", unit), "slots", ()))
     sources = Sources.of(itertools.chain(model.parameters(), model.buffers(), homes))
+    if result.offload is not None:
+        sources.check_since(result.offload.checked)
     handles.insert(0, HookHandle(model, RootHook(main_dev, schedule, tied_ranges, checked, sources)))
     info = DispatchInfo(
         result.device_map, main, dict(result.bytes_per_tier), result.load_seconds, result.offload_folder, result.offload_reused,

@@ -154,7 +154,7 @@ class RootHook:
                  sources: Sources | None = None) -> None:
         self.device = device
         self.schedule = schedule
-        self.sources = sources  # files the weights are mapped from: checked for in-place changes before each forward
+        self.sources = sources  # files the weights are mapped from: checked for in-place changes before and after each forward
         self.tied_ranges = merge(tied_ranges)
         self._origin = threading.local()
         self._lock = threading.RLock()
@@ -220,6 +220,8 @@ class RootHook:
                     self.schedule.reads.policy.kept = None  # those pages were dropped by us, not by a cache too small
             except Exception:  # noqa: BLE001 - a speed-up only: the forward's result is already made
                 log.debug("page-cache folio check failed", exc_info=True)
+        if not stack and self.sources is not None:
+            self.sources.check()  # changed *during* this forward: its output may mix old and new weights
         if origin is not None and origin != self.device:
             return move_to(output, origin)
         return output

@@ -9,10 +9,11 @@ a file that shrank makes the next read of its missing pages kill the process wit
 the mapping keeps the old file's pages.
 
 :class:`Sources` records each backing file's identity and size and modification time at
-dispatch; :meth:`Sources.check`, called before every forward, raises a
+dispatch; :meth:`Sources.check`, called before and after every forward, raises a
 :class:`~bigjob.errors.CheckpointError` naming the file once it was changed in place. The
-check is one ``stat`` a file (microseconds), so a model over hundreds of shards pays well
-under a millisecond a forward.
+check after the forward fails a forward during which a file changed, so that its output (part
+old weights, part new) is never returned. The check is one ``stat`` a file (microseconds), so a
+model over hundreds of shards pays well under a millisecond a forward.
 
 >>> Sources.of([]).paths
 []
@@ -67,6 +68,21 @@ class Sources:
             if status.st_ino == inode:  # else the path already names another file: ours is unaffected
                 stamps[path] = _Stamp.of(status)
         return cls(stamps)
+
+    def check_since(self, checked: dict[str, tuple[int, int, int, int]]) -> None:
+        """Raise :class:`CheckpointError` if a file mapped now is not what it was when ``checked`` was taken
+        (``(device, inode, size, mtime)`` by real path: an offload folder's files when its check passed).
+
+        The check of a folder and the mapping of its files are apart by the whole load: a file
+        changed in between would be stamped as it is now, and never be found changed.
+        """
+        for path, stamp in self.stamps.items():
+            then = checked.get(path)
+            if then is not None and then != (stamp.device, stamp.inode, stamp.size, stamp.mtime_ns):
+                raise CheckpointError(
+                    f"weight file '{path}' was changed while the model loaded, after its offload folder was checked; "
+                    "load the model again: the folder is checked again then, and rebuilt if it is damaged"
+                )
 
     def check(self) -> None:
         """Raise :class:`CheckpointError` if a backing file was changed in place since :meth:`of`."""

@@ -35,7 +35,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -90,6 +90,9 @@ class OffloadFolder:
     fingerprint: str
     reused: bool
     checkpoint: Checkpoint
+    # (device, inode, size, mtime) of every file, by real path, as the check (or the build) vouched
+    # for them: dispatch compares the files it maps with these (see bigjob.engine.tiers.sources).
+    checked: dict[str, tuple[int, int, int, int]] = field(default_factory=dict, repr=False, compare=False)
 
 
 @contextlib.contextmanager
@@ -269,16 +272,17 @@ def prepare_offload_folder(
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         _remove_stale_temps(root)
         if final.exists() or final.is_symlink():
+            checked = _stamps(final)  # before the check: a change after it shows when the files are mapped
             if _marker_matches(final, fingerprint):
                 log.info("reusing offload folder %s", final)
-                return OffloadFolder(final, fingerprint, True, open_checkpoint(final / INDEX))
+                return OffloadFolder(final, fingerprint, True, open_checkpoint(final / INDEX), checked)
             why = "; ".join(offload_problems(final)) or "its marker is for other tensors"
             log.warning("offload folder %s is damaged or foreign (%s); rebuilding it from the checkpoint", final, why)
             _discard(root, final)
         found = _superset(root, source.identity(), entries)
         if found is not None:
             log.info("reusing offload folder %s, which holds every tensor asked for and more", found[0])
-            return OffloadFolder(found[0], found[1], True, open_checkpoint(found[0] / INDEX))
+            return OffloadFolder(found[0], found[1], True, open_checkpoint(found[0] / INDEX), _stamps(found[0]))
         callback = _BEFORE_BUILD.get()
         if callback is not None:
             callback(sum(_nbytes(e) for e in entries))
@@ -297,7 +301,7 @@ def prepare_offload_folder(
             if not _marker_matches(final, fingerprint):
                 raise
             shutil.rmtree(temp, ignore_errors=True)  # another process finished first; theirs is identical
-            return OffloadFolder(final, fingerprint, True, open_checkpoint(final / INDEX))
+            return OffloadFolder(final, fingerprint, True, open_checkpoint(final / INDEX), _stamps(final))
         _fsync_dir(root)
     except BaseException as err:
         shutil.rmtree(temp, ignore_errors=True)
@@ -308,7 +312,18 @@ def prepare_offload_folder(
                 "there or pass another folder as offload_folder (placement.offload_folder)"
             ) from err
         raise
-    return OffloadFolder(final, fingerprint, False, open_checkpoint(final / INDEX))
+    return OffloadFolder(final, fingerprint, False, open_checkpoint(final / INDEX), _stamps(final))
+
+
+def _stamps(folder: Path) -> dict[str, tuple[int, int, int, int]]:
+    """(device, inode, size, mtime in ns) of every file of ``folder`` now, by real path."""
+    found = {}
+    with contextlib.suppress(OSError):
+        for path in folder.iterdir():
+            with contextlib.suppress(OSError):
+                info = path.stat()
+                found[os.path.realpath(path)] = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    return found
 
 
 def _build(folder: Path, source: Checkpoint, entries: Sequence[OffloadEntry], fingerprint: str, shard_bytes: int) -> None:

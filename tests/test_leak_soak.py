@@ -1,10 +1,10 @@
-"""The short soak: ``benchmarks/soak.py`` on the tiny demo model under a disk-offload budget.
+"""The short leak soak: ``benchmarks/leak_soak.py`` on the tiny demo model under a disk-offload budget.
 
 60 batches, memory and descriptors sampled after every batch. Anonymous memory must not grow after
 the warm-up (a least-squares slope under 64 KiB per batch; a leak of one batch's logits would
 be several times that), and the descriptor count must not grow. The same run with a 256 KiB
 per-batch leak planted by the script's self-check shows the measurement would see one.
-The full run (500 batches of the 54M-parameter demo) is ``python benchmarks/soak.py``.
+The full run (500 batches of the 54M-parameter demo) is ``python benchmarks/leak_soak.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ SLOPE_LIMIT = 64 * 1024  # bytes per batch
 
 def soak(tmp_path, *extra: str) -> dict:
     out = tmp_path / f"soak{len(list(tmp_path.glob('soak*.json')))}.json"
-    args = [sys.executable, str(REPO / "benchmarks" / "soak.py"), "--tiny", "--batches", "60", "--every-batch",
+    args = [sys.executable, str(REPO / "benchmarks" / "leak_soak.py"), "--tiny", "--batches", "60", "--every-batch",
             "--cache", str(tmp_path / "cache"), "--json", str(out), *extra]
     done = subprocess.run(args, check=False, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
