@@ -12,8 +12,8 @@ entry ``plan:<key>``, computed at most once across concurrent processes. An expl
 >>> cfg = JobConfig(mode="plan")
 >>> cfg.model.kwargs = {"n_layers": 1, "d_model": 16, "n_heads": 2, "d_ff": 32, "vocab_size": 64}
 >>> placement = plan_placement(check_job(cfg, Path(tempfile.mkdtemp())), cache=None)
->>> len(placement.key), placement.cache_hit, sorted(set(placement.device_map.values()))
-(64, None, ['cpu'])
+>>> len(placement.key), placement.cache_hit, placement.disk_modules  # the tiny model fits the free memory
+(64, None, [])
 """
 
 from __future__ import annotations

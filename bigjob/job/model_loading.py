@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["LoadedModel", "engine_dispatch", "load_job_model"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoadedModel:
     """What step 5 hands on: the dispatched model and what dispatch left on it."""
 
