@@ -328,3 +328,57 @@ def test_dispatch_streams_the_units_the_plan_was_made_of(tmp_path, monkeypatch):
     assert on_disk and all(name.startswith("blocks.") and name.count(".") == 1 for name in on_disk)
     assert sorted(set(streamed)) == sorted(on_disk)
     assert len(streamed) == len(on_disk) * report.batches == sum(report.disk_unit_reads.values())
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="the files weights are mapped from are found through /proc (Linux)")
+def test_a_shard_changed_in_place_during_a_forward_records_nothing_of_that_batch(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from bigjob import get_dispatch_info
+    from bigjob.job import tasks
+
+    cfg = config(tmp_path)
+    run_job(cfg, tmp_path / "whole")  # the outputs to compare with, and the demo checkpoint the jobs map
+    a_day_ago = time.time_ns() - 86_400 * 10**9
+    for shard in checkpoint_dir(tmp_path).glob("*.safetensors"):
+        os.utime(shard, ns=(a_day_ago, a_day_ago))  # a write now changes the mtime, however coarse the clock
+    original = tasks.LogitsTask.run
+    saved = {}
+
+    def run_rewriting_a_shard_in_the_last_batch(self, model, batch, device):
+        if batch.index != 2:
+            return original(self, model, batch, device)
+        victim = Path(get_dispatch_info(model).sources.paths[-1])
+        saved[victim] = victim.read_bytes()
+
+        def rewrite(module, args, output):  # half-way through the forward: the later layers read new bytes
+            data = bytearray(saved[victim])
+            data[-256:] = bytes(b ^ 0xFF for b in data[-256:])  # other weights, same size
+            with open(victim, "r+b") as handle:
+                handle.write(data)
+
+        handle = model.blocks[1].register_forward_hook(rewrite)
+        try:
+            return original(self, model, batch, device)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(tasks.LogitsTask, "run", run_rewriting_a_shard_in_the_last_batch)
+    with pytest.raises(CheckpointError) as info:
+        run_job(cfg, tmp_path / "part")
+    (victim,) = saved
+    message = str(info.value)
+    assert f"'{victim}' was changed in place" in message and "Batch 2 was not recorded" in message and "run the job again" in message
+    assert "\n" not in message
+    # Batch 2 never happened: its lines are not written, and the marker still says two batches.
+    assert len(read_jsonl(tmp_path / "part" / "predictions.jsonl")) == 6
+    assert json.loads((tmp_path / "part" / "progress.json").read_text())["batches_done"] == 2
+    assert not (tmp_path / "part" / "metrics.json").exists()
+
+    monkeypatch.setattr(tasks.LogitsTask, "run", original)
+    victim.write_bytes(saved[victim])  # the checkpoint restored: the rerun continues with batch 2
+    report = run_job(cfg, tmp_path / "part")
+    assert report.status == "completed" and report.resumed_from_batch == 2
+    assert (tmp_path / "part" / "predictions.jsonl").read_bytes() == (tmp_path / "whole" / "predictions.jsonl").read_bytes()
+    assert_matches_reference(read_jsonl(tmp_path / "part" / "predictions.jsonl"), reference_outputs(reference_model(checkpoint_dir(tmp_path)), cfg.data))

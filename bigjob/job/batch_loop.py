@@ -4,6 +4,12 @@ The loop resumes where the run folder's progress marker says (:class:`~bigjob.jo
 a job killed at any instant continues after its last finished batch. The progress bar is
 off with ``quiet`` or when stderr is not a terminal. :data:`KILL_AFTER_ENV` is a testing
 hook: the process SIGKILLs itself after that many batches of this session.
+
+A file the weights are mapped from that is changed in place fails the forward it happened
+in, or the next one (the engine checks before and after every forward,
+:mod:`bigjob.engine.tiers.sources`): that batch is never recorded, and its
+:class:`~bigjob.errors.CheckpointError` gets the job's side of the story (which batch, how
+many are kept, run again to continue), since the progress marker still ends before it.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from bigjob.errors import CheckpointError
 from bigjob.job.checked_job import CheckedJob
 from bigjob.job.model_loading import LoadedModel
 from bigjob.job.progress import ResultWriter
@@ -47,7 +54,13 @@ def run_batches(job: CheckedJob, loaded: LoadedModel, started: float) -> BatchLo
     loop_start = time.perf_counter()
     for batch in tqdm(batches[start:], initial=start, total=len(batches), disable=quiet, desc=task.name, unit="batch"):
         t = time.perf_counter()
-        result = task.run(loaded.model, batch, loaded.info.main_device)
+        try:
+            result = task.run(loaded.model, batch, loaded.info.main_device)
+        except CheckpointError as err:  # a mapped file changed in place: this batch's outputs are not to be kept
+            raise type(err)(
+                f"{err} Batch {batch.index} was not recorded; the {writer.batches_done} batches before it are kept: "
+                "run the job again to continue with it"
+            ) from None
         writer.append(batch.index, result, time.perf_counter() - t)
         if first_batch_seconds is None:
             first_batch_seconds = time.time() - started
