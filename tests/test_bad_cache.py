@@ -22,8 +22,8 @@ from _jobkit import run_cli
 from test_bad_inputs import Case, check_case, seeded, workspace  # noqa: F401 - the fixtures are used by name
 
 from bigjob.errors import CacheError
+from bigjob.job.batch_loop import KILL_AFTER_ENV
 from bigjob.job.cache import JobCache
-from bigjob.job.runner import KILL_AFTER_ENV
 from bigjob.job.sqlite_wal import wal_problem
 
 
