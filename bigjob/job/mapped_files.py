@@ -27,6 +27,8 @@ import ctypes
 import json
 import os
 import signal
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,9 @@ def report_sigbus_to(path: str | os.PathLike[str]) -> None:
     """In a job's child process: the ``SIGBUS`` line goes to the error file at ``path`` as a
     :class:`~bigjob.errors.CheckpointError`, which the parent raises again (and the command prints once)."""
     _error_file[:] = [Path(path)]
+
+
+_first = threading.Lock()  # the first thread to get SIGBUS writes the line; any other waits for the exit
 
 
 def _write(line: str) -> None:
@@ -102,6 +107,10 @@ def exit_on_sigbus(sources: Any, run_dir: str | os.PathLike[str]) -> Iterator[No
     run_dir = Path(run_dir)
 
     def handler(signum: int) -> None:
+        if not _first.acquire(blocking=False):
+            # Another thread hit the same cut-short pages and is writing the line: wait for its exit.
+            while True:
+                time.sleep(60)
         try:
             line = sigbus_line(sources, run_dir)
         except BaseException:  # noqa: BLE001 - whatever happens, the process must end here
