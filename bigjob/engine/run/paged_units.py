@@ -114,20 +114,18 @@ class PagedReads:
         self.reader = DiskReader(0)
         self.active = False  # this forward reads some units directly
         self.direct: frozenset[int] = frozenset()
-        self.buffers = 0  # read buffers this forward may use
 
     def begin(self) -> None:
         """At a forward's start: choose, and start reading ahead."""
-        cached = [cached_fraction(unit.ranges) for unit in self.units]
-        known = [1.0 if c is None else c for c in cached]
+        # disk_reads="direct" reads every unit whatever the cache holds: no mincore sampling for it.
+        cached = [] if self.policy.mode == "direct" else [cached_fraction(unit.ranges) for unit in self.units]
         unmade = max(self.reserve - self.pool.held * self.pool.size, 0)  # buffers the room reading cannot see yet
-        self.direct = self.policy.decide(known, reserve=unmade) if None not in cached or self.policy.mode == "direct" else frozenset()
+        self.direct = self.policy.decide(cached, reserve=unmade) if None not in cached else frozenset()
         self.active = bool(self.direct)
         if not self.active:
             self.pool.trim()  # mapping only: free read buffers would only add to resident memory
             return
         buffers = max(self.reserve // self.pool.size - (len(self.direct) < len(self.units)), 1)
-        self.buffers = buffers
         self.reader.budget = (buffers - 1) * self.pool.size
         if self.pool.held > buffers:
             self.pool.trim()
